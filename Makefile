@@ -1,0 +1,37 @@
+# anomalyd — the two commands: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; set TORCH=torch on a CUDA machine for the default wheel.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench-latency bench-peer bench-soak clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check anomalyd tests bench
+	$(BIN)/mypy anomalyd
+
+demo: $(STAMP)
+	$(BIN)/python -m anomalyd.demo
+
+bench-latency: $(STAMP)
+	$(BIN)/python bench/latency.py --images ../shared/data/mvtec_bottle/test/good
+
+bench-soak: $(STAMP)
+	$(BIN)/python bench/soak.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

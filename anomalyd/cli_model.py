@@ -1,0 +1,200 @@
+"""CLI commands of the model: fit, score, eval, build-engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``224`` or ``224x544`` (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    return int(parts[0]), int(parts[1])
+
+
+def _roi(text: str | None) -> tuple[int, int, int, int] | None:
+    if not text:
+        return None
+    x, y, w, h = (int(v) for v in text.split(","))
+    return x, y, w, h
+
+
+def _val_images(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """``--val DIR``: an MVTec-layout folder (test/…) or a folder of good/ and defect subfolders."""
+    from anomalyd.model.images import list_images
+
+    root = folder / "test" if (folder / "test").is_dir() else folder
+    files: list[Path] = []
+    labels: list[bool] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        imgs = list_images(sub)
+        files += imgs
+        labels += [sub.name != "good"] * len(imgs)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images in subfolders (expected good/ and defect folders)")
+    return files, np.array(labels)
+
+
+def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from anomalyd.config import AppConfig
+
+    raw: dict[str, Any] = {"engine": {"type": args.engine}, "search": {"type": args.search}}
+    if args.threads:
+        raw["engine"]["threads"] = args.threads
+    cfg = AppConfig.model_validate(raw)
+    return cfg.engine, cfg.search
+
+
+def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
+    from anomalyd.model.fit import FitSettings, fit
+
+    settings = FitSettings(
+        backbone=args.backbone,
+        taps=tuple(args.taps.split(",")) if args.taps else FitSettings.taps if args.backbone == "efficientnet_lite0"
+        else ("layer2", "layer3"),
+        input_size=_size(args.input_size),
+        proj_dim=args.proj_dim,
+        coreset_ratio=args.coreset_ratio,
+        weights=args.weights,
+        roi=_roi(args.roi),
+        seed=args.seed,
+    )
+    val = _val_images(args.val) if args.val else None
+    manifest = fit(args.good, args.out, settings, val, progress)
+    print(
+        f"bundle {manifest['bundle_id']} → {args.out}: {manifest['training_images']} images, "
+        f"bank {manifest['memory_bank_size']} patches, fit {manifest['fit_seconds']} s, "
+        f"suggested threshold {manifest['thresholds']['suggested_image']:.3f}"  # type: ignore[index]
+    )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
+    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.model.bundle import load_bundle
+    from anomalyd.model.images import IMAGE_SUFFIXES, read_rgb
+    from anomalyd.overlay import overlay_heatmap, write_rgb
+
+    bundle = load_bundle(args.bundle)
+    engine, search = _engine_configs(args)
+    inspector = open_inspector(bundle, engine, search)
+    threshold = args.threshold or bundle.suggested_threshold
+    files: list[Path] = []
+    for p in args.images:
+        files += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{'image':<50} {'score':>8}  verdict  (threshold {threshold:.3f}, engine {inspector.engine_name})")
+    for path in files:
+        frame = read_rgb(path)
+        result = inspector.inspect(frame)
+        verdict = "NG" if result.score >= threshold else "OK"
+        print(f"{path!s:<50} {result.score:8.3f}  {verdict}")
+        if args.out:
+            image = overlay_heatmap(frame, result.frame_map(frame.shape), vmax=2.0 * threshold)
+            write_rgb(str(args.out / f"{path.stem}_{verdict}.png"), image)
+    inspector.close()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
+    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.evaluation.dataset import load_dataset
+    from anomalyd.evaluation.evaluate import compute_metrics, score_dataset
+    from anomalyd.evaluation.report import markdown_table, write_report
+    from anomalyd.model.bundle import load_bundle
+
+    dataset = load_dataset(args.dataset)
+    if args.fit:
+        from anomalyd.model.fit import FitSettings, fit
+
+        out = args.bundle or (args.report or Path(".")) / "bundle"
+        fit(dataset.train_good, out, FitSettings(input_size=_size(args.input_size)), None, progress)
+        args.bundle = out
+    if args.bundle is None:
+        raise FileNotFoundError("eval needs --bundle B, or --fit to fit on DATASET/train/good first")
+    bundle = load_bundle(args.bundle)
+    engine, search = _engine_configs(args)
+    inspector = open_inspector(bundle, engine, search)
+    scored = score_dataset(inspector, dataset, progress("eval", len(dataset.samples)))
+    metrics = compute_metrics(scored, dataset.has_masks)
+    metrics.update({"dataset": str(args.dataset), "bundle_id": bundle.bundle_id, "engine": inspector.engine_name})
+    print(markdown_table(metrics, args.dataset.name), end="")
+    if args.report:
+        write_report(args.report, metrics, scored, bundle.suggested_threshold, args.dataset.name)
+        print(f"report → {args.report}")
+    else:
+        print(json.dumps({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}))
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace, progress: Progress) -> int:
+    import torch
+
+    from anomalyd.engines.tensorrt_engine import build_plan
+    from anomalyd.model.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    plan = build_plan(bundle, torch.device(args.device), args.fp16, args.workspace)
+    print(f"plan → {plan}")
+    return 0
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--search", default="auto", choices=["auto", "faiss", "torch"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+
+
+def add_model_commands(sub: Any, progress: Progress) -> None:
+    from anomalyd.model.backbones import BACKBONES
+
+    def run(fn: Callable[[argparse.Namespace, Progress], int]) -> Callable[[argparse.Namespace], int]:
+        return lambda args: fn(args, progress)
+
+    p = sub.add_parser("fit", help="fit a model on good images and write a bundle")
+    p.add_argument("--good", type=Path, required=True, help="folder of defect-free images")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES))
+    p.add_argument("--taps", help="comma-separated backbone stages (default: the measured choice)")
+    p.add_argument("--weights", type=Path, help="backbone weights file (torchvision backbones)")
+    p.add_argument("--input-size", default="224", help="model input HEIGHTxWIDTH or SIZE, multiples of 32")
+    p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
+    p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
+    p.add_argument("--roi", help="crop X,Y,WIDTH,HEIGHT before resizing (as the camera's roi)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run(cmd_fit))
+
+    p = sub.add_parser("score", help="score images; print score and verdict; write heatmap overlays")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--out", type=Path, help="folder for heatmap overlay PNGs")
+    p.add_argument("--threshold", type=float, help="image threshold (default: the bundle's suggestion)")
+    _engine_args(p)
+    p.set_defaults(func=run(cmd_score))
+
+    p = sub.add_parser("eval", help="image AUROC, pixel AUROC and AUPRO on an MVTec-layout data set")
+    p.add_argument("dataset", type=Path, help="folder with test/good, test/<defect>, optional ground_truth/")
+    p.add_argument("--bundle", type=Path, help="bundle to evaluate")
+    p.add_argument("--fit", action="store_true", help="fit on DATASET/train/good first")
+    p.add_argument("--input-size", default="224", help="with --fit: model input size")
+    p.add_argument("--report", type=Path, help="folder for metrics.json, metrics.md and plots")
+    _engine_args(p)
+    p.set_defaults(func=run(cmd_eval))
+
+    p = sub.add_parser("build-engine", help="build a TensorRT plan for this GPU into the bundle")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--workspace", type=int, default=1024, help="builder workspace in MiB")
+    p.set_defaults(func=run(cmd_build_engine))

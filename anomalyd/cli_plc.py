@@ -1,0 +1,84 @@
+"""CLI commands for PLC integration: plc-layout and plc-sim."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def cmd_plc_layout(args: argparse.Namespace) -> int:
+    from anomalyd.config import AppConfig, ModbusConfig, S7Config, load_config
+    from anomalyd.drivers.plc import export
+
+    config = load_config(args.config) if args.config else AppConfig()
+    plc: Any = config.plc
+    if not isinstance(plc, S7Config | ModbusConfig):
+        plc = S7Config()
+    print(export.table(plc.status_layout, "Status block (anomalyd writes)"))
+    print(export.table(plc.command_layout, "Command block (PLC writes)"))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(plc, S7Config):
+        scl = export.scl_source(plc.status_layout, plc.command_layout, plc.status_db, plc.command_db)
+        (out / "anomalyd_blocks.scl").write_text(scl, encoding="utf-8")
+        print(f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)")
+    else:
+        rows = export.register_map(plc.status_layout, plc.status_register, plc.word_order, "status")
+        rows += export.register_map(plc.command_layout, plc.command_register, plc.word_order, "command")
+        (out / "modbus_registers.csv").write_text(export.register_map_csv(rows), encoding="utf-8")
+        (out / "modbus_registers.md").write_text(export.register_map_markdown(rows), encoding="utf-8")
+        print(f"Modbus register map → {out / 'modbus_registers.csv'} and .md")
+    return 0
+
+
+def cmd_plc_sim(args: argparse.Namespace) -> int:
+    from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
+
+    port = args.port or (1102 if args.protocol == "s7" else 1502)
+    plc = SimulatedPlc(args.protocol, port=port)
+    plc.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    where = f"DB{plc.status_db}/DB{plc.command_db}" if args.protocol == "s7" else "registers 0/100"
+    print(f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready",
+          flush=True)
+    print(f"{'id':>8} {'verdict':>7} {'score':>7} {'thr':>6} {'err':>4} {'latency':>9} {'wait':>8}", flush=True)
+
+    def show(result: SimResult | None) -> None:
+        if result is None:
+            print("  no result within 5 s", flush=True)
+            return
+        s = result.status
+        verdict = "OK" if s.passed else "NG"
+        print(f"{s.inspection_id:>8} {verdict:>7} {s.score:7.3f} {s.threshold:6.2f} {s.error_code:>4} "
+              f"{s.latency_ms:7.1f}ms {result.wait_ms:6.1f}ms", flush=True)
+
+    try:
+        if args.trigger_every > 0:
+            plc.run(args.trigger_every, show, stop, count=args.count, wait_ready_s=args.wait_ready)
+        else:
+            stop.wait()
+    finally:
+        plc.stop()
+    return 0
+
+
+def add_plc_commands(sub: Any) -> None:
+    p = sub.add_parser("plc-layout", help="print the PLC blocks; write TIA Portal SCL (S7) or a register map (Modbus)")
+    p.add_argument("--config", type=Path, help="config file (default: the built-in defaults)")
+    p.add_argument("--out", type=Path, default=Path("plc"), help="folder for the generated files")
+    p.set_defaults(func=cmd_plc_layout)
+
+    p = sub.add_parser("plc-sim", help="a simulated PLC on loopback that triggers and prints results")
+    p.add_argument("--protocol", choices=["s7", "modbus"], default="s7")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default 1102 for s7, 1502 for modbus)")
+    p.add_argument("--trigger-every", type=float, default=500.0, help="ms between triggers (0: serve only)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many results (0: run until stopped)")
+    p.add_argument("--wait-ready", type=float, default=300.0, help="seconds to wait for ready before giving up")
+    p.set_defaults(func=cmd_plc_sim)
+
+

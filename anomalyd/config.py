@@ -1,0 +1,395 @@
+"""The YAML configuration: schema, loader, and errors that name file, line and key.
+
+Every field carries a title, description, unit (where it has one) and bounds, so
+the schema documents itself (``anomalyd check-config --schema``). Backend
+sections are unions discriminated by ``type``; each backend's settings class
+lives here so that validating a file imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from anomalyd.drivers.plc.layout import CommandLayout, StatusLayout
+
+
+def setting(default: Any, title: str, description: str, unit: str | None = None, **bounds: Any) -> Any:
+    """A documented field: title, description, unit and bounds in one place."""
+    extra = {"unit": unit} if unit else None
+    return Field(default, title=title, description=description, json_schema_extra=extra, **bounds)
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- camera
+class Roi(Section):
+    x: int = setting(0, "ROI left", "Left edge of the crop in sensor pixels.", "px", ge=0)
+    y: int = setting(0, "ROI top", "Top edge of the crop in sensor pixels.", "px", ge=0)
+    width: int = setting(..., "ROI width", "Width of the crop in sensor pixels.", "px", gt=0)
+    height: int = setting(..., "ROI height", "Height of the crop in sensor pixels.", "px", gt=0)
+
+
+class CameraFaults(Section):
+    timeout_every: int = setting(0, "Timeout every N", "Simulate a grab timeout every N frames (0: never).", ge=0)
+    drop_every: int = setting(0, "Drop every N", "Silently skip a frame every N frames (0: never).", ge=0)
+    wrong_size_every: int = setting(0, "Wrong size every N", "Deliver a half-size frame every N (0: never).", ge=0)
+
+
+class SimulatedCameraConfig(Section):
+    type: Literal["simulated"] = "simulated"
+    source: Path = setting(
+        Path("sample"), "Image source", "Folder of images or an MVTec-layout data set (test/* is replayed)."
+    )
+    order: Literal["sequential", "shuffle"] = setting("sequential", "Order", "Replay order of the images.")
+    seed: int = setting(0, "Shuffle seed", "Seed of the shuffled order.", ge=0)
+    fps: float = setting(0.0, "Frame rate", "Frames per second in free run (0: as fast as asked).", "Hz", ge=0)
+    sensor_size: tuple[int, int] | None = setting(
+        None, "Sensor size", "Resize every image to [width, height] as a real sensor would deliver.", "px"
+    )
+    faults: CameraFaults = setting(CameraFaults(), "Fault injection", "Simulated faults for drills and tests.")
+    roi: Roi | None = setting(None, "Region of interest", "Crop applied before the model.")
+
+
+class HarvestersCameraConfig(Section):
+    type: Literal["harvesters"] = "harvesters"
+    cti: list[Path] = setting(
+        [], "GenTL producers", "Paths of .cti files (empty: those in GENICAM_GENTL64_PATH)."
+    )
+    serial_number: str | None = setting(None, "Serial number", "Select the device with this serial number.")
+    model: str | None = setting(None, "Model", "Select the device of this model.")
+    user_defined_name: str | None = setting(None, "User-defined name", "Select the device with this name.")
+    index: int = setting(0, "Index", "Among the devices that match, take this one.", ge=0)
+    nodes: dict[str, str | int | float | bool] = setting(
+        {}, "GenICam nodes", "Node values applied at open, in order (ExposureTime, Gain, PixelFormat, …)."
+    )
+    reopen_backoff_s: float = setting(1.0, "Reopen back-off", "First wait before reopening a lost device.", "s", gt=0)
+    roi: Roi | None = setting(None, "Region of interest", "Crop applied before the model.")
+
+
+CameraConfig = Annotated[SimulatedCameraConfig | HarvestersCameraConfig, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- PLC
+class _PlcCommon(Section):
+    status_layout: StatusLayout = setting(StatusLayout(), "Status block", "Byte offsets of the daemon-owned block.")
+    command_layout: CommandLayout = setting(CommandLayout(), "Command block", "Bit offsets of the PLC-owned block.")
+    timeout_s: float = setting(1.0, "I/O timeout", "Timeout of one request to the PLC.", "s", gt=0, le=30)
+    reconnect_max_s: float = setting(5.0, "Reconnect back-off cap", "Longest wait between reconnects.", "s", gt=0)
+
+
+class S7Config(_PlcCommon):
+    type: Literal["s7"] = "s7"
+    host: str = setting("127.0.0.1", "PLC address", "IP address or host name of the S7 CPU.")
+    port: int = setting(102, "TCP port", "ISO-on-TCP port (102 on a real PLC).", ge=1, le=65535)
+    rack: int = setting(0, "Rack", "Rack of the CPU.", ge=0, le=7)
+    slot: int = setting(1, "Slot", "Slot of the CPU (1 for S7-1200/1500).", ge=0, le=31)
+    status_db: int = setting(100, "Status DB", "DB number of the daemon-owned status block.", ge=1, le=65535)
+    status_start: int = setting(0, "Status start", "Byte offset of the status block in its DB.", ge=0)
+    command_db: int = setting(101, "Command DB", "DB number of the PLC-owned command block.", ge=1, le=65535)
+    command_start: int = setting(0, "Command start", "Byte offset of the command block in its DB.", ge=0)
+
+
+class ModbusConfig(_PlcCommon):
+    type: Literal["modbus"] = "modbus"
+    host: str = setting("127.0.0.1", "Server address", "IP address of the Modbus TCP server (the PLC).")
+    port: int = setting(502, "TCP port", "Modbus TCP port.", ge=1, le=65535)
+    unit: int = setting(1, "Unit id", "Modbus unit/device id.", ge=0, le=255)
+    status_register: int = setting(0, "Status register", "First holding register of the status block.", ge=0)
+    command_register: int = setting(100, "Command register", "First holding register of the command block.", ge=0)
+    word_order: Literal["big", "little"] = setting(
+        "big", "Word order", "Order of the two registers of a 32-bit value (big: high word first)."
+    )
+
+
+class ModbusServerConfig(ModbusConfig):
+    type: Literal["modbus-server"] = "modbus-server"  # type: ignore[assignment]
+    host: str = setting("127.0.0.1", "Listen address", "Address the daemon serves registers on.")
+    port: int = setting(5020, "TCP port", "Port the daemon serves registers on.", ge=1, le=65535)
+
+
+class NoPlcConfig(Section):
+    type: Literal["none"] = "none"
+
+
+PlcConfig = Annotated[S7Config | ModbusConfig | ModbusServerConfig | NoPlcConfig, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- model, engine
+class ModelConfig(Section):
+    bundle: Path = setting(Path("bundle"), "Model bundle", "Folder written by `anomalyd fit`.")
+
+
+class _EngineCommon(Section):
+    threads: int = setting(0, "CPU threads", "Threads for CPU work (0: all cores).", ge=0, le=256)
+
+
+class AutoEngineConfig(_EngineCommon):
+    type: Literal["auto"] = "auto"
+
+
+class TorchEngineConfig(_EngineCommon):
+    type: Literal["torch"] = "torch"
+    device: str = setting("auto", "Device", "torch device: auto (cuda if present), cpu, cuda, cuda:1.")
+    fp16: bool = setting(True, "FP16", "Half precision on CUDA (ignored on the CPU).")
+    channels_last: bool = setting(True, "Channels last", "NHWC memory layout on CUDA (faster convolutions).")
+    cuda_graph: bool = setting(False, "CUDA graph", "Capture the extractor as a CUDA graph (fixed batch of 1).")
+
+
+class OnnxRuntimeEngineConfig(_EngineCommon):
+    type: Literal["onnxruntime"] = "onnxruntime"
+    providers: list[str] = setting(
+        ["CPUExecutionProvider"], "Execution providers", "ONNX Runtime providers in order of preference."
+    )
+
+
+class TensorRtEngineConfig(_EngineCommon):
+    type: Literal["tensorrt"] = "tensorrt"
+    device: str = setting("cuda", "Device", "CUDA device, e.g. cuda or cuda:1.")
+    fp16: bool = setting(True, "FP16", "Build the plan in FP16 where the GPU has fast FP16.")
+    workspace_mb: int = setting(1024, "Workspace", "Builder workspace limit.", "MiB", ge=16)
+
+
+EngineConfig = Annotated[
+    AutoEngineConfig | TorchEngineConfig | OnnxRuntimeEngineConfig | TensorRtEngineConfig,
+    Field(discriminator="type"),
+]
+
+
+class SearchConfig(Section):
+    type: Literal["auto", "faiss", "torch"] = setting(
+        "auto", "Search backend", "auto: faiss on the GPU, then torch on CUDA, then faiss on the CPU."
+    )
+    device: str = setting("auto", "Device", "auto (the extractor's device), cpu, cuda, cuda:1.")
+
+
+# ---------------------------------------------------------------- decision
+class ThresholdsConfig(Section):
+    image: float | None = setting(
+        None, "Image threshold", "Fail at or above this normalised score (empty: the bundle's suggestion).", gt=0
+    )
+    warn: float | None = setting(None, "Warn threshold", "Warn at or above this score, below image.", gt=0)
+    pixel: float | None = setting(
+        None, "Pixel threshold", "Normalised map value that counts a pixel as defective (for min_area).", gt=0
+    )
+    min_area_px: int = setting(0, "Minimum defect area", "Fail only if this many pixels exceed pixel.", "px", ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdsConfig:
+        if self.warn is not None and self.image is not None and self.warn >= self.image:
+            raise ValueError(f"warn ({self.warn}) must be below image ({self.image})")
+        if self.min_area_px > 0 and self.pixel is None:
+            raise ValueError("min_area_px needs pixel (the per-pixel threshold)")
+        return self
+
+
+class DaemonConfig(Section):
+    trigger: Literal["plc", "hardware", "free_run"] = setting(
+        "plc", "Trigger mode", "plc: rising edge of the PLC's trigger bit; hardware: the camera is wired to the "
+        "line; free_run: inspect frames as they come."
+    )
+    budget_ms: float = setting(100.0, "Budget", "Frame-to-PLC-write deadline; late results are failed.", "ms", gt=0)
+    heartbeat_ms: int = setting(500, "Heartbeat period", "Heartbeat counter period, also when idle.", "ms", ge=50)
+    grab_timeout_ms: int = setting(1000, "Grab timeout", "Longest wait for a frame after a trigger.", "ms", gt=0)
+    poll_ms: int = setting(5, "PLC poll period", "How often the command block is read.", "ms", ge=1, le=1000)
+    max_inspections: int = setting(0, "Stop after", "Exit after this many inspections (0: never).", ge=0)
+    data_dir: Path = setting(Path("var"), "Data folder", "Records database and reject archive go here.")
+    records_retention_days: float = setting(90.0, "Keep records", "Delete records older than this.", "days", gt=0)
+    records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1)
+
+
+class ArchiveConfig(Section):
+    enabled: bool = setting(True, "Archive", "Save NG frames with a heatmap overlay.")
+    ok_sample_every: int = setting(0, "OK sample", "Also save every Nth OK frame (0: none).", ge=0)
+    quota_mb: float = setting(1024.0, "Disk quota", "Oldest images are deleted above this size.", "MiB", gt=0)
+
+
+class MetricsConfig(Section):
+    enabled: bool = setting(True, "Metrics", "Serve Prometheus metrics and /healthz.")
+    host: str = setting("127.0.0.1", "Listen address", "Loopback by default; widen only behind a firewall.")
+    port: int = setting(9108, "Port", "HTTP port of /metrics and /healthz (0: any free port).", ge=0, le=65535)
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = setting("info", "Level", "Least severe level logged.")
+    format: Literal["auto", "json", "console"] = setting(
+        "auto", "Format", "auto: JSON lines when stdout is not a terminal (journald), console otherwise."
+    )
+
+
+class AppConfig(Section):
+    """The whole configuration file."""
+
+    camera: CameraConfig = setting(SimulatedCameraConfig(), "Camera", "Where frames come from.")
+    plc: PlcConfig = setting(S7Config(), "PLC", "Where verdicts go.")
+    model: ModelConfig = setting(ModelConfig(), "Model", "The model bundle.")
+    engine: EngineConfig = setting(AutoEngineConfig(), "Engine", "What runs the feature extractor.")
+    search: SearchConfig = setting(SearchConfig(), "Search", "What searches the memory bank.")
+    thresholds: ThresholdsConfig = setting(ThresholdsConfig(), "Thresholds", "Decision rules (reloadable).")
+    daemon: DaemonConfig = setting(DaemonConfig(), "Daemon", "The inspection loop.")
+    archive: ArchiveConfig = setting(ArchiveConfig(), "Archive", "Reject images on disk.")
+    metrics: MetricsConfig = setting(MetricsConfig(), "Metrics", "Prometheus endpoint.")
+    logging: LoggingConfig = setting(LoggingConfig(), "Logging", "Log level and format.")
+
+
+# Sections a SIGHUP may change; any other change needs a restart.
+RELOADABLE = ("thresholds", "logging", "archive")
+
+
+# ---------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file, located for a person to fix."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where} {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The file is not a valid configuration; ``issues`` says where and why."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _index_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    """Map every key path of the YAML tree to its 1-based line number."""
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, str(key.value))
+            out[child] = key.start_mark.line + 1
+            _index_lines(value, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _index_lines(value, (*path, str(i)), out)
+
+
+def _locate(loc: tuple[Any, ...], data: Any) -> tuple[str, ...]:
+    """Pydantic's error location → the key path as written in the YAML.
+
+    Discriminated unions insert the tag (``plc.s7.host``) and some validators add
+    a class name; segments that are not keys of the data are dropped.
+    """
+    path: list[str] = []
+    node = data
+    for part in loc:
+        key = str(part)
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+            path.append(key)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            path.append(key)
+        elif isinstance(node, dict) and (node.get("type") == key or key[:1].isupper() or "[" in key):
+            continue  # a union tag or a model name
+        else:
+            path.append(key)  # an unknown key is reported at its own name
+            node = None
+    return tuple(path)
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be ≥ {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be ≤ {le}",
+    "extra_forbidden": "unknown key (check the spelling; `anomalyd check-config --schema` lists the keys)",
+    "missing": "required key is missing",
+}
+
+
+def _num(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _message(err: dict[str, Any]) -> str:
+    template = _MESSAGES.get(err["type"])
+    ctx = {k: _num(v) for k, v in err.get("ctx", {}).items()}
+    text = template.format(**ctx) if template else err["msg"]
+    text = text.removeprefix("Value error, ")
+    if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict):
+        text += f" (got {err.get('input')!r})"
+    return text
+
+
+def parse_config(text: str, filename: str = "<config>", base_dir: Path | None = None) -> AppConfig:
+    """Validate YAML text; raise :class:`ConfigError` naming line and key of each problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(filename, line, "", f"YAML syntax: {problem}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(filename, 1, "", "the file must be a mapping of sections")])
+    lines: dict[tuple[str, ...], int] = {}
+    if root is not None:
+        _index_lines(root, (), lines)
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            path = _locate(err["loc"], data)
+            line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+            issues.append(ConfigIssue(filename, line, ".".join(path), _message(err)))
+        raise ConfigError(issues) from None
+    return _resolve_paths(config, base_dir) if base_dir else config
+
+
+def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
+    """Relative paths in the file are relative to the file's folder."""
+
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    camera = config.camera
+    if isinstance(camera, SimulatedCameraConfig):
+        camera = camera.model_copy(update={"source": rel(camera.source)})
+    else:
+        camera = camera.model_copy(update={"cti": [rel(p) for p in camera.cti]})
+    return config.model_copy(
+        update={
+            "camera": camera,
+            "model": config.model.model_copy(update={"bundle": rel(config.model.bundle)}),
+            "daemon": config.daemon.model_copy(update={"data_dir": rel(config.daemon.data_dir)}),
+        }
+    )
+
+
+def load_config(path: Path | str) -> AppConfig:
+    """Read and validate a config file (the one loader used everywhere)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
+    return parse_config(text, str(path), path.parent.resolve())
+
+
+def config_hash(config: AppConfig) -> str:
+    """Short stable hash of the effective configuration (recorded with every verdict)."""
+    blob = json.dumps(config.model_dump(mode="json", by_alias=True), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

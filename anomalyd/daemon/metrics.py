@@ -1,0 +1,67 @@
+"""Prometheus metrics and /healthz on loopback (by default)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.inspections = Counter("anomalyd_inspections", "Inspections by verdict", ["verdict"], registry=r)
+        self.latency = Histogram(
+            "anomalyd_latency_ms", "Latency per stage in milliseconds", ["stage"], buckets=_BUCKETS_MS, registry=r
+        )
+        self.deadline_misses = Counter("anomalyd_deadline_misses", "Results later than the budget", registry=r)
+        self.errors = Counter("anomalyd_errors", "Errors by PLC error code", ["code"], registry=r)
+        self.camera_connected = Gauge("anomalyd_camera_connected", "1 while the camera is open", registry=r)
+        self.plc_connected = Gauge("anomalyd_plc_connected", "1 while the PLC link is up", registry=r)
+        self.ready = Gauge("anomalyd_ready", "1 while the daemon reports ready", registry=r)
+        self.score = Gauge("anomalyd_last_score", "Normalised score of the last inspection", registry=r)
+        self.reconnects = Counter("anomalyd_plc_reconnects", "PLC reconnections", registry=r)
+
+
+class MetricsServer:
+    """/metrics (Prometheus text) and /healthz (200 when healthy, else 503) in a thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, health: Callable[[], dict[str, object]]) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/metrics"):
+                    body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+                elif self.path.startswith("/healthz"):
+                    state = health()
+                    body = json.dumps(state).encode()
+                    ctype, code = "application/json", 200 if state.get("healthy") else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # keep the journal for our own events
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        self.started = time.time()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,139 @@
+"""The thread that owns the PLC link: polls commands, writes the status block, reconnects.
+
+It is the only writer of the status block, so a write is always the whole
+block as the handshake holds it. A pulled cable is noticed by the next poll
+(every ``poll_ms``, well inside one heartbeat period), logged once at error
+level, retried with back-off, and after reconnecting the block is rewritten.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, PlcLink
+from anomalyd.drivers.plc.handshake import Handshake
+from anomalyd.drivers.plc.layout import Status
+from anomalyd.log import get_logger
+
+log = get_logger(__name__)
+
+
+class PlcWorker:
+    def __init__(
+        self,
+        link: PlcLink,
+        handshake: Handshake,
+        heartbeat_s: float,
+        poll_s: float,
+        budget_ms: float,
+        reconnect_max_s: float,
+        on_connection: Callable[[bool], None] = lambda up: None,
+    ) -> None:
+        self.link = link
+        self.handshake = handshake
+        self.heartbeat_s = heartbeat_s
+        self.poll_s = poll_s
+        self.budget_ms = budget_ms
+        self.reconnect_max_s = reconnect_max_s
+        self.on_connection = on_connection
+        self.triggers: queue.Queue[float] = queue.Queue()
+        self.connected = False
+        self.reconnect_times_s: list[float] = []
+        self.expired: list[Status] = []  # fail-safe results published by the deadline
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_written: Status | None = None
+        self._fatal: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="plc", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A result is ready: write it now, not at the next poll."""
+        self._wake.set()
+
+    @property
+    def fatal(self) -> Exception | None:
+        """A configuration error the PLC reported (e.g. DB too small): retrying cannot fix it."""
+        return self._fatal
+
+    def _connect(self) -> bool:
+        try:
+            self.link.open()
+        except PlcDisconnected as exc:
+            log.debug("plc.connect_failed", link=self.link.name, error=str(exc))
+            return False
+        except PlcError as exc:
+            # Wrong DB / registers: log every time so a technician sees it, but keep trying
+            # (the PLC programmer may be downloading the DB right now).
+            if str(exc) != str(self._fatal):
+                log.error("plc.misconfigured", link=self.link.name, error=str(exc))
+            self._fatal = exc
+            return False
+        self._fatal = None
+        self._last_written = None  # rewrite the whole block after every (re)connect
+        return True
+
+    def _run(self) -> None:
+        backoff = 0.1
+        lost_at: float | None = None
+        next_beat = time.monotonic() + self.heartbeat_s
+        logged_down = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self.handshake.beat()
+                next_beat += self.heartbeat_s
+                if next_beat < now:  # we were blocked (reconnect): do not burst beats
+                    next_beat = now + self.heartbeat_s
+            if (expired := self.handshake.expire(now, self.budget_ms)) is not None:
+                self.expired.append(expired)
+            if not self.connected:
+                if self._connect():
+                    self.connected = True
+                    backoff = 0.1
+                    if lost_at is not None:
+                        self.reconnect_times_s.append(time.monotonic() - lost_at)
+                    log.info("plc.connected", link=self.link.name, recovered=logged_down)
+                    logged_down = False
+                    self.on_connection(True)
+                else:
+                    if not logged_down and self._fatal is None:
+                        log.error("plc.unreachable", link=self.link.name, retry_max_s=self.reconnect_max_s)
+                        logged_down = True
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self.reconnect_max_s)
+                    continue
+            try:
+                command = self.link.read_command()
+                if self.handshake.on_command(command):
+                    self.triggers.put(time.monotonic())
+                status = self.handshake.status
+                if status != self._last_written:
+                    self.link.write_status(status)
+                    self._last_written = status
+            except PlcDisconnected as exc:
+                self.connected = False
+                lost_at = time.monotonic()
+                log.error("plc.disconnected", link=self.link.name, error=str(exc))
+                logged_down = True
+                self.on_connection(False)
+                continue
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def stop(self, final: Status | None = None) -> None:
+        """Stop polling; write ``final`` (e.g. ready = 0) if connected."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+        if final is not None and self.connected:
+            try:
+                self.link.write_status(final)
+            except PlcDisconnected:
+                pass
+        self.link.close()

@@ -1,0 +1,118 @@
+"""A camera that replays image files: for the demo, the tests and commissioning.
+
+A first-class backend of the Camera interface: software trigger or a frame rate,
+sequential or shuffled order, an optional sensor size, and fault injection
+(timeouts, dropped frames, wrong-size frames) for reliability drills.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from anomalyd.config import SimulatedCameraConfig
+from anomalyd.drivers.camera.base import CameraError, CameraTimeout, Frame, check_roi, register_camera
+from anomalyd.model.images import IMAGE_SUFFIXES, list_images, read_rgb
+
+_CACHE_LIMIT = 512  # decoded frames kept in memory; larger sets are read per grab
+
+
+def replay_files(source: Path) -> list[Path]:
+    """Images to replay: an MVTec-layout set's test/*, else the folder's images, else its subfolders'."""
+    if not source.is_dir():
+        raise CameraError(f"simulated camera source {source} is not a folder")
+    root = source / "test" if (source / "test").is_dir() else source
+    files = list_images(root)
+    if not files:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            files += list_images(sub)
+    if not files:
+        raise CameraError(f"simulated camera source {source} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+@register_camera("simulated")
+class SimulatedCamera:
+    def __init__(self, config: SimulatedCameraConfig) -> None:
+        self.config = config
+        self.name = f"simulated:{config.source}"
+        self.files: list[Path] = []
+        self._cache: dict[Path, np.ndarray] = {}
+        self._position = 0
+        self._grabs = 0
+        self._frame_id = 0
+        self._triggered = threading.Event()
+        self._next_due = 0.0
+        self._open = False
+
+    def open(self) -> None:
+        files = replay_files(self.config.source)
+        if self.config.order == "shuffle":
+            random.Random(self.config.seed).shuffle(files)
+        self.files = files
+        first = self._load(files[0])
+        check_roi(self.config.roi, first.shape[1], first.shape[0])
+        self._position = 0
+        self._next_due = time.monotonic()
+        self._open = True
+
+    def _load(self, path: Path) -> np.ndarray:
+        image = self._cache.get(path)
+        if image is None:
+            image = read_rgb(path)
+            if self.config.sensor_size:
+                w, h = self.config.sensor_size
+                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            if len(self._cache) < _CACHE_LIMIT:
+                self._cache[path] = image
+        return image
+
+    def software_trigger(self) -> None:
+        self._triggered.set()
+
+    def _every(self, n: int) -> bool:
+        return n > 0 and self._grabs % n == 0
+
+    def grab(self, timeout_s: float) -> Frame:
+        if not self._open:
+            raise CameraError(f"{self.name} is not open")
+        self._grabs += 1
+        faults = self.config.faults
+        if self._every(faults.timeout_every):
+            self._triggered.clear()
+            time.sleep(timeout_s)
+            raise CameraTimeout(f"{self.name}: simulated timeout (every {faults.timeout_every} frames)")
+        self._wait_for_exposure(timeout_s)
+        if self._every(faults.drop_every):
+            self._position += 1  # the frame that would have come is lost
+        path = self.files[self._position % len(self.files)]
+        self._position += 1
+        image = self._load(path)
+        if self._every(faults.wrong_size_every):
+            image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2))
+        self._frame_id += 1
+        return Frame(image, self._frame_id, time.time_ns(), str(path))
+
+    def _wait_for_exposure(self, timeout_s: float) -> None:
+        """Software trigger: the frame comes once triggered. Otherwise at the configured rate."""
+        if self._triggered.is_set():
+            self._triggered.clear()
+            return
+        if self.config.fps > 0:
+            now = time.monotonic()
+            wait = self._next_due - now
+            if wait > timeout_s:
+                time.sleep(timeout_s)
+                raise CameraTimeout(f"{self.name}: no frame within {timeout_s * 1000:.0f} ms")
+            if wait > 0:
+                time.sleep(wait)
+            self._next_due = max(self._next_due, now) + 1.0 / self.config.fps
+
+    def close(self) -> None:
+        self._open = False
+        self._cache.clear()

@@ -1,0 +1,107 @@
+"""The block layout for the PLC programmer: a table, TIA Portal SCL, a Modbus register map."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from anomalyd.drivers.plc.layout import COMMAND_FIELDS, SIZES, STATUS_FIELDS, CommandLayout, StatusLayout, _Layout
+
+_SCL_TYPES = {"BOOL": "Bool", "UINT": "UInt", "UDINT": "UDInt", "REAL": "Real"}
+
+
+def _cells(layout: _Layout) -> list[tuple[str, str, int, int, str]]:
+    meanings = STATUS_FIELDS if isinstance(layout, StatusLayout) else COMMAND_FIELDS
+    rows = [(name, kind, byte, bit, meanings[name][1]) for name, kind, byte, bit in layout.cells()]
+    return sorted(rows, key=lambda r: (r[2], r[3]))
+
+
+def table(layout: _Layout, title: str) -> str:
+    """A Markdown table: offset, type, name, meaning."""
+    lines = [f"{title} ({layout.size()} bytes)", "", "| offset | type | name | meaning |", "|---|---|---|---|"]
+    for name, kind, byte, bit, meaning in _cells(layout):
+        offset = f"{byte}.{bit}" if kind == "BOOL" else str(byte)
+        lines.append(f"| {offset} | {kind} | {name} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _udt_members(layout: _Layout) -> list[str]:
+    """Members in declaration order with spares, so a non-optimised DB has our offsets."""
+    by_byte: dict[int, list[tuple[str, str, int, str]]] = {}
+    for name, kind, byte, bit, meaning in _cells(layout):
+        by_byte.setdefault(byte, []).append((name, kind, bit, meaning))
+    members: list[str] = []
+    spare = 0
+    byte = 0
+    size = layout.size()
+    while byte < size:
+        cells = by_byte.get(byte, [])
+        if cells and cells[0][1] != "BOOL":
+            name, kind, _, meaning = cells[0]
+            members.append(f"      {name} : {_SCL_TYPES[kind]};   // {meaning}")
+            byte += SIZES[kind]
+            continue
+        if cells:
+            bits = {bit: (name, meaning) for name, _, bit, meaning in cells}
+            for bit in range(8):
+                if bit in bits:
+                    members.append(f"      {bits[bit][0]} : Bool;   // {byte}.{bit} {bits[bit][1]}")
+                else:
+                    members.append(f"      spare_{spare} : Bool;")
+                    spare += 1
+        else:
+            members.append(f"      spare_{spare} : Byte;")
+            spare += 1
+        byte += 1
+    return members
+
+
+def scl_source(status: StatusLayout, command: CommandLayout, status_db: int, command_db: int) -> str:
+    """TIA Portal external source: two UDTs and two non-optimised DBs using them."""
+    out = io.StringIO()
+    for udt, layout in (("anomalyd_Status", status), ("anomalyd_Command", command)):
+        out.write(f'TYPE "{udt}"\nVERSION : 0.1\n   STRUCT\n')
+        out.write("\n".join(_udt_members(layout)) + "\n")
+        out.write("   END_STRUCT;\nEND_TYPE\n\n")
+    for db, udt, number, note in (
+        ("anomalyd_Status_DB", "anomalyd_Status", status_db, "written by anomalyd, read by the PLC"),
+        ("anomalyd_Command_DB", "anomalyd_Command", command_db, "written by the PLC, read by anomalyd"),
+    ):
+        out.write(f"// Give this DB the number {number} ({note}); keep 'Optimized block access' OFF.\n")
+        out.write(f'DATA_BLOCK "{db}"\n{{ S7_Optimized_Access := \'FALSE\' }}\nVERSION : 0.1\nNON_RETAIN\n')
+        out.write(f'"{udt}"\n\nBEGIN\n\nEND_DATA_BLOCK\n\n')
+    return out.getvalue()
+
+
+def register_map(layout: _Layout, first_register: int, word_order: str, block: str) -> list[dict[str, str]]:
+    """Rows of the Modbus register map (holding registers, bit 15 = MSB)."""
+    rows = []
+    for name, kind, byte, bit, meaning in _cells(layout):
+        register = first_register + byte // 2
+        if kind == "BOOL":
+            # Byte 2k is the high byte of register k: S7-style byte order.
+            reg_bit = bit + (8 if byte % 2 == 0 else 0)
+            where, width = f"bit {reg_bit}", "1 bit"
+        elif SIZES[kind] == 4:
+            order = "high word first" if word_order == "big" else "low word first"
+            where, width = f"{register}..{register + 1}", f"32 bit, {order}"
+        else:
+            where, width = "", "16 bit"
+        rows.append({"block": block, "register": str(register), "bit": where, "type": kind, "width": width,
+                     "name": name, "meaning": meaning})
+    return rows
+
+
+def register_map_csv(rows: list[dict[str, str]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def register_map_markdown(rows: list[dict[str, str]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

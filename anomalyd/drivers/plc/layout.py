@@ -1,0 +1,207 @@
+"""The PLC blocks: where each field lives, and packing them into bytes.
+
+The status block is owned by the daemon (written whole, never read back); the
+command block is owned by the PLC (only read). Offsets are S7 notation: a BOOL
+at ``"byte.bit"``, a number at a byte offset; all numbers big-endian, as S7
+stores them. On Modbus, byte 2k is the high byte of register k.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FieldType = Literal["BOOL", "UINT", "UDINT", "REAL"]
+SIZES: dict[str, int] = {"BOOL": 1, "UINT": 2, "UDINT": 4, "REAL": 4}
+
+
+class LayoutError(ValueError):
+    """A block layout with overlapping, misaligned or malformed offsets."""
+
+
+def parse_bit(address: str) -> tuple[int, int]:
+    """``"3.5"`` → (3, 5)."""
+    try:
+        byte_s, bit_s = address.split(".")
+        byte, bit = int(byte_s), int(bit_s)
+    except ValueError:
+        raise LayoutError(f"bit address {address!r} must look like BYTE.BIT, e.g. 0.3") from None
+    if byte < 0 or not 0 <= bit <= 7:
+        raise LayoutError(f"bit address {address!r}: byte must be ≥ 0 and bit 0..7")
+    return byte, bit
+
+
+# name → (type, meaning); the order is the order of the table in the README.
+STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
+    "ready": ("BOOL", "model loaded, camera and PLC up"),
+    "busy": ("BOOL", "an inspection is running"),
+    "result_valid": ("BOOL", "result fields belong to inspection_id"),
+    "pass": ("BOOL", "verdict OK"),
+    "fail": ("BOOL", "verdict NG (also set on timeout/error: fail-safe)"),
+    "error": ("BOOL", "see error_code"),
+    "trigger_ack": ("BOOL", "echoes the PLC trigger"),
+    "result_toggle": ("BOOL", "flips on every new result"),
+    "heartbeat": ("UINT", "+1 every heartbeat period, even when idle"),
+    "inspection_id": ("UDINT", "+1 per inspection"),
+    "score": ("REAL", "normalised anomaly score"),
+    "threshold": ("REAL", "threshold in force"),
+    "error_code": ("UINT", "0 ok; see the error-code table"),
+    "latency_ms": ("REAL", "frame-to-result time"),
+}
+COMMAND_FIELDS: dict[str, tuple[FieldType, str]] = {
+    "trigger": ("BOOL", "rising edge starts an inspection"),
+    "result_ack": ("BOOL", "PLC has read the result; clears result_valid"),
+    "enable": ("BOOL", "inspections allowed (0: daemon answers triggers with error 7)"),
+}
+
+
+class _Layout(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    spec: ClassVar[dict[str, tuple[FieldType, str]]] = {}
+
+    def offsets(self) -> dict[str, str | int]:
+        return {name: getattr(self, "pass_" if name == "pass" else name) for name in self.spec}
+
+    def cells(self) -> list[tuple[str, FieldType, int, int]]:
+        """(name, type, byte, bit) per field; bit is -1 for numbers."""
+        out = []
+        for name, where in self.offsets().items():
+            kind = self.spec[name][0]
+            if kind == "BOOL":
+                byte, bit = parse_bit(str(where))
+            else:
+                byte, bit = int(where), -1
+            out.append((name, kind, byte, bit))
+        return out
+
+    def size(self) -> int:
+        """Bytes the block spans, rounded up to whole 16-bit words."""
+        end = max(byte + SIZES[kind] for _, kind, byte, _ in self.cells())
+        return end + (end % 2)
+
+    @model_validator(mode="after")
+    def _check(self) -> _Layout:
+        used: dict[tuple[int, int], str] = {}
+        for name, kind, byte, bit in self.cells():
+            if kind != "BOOL" and byte % 2:
+                raise LayoutError(f"{name} ({kind}) at byte {byte}: numbers must start at an even byte")
+            spots = [(byte, bit)] if kind == "BOOL" else [(byte + i, b) for i in range(SIZES[kind]) for b in range(8)]
+            for spot in spots:
+                if spot in used:
+                    raise LayoutError(f"{name} overlaps {used[spot]} at byte {spot[0]} bit {spot[1]}")
+                used[spot] = name
+        return self
+
+
+class StatusLayout(_Layout):
+    spec = STATUS_FIELDS
+    ready: str = "0.0"
+    busy: str = "0.1"
+    result_valid: str = "0.2"
+    pass_: str = Field("0.3", alias="pass")
+    fail: str = "0.4"
+    error: str = "0.5"
+    trigger_ack: str = "0.6"
+    result_toggle: str = "0.7"
+    heartbeat: int = Field(2, ge=0)
+    inspection_id: int = Field(4, ge=0)
+    score: int = Field(8, ge=0)
+    threshold: int = Field(12, ge=0)
+    error_code: int = Field(16, ge=0)
+    latency_ms: int = Field(18, ge=0)
+
+
+class CommandLayout(_Layout):
+    spec = COMMAND_FIELDS
+    trigger: str = "0.0"
+    result_ack: str = "0.1"
+    enable: str = "0.2"
+
+
+@dataclass(frozen=True)
+class Status:
+    """Everything the daemon tells the PLC, in one value."""
+
+    ready: bool = False
+    busy: bool = False
+    result_valid: bool = False
+    passed: bool = False
+    fail: bool = False
+    error: bool = False
+    trigger_ack: bool = False
+    result_toggle: bool = False
+    heartbeat: int = 0
+    inspection_id: int = 0
+    score: float = 0.0
+    threshold: float = 0.0
+    error_code: int = 0
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the PLC tells the daemon."""
+
+    trigger: bool = False
+    result_ack: bool = False
+    enable: bool = True
+
+
+_STRUCT = {"UINT": ">H", "UDINT": ">I", "REAL": ">f"}
+
+
+def _swap_words(raw: bytes) -> bytes:
+    return raw[2:4] + raw[0:2]
+
+
+def pack_status(status: Status, layout: StatusLayout, word_order: str = "big") -> bytes:
+    """The whole status block as bytes, ready for one write."""
+    buf = bytearray(layout.size())
+    for name, kind, byte, bit in layout.cells():
+        value = getattr(status, "passed" if name == "pass" else name)
+        if kind == "BOOL":
+            if value:
+                buf[byte] |= 1 << bit
+            continue
+        if kind == "UINT":
+            value = int(value) & 0xFFFF
+        elif kind == "UDINT":
+            value = int(value) & 0xFFFFFFFF
+        raw = struct.pack(_STRUCT[kind], value)
+        if len(raw) == 4 and word_order == "little":
+            raw = _swap_words(raw)
+        buf[byte : byte + len(raw)] = raw
+    return bytes(buf)
+
+
+def unpack_status(raw: bytes, layout: StatusLayout, word_order: str = "big") -> Status:
+    """Inverse of :func:`pack_status` (the simulated PLC and tests read with it)."""
+    values: dict[str, object] = {}
+    for name, kind, byte, bit in layout.cells():
+        key = "passed" if name == "pass" else name
+        if kind == "BOOL":
+            values[key] = bool(raw[byte] >> bit & 1)
+            continue
+        chunk = bytes(raw[byte : byte + SIZES[kind]])
+        if len(chunk) == 4 and word_order == "little":
+            chunk = _swap_words(chunk)
+        values[key] = struct.unpack(_STRUCT[kind], chunk)[0]
+    return Status(**values)  # type: ignore[arg-type]
+
+
+def unpack_command(raw: bytes, layout: CommandLayout) -> Command:
+    """Read the PLC's command bits."""
+    return Command(**{name: bool(raw[byte] >> bit & 1) for name, _, byte, bit in layout.cells()})
+
+
+def pack_command(command: Command, layout: CommandLayout) -> bytes:
+    """The command block as the PLC would write it (for the simulated PLC)."""
+    buf = bytearray(layout.size())
+    for f in fields(command):
+        byte, bit = parse_bit(getattr(layout, f.name))
+        if getattr(command, f.name):
+            buf[byte] |= 1 << bit
+    return bytes(buf)

@@ -1,0 +1,200 @@
+"""Modbus TCP with pymodbus 3.x: as a client of the PLC, or serving registers the PLC polls.
+
+The status block occupies holding registers from ``status_register`` (byte 2k of
+the block is the high byte of register k); the command block those from
+``command_register``. 32-bit values follow ``word_order``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from anomalyd.config import ModbusConfig, ModbusServerConfig
+from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, bytes_from_words, register_plc, words_from_bytes
+from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command
+
+
+def _ranges_overlap(a: int, n: int, b: int, m: int) -> bool:
+    return a < b + m and b < a + n
+
+
+@register_plc("modbus")
+class ModbusLink:
+    """The daemon is the Modbus client; the PLC serves the registers."""
+
+    def __init__(self, config: ModbusConfig) -> None:
+        self.config = config
+        self.name = f"modbus://{config.host}:{config.port}/{config.unit}"
+        self._status_words = config.status_layout.size() // 2
+        self._command_words = config.command_layout.size() // 2
+        if _ranges_overlap(config.status_register, self._status_words, config.command_register, self._command_words):
+            raise PlcError(
+                f"status registers {config.status_register}..{config.status_register + self._status_words - 1} "
+                f"overlap command registers {config.command_register}.."
+                f"{config.command_register + self._command_words - 1}"
+            )
+        self._client: Any = None
+
+    def open(self) -> None:
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient(self.config.host, port=self.config.port, timeout=self.config.timeout_s, retries=0)
+        if not client.connect():
+            client.close()
+            raise PlcDisconnected(f"{self.name}: cannot connect")
+        self._client = client
+        try:
+            self._read(self.config.command_register, self._command_words)
+            self._read(self.config.status_register, self._status_words)
+        except PlcDisconnected as exc:
+            self.close()
+            raise PlcError(f"{self.name}: registers not readable ({exc}); check addresses and unit id") from exc
+
+    def _read(self, address: int, count: int) -> list[int]:
+        if self._client is None:
+            raise PlcDisconnected(f"{self.name}: not connected")
+        try:
+            reply = self._client.read_holding_registers(address, count=count, device_id=self.config.unit)
+        except Exception as exc:  # pymodbus raises ConnectionException, ModbusIOException, …
+            self.close()
+            raise PlcDisconnected(f"{self.name}: read failed ({exc})") from exc
+        if reply.isError():
+            raise PlcDisconnected(f"{self.name}: read of registers {address}+{count} refused ({reply})")
+        return list(reply.registers)
+
+    def read_command(self) -> Command:
+        words = self._read(self.config.command_register, self._command_words)
+        return unpack_command(bytes_from_words(words), self.config.command_layout)
+
+    def write_status(self, status: Status) -> None:
+        if self._client is None:
+            raise PlcDisconnected(f"{self.name}: not connected")
+        words = words_from_bytes(pack_status(status, self.config.status_layout, self.config.word_order))
+        try:
+            reply = self._client.write_registers(self.config.status_register, words, device_id=self.config.unit)
+        except Exception as exc:
+            self.close()
+            raise PlcDisconnected(f"{self.name}: write failed ({exc})") from exc
+        if reply.isError():
+            raise PlcDisconnected(f"{self.name}: write refused ({reply})")
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class RegisterServer:
+    """A pymodbus TCP server in a background thread, serving one register map.
+
+    ``owned`` registers are written only by us (the PLC's writes there are
+    refused); all others may be written by clients. The register list is the
+    server's own, so reads always see the latest values without copying.
+    """
+
+    def __init__(self, host: str, port: int, size: int, owned: range) -> None:
+        self.host, self.port, self.size, self.owned = host, port, size, owned
+        self._registers: list[int] | None = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    async def _action(
+        self, func_code: int, start: int, address: int, count: int, registers: list[int], values: Any
+    ) -> Any:
+        from pymodbus.constants import ExcCodes
+
+        self._registers = registers
+        if values is not None and _ranges_overlap(address, count, self.owned.start, len(self.owned)):
+            return ExcCodes.ILLEGAL_ADDRESS
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"modbus-server:{self.port}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(5.0) or self._error is not None:
+            raise PlcError(f"modbus server on {self.host}:{self.port} did not start: {self._error}")
+
+    def _run(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        async def serve() -> None:
+            device = SimDevice(
+                id=0,
+                simdata=[SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)],
+                action=self._action,
+            )
+            self._server = ModbusTcpServer(device, address=(self.host, self.port))
+            self._loop = asyncio.get_running_loop()
+            # The simulator builds its register list lazily; capture it through one local read.
+            await self._server.context.async_getValues(0, 3, 0, 1)
+            self._ready.set()
+            await self._server.serve_forever()
+
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # report start failures to start()
+            self._error = exc
+            self._ready.set()
+
+    def read(self, address: int, count: int) -> list[int]:
+        regs = self._registers
+        return [0] * count if regs is None else list(regs[address : address + count])
+
+    def write(self, address: int, words: list[int]) -> None:
+        if self._registers is None:
+            raise PlcError("modbus server not started")
+        # One slice assignment: a client never sees half a block.
+        self._registers[address : address + len(words)] = words
+
+    def stop(self) -> None:
+        if self._loop is not None and self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+
+@register_plc("modbus-server")
+class ModbusServerLink:
+    """The daemon serves the registers; the PLC (a Modbus client) polls them."""
+
+    def __init__(self, config: ModbusServerConfig) -> None:
+        self.config = config
+        self.name = f"modbus-server://{config.host}:{config.port}"
+        self._status_words = config.status_layout.size() // 2
+        self._command_words = config.command_layout.size() // 2
+        if _ranges_overlap(config.status_register, self._status_words, config.command_register, self._command_words):
+            raise PlcError("status and command registers overlap")
+        size = max(config.status_register + self._status_words, config.command_register + self._command_words)
+        owned = range(config.status_register, config.status_register + self._status_words)
+        self._server: RegisterServer | None = None
+        self._size, self._owned = size, owned
+
+    def open(self) -> None:
+        if self._server is None:
+            server = RegisterServer(self.config.host, self.config.port, self._size, self._owned)
+            server.start()
+            self._server = server
+
+    def read_command(self) -> Command:
+        if self._server is None:
+            raise PlcDisconnected(f"{self.name}: not serving")
+        words = self._server.read(self.config.command_register, self._command_words)
+        return unpack_command(bytes_from_words(words), self.config.command_layout)
+
+    def write_status(self, status: Status) -> None:
+        if self._server is None:
+            raise PlcDisconnected(f"{self.name}: not serving")
+        raw = pack_status(status, self.config.status_layout, self.config.word_order)
+        self._server.write(self.config.status_register, words_from_bytes(raw))
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()

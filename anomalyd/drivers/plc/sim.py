@@ -1,0 +1,162 @@
+"""A simulated PLC on loopback: a real python-snap7 Server or pymodbus server.
+
+It owns the command block, pulses triggers, waits for each result, reads it and
+acknowledges it, exactly as a PLC program would. Used by `anomalyd plc-sim`, the
+demo, the tests and for commissioning without a PLC.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from anomalyd.drivers.plc.base import bytes_from_words, words_from_bytes
+from anomalyd.drivers.plc.layout import (
+    Command,
+    CommandLayout,
+    Status,
+    StatusLayout,
+    pack_command,
+    unpack_status,
+)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """One result as the simulated PLC received it."""
+
+    status: Status
+    wait_ms: float  # trigger raised → result_toggle flipped
+
+
+class SimulatedPlc:
+    """Serves the blocks on 127.0.0.1 and plays the PLC side of the handshake."""
+
+    def __init__(
+        self,
+        protocol: str = "s7",
+        port: int = 1102,
+        host: str = "127.0.0.1",
+        status_layout: StatusLayout | None = None,
+        command_layout: CommandLayout | None = None,
+        status_db: int = 100,
+        command_db: int = 101,
+        status_register: int = 0,
+        command_register: int = 100,
+        word_order: str = "big",
+    ) -> None:
+        if protocol not in ("s7", "modbus"):
+            raise ValueError(f"protocol must be s7 or modbus, not {protocol!r}")
+        self.protocol, self.port, self.host = protocol, port, host
+        self.status_layout = status_layout or StatusLayout()
+        self.command_layout = command_layout or CommandLayout()
+        self.status_db, self.command_db = status_db, command_db
+        self.status_register, self.command_register = status_register, command_register
+        self.word_order = word_order
+        self._command = Command(enable=True)
+        self._server: object = None
+        self._status_area = bytearray(self.status_layout.size())
+        self._command_area = bytearray(self.command_layout.size())
+
+    # ------------------------------------------------------------ server
+    def start(self) -> None:
+        if self.protocol == "s7":
+            import snap7
+            from snap7.type import SrvArea
+
+            server = snap7.server.Server(log=False)
+            server.register_area(SrvArea.DB, self.status_db, self._status_area)
+            server.register_area(SrvArea.DB, self.command_db, self._command_area)
+            server.start_to(self.host, self.port)
+            self._server = server
+        else:
+            from anomalyd.drivers.plc.modbus import RegisterServer
+
+            status_words = self.status_layout.size() // 2
+            command_words = self.command_layout.size() // 2
+            size = max(self.status_register + status_words, self.command_register + command_words)
+            # The PLC owns the command registers: a client may not write them.
+            owned = range(self.command_register, self.command_register + command_words)
+            server = RegisterServer(self.host, self.port, size, owned)
+            server.start()
+            self._server = server
+        self.write_command(self._command)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # ------------------------------------------------------------ blocks
+    def read_status(self) -> Status:
+        if self.protocol == "s7":
+            raw = bytes(self._status_area)
+        else:
+            words = self._server.read(self.status_register, self.status_layout.size() // 2)  # type: ignore[attr-defined]
+            raw = bytes_from_words(words)
+        return unpack_status(raw, self.status_layout, self.word_order)
+
+    def write_command(self, command: Command) -> None:
+        self._command = command
+        raw = pack_command(command, self.command_layout)
+        if self.protocol == "s7":
+            self._command_area[:] = raw
+        elif self._server is not None:
+            self._server.write(self.command_register, words_from_bytes(raw))  # type: ignore[attr-defined]
+
+    def set_command(self, **changes: bool) -> None:
+        from dataclasses import replace
+
+        self.write_command(replace(self._command, **changes))
+
+    # ------------------------------------------------------------ handshake
+    def wait_for(self, predicate: Callable[[Status], bool], timeout_s: float) -> Status | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.read_status()
+            if predicate(status):
+                return status
+            time.sleep(0.002)
+        return None
+
+    def inspect_once(self, timeout_s: float = 5.0) -> SimResult | None:
+        """Raise trigger, wait for the result toggle to flip, read it, drop trigger, acknowledge."""
+        before = self.read_status()
+        started = time.monotonic()
+        self.set_command(trigger=True, result_ack=False)
+        status = self.wait_for(lambda s: s.result_toggle != before.result_toggle and s.result_valid, timeout_s)
+        wait_ms = (time.monotonic() - started) * 1000.0
+        self.set_command(trigger=False)
+        if status is None:
+            return None
+        self.set_command(result_ack=True)
+        self.wait_for(lambda s: not s.result_valid, 1.0)
+        self.set_command(result_ack=False)
+        return SimResult(status, wait_ms)
+
+    def run(
+        self,
+        trigger_every_ms: float,
+        on_result: Callable[[SimResult | None], None],
+        stop: threading.Event,
+        count: int = 0,
+        wait_ready_s: float = 60.0,
+    ) -> int:
+        """Trigger every ``trigger_every_ms`` once the daemon is ready; returns results received."""
+        received = 0
+        if self.wait_for(lambda s: s.ready, wait_ready_s) is None:
+            return 0
+        while not stop.is_set() and (count == 0 or received < count):
+            cycle_start = time.monotonic()
+            result = self.inspect_once()
+            on_result(result)
+            if result is not None:
+                received += 1
+            stop.wait(max(0.0, trigger_every_ms / 1000.0 - (time.monotonic() - cycle_start)))
+        return received

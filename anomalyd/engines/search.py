@@ -1,0 +1,76 @@
+"""Memory-bank search backends: faiss (CPU or GPU) and torch (chunked matmul, any device)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalyd.engines.base import EngineError, register_searcher
+from anomalyd.model.nearest import nearest_distances
+
+
+def faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@register_searcher("faiss")
+class FaissSearcher:
+    """Exact L2 search with ``IndexFlatL2``; on the GPU where faiss was built with CUDA."""
+
+    def __init__(self, bank: np.ndarray, device: torch.device, threads: int = 0) -> None:
+        try:
+            import faiss
+        except ImportError as exc:
+            raise EngineError("faiss is not installed (pip install faiss-cpu)") from exc
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        index: Any = faiss.IndexFlatL2(bank.shape[1])
+        index.add(np.ascontiguousarray(bank, dtype=np.float32))
+        self.device = device
+        if device.type == "cuda":
+            if not faiss_has_gpu():
+                raise EngineError("faiss on cuda asked for, but the installed faiss has no GPU support")
+            import faiss.contrib.torch_utils
+
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, device.index or 0, index)
+            self.name = "faiss-gpu"
+        else:
+            self.name = "faiss-cpu"
+        self.index = index
+
+    def search(self, features: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            d2, _ = self.index.search(features.contiguous(), 1)
+            return d2[:, 0].clamp_min(0).sqrt()
+        d2, _ = self.index.search(np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32), 1)
+        return torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0)))
+
+    def close(self) -> None:
+        self.index = None
+
+
+@register_searcher("torch")
+class TorchSearcher:
+    """Exact nearest neighbour by chunked GEMM; the bank stays on the device."""
+
+    def __init__(self, bank: np.ndarray, device: torch.device, threads: int = 0) -> None:
+        if device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device)
+        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.name = f"torch-{device.type}"
+
+    def search(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return nearest_distances(features.to(self.device, torch.float32), self.bank, self.bank_sq)
+
+    def close(self) -> None:
+        del self.bank, self.bank_sq

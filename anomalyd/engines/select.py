@@ -1,0 +1,80 @@
+"""Choose and build the extractor and searcher that the config names (or ``auto``)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+
+from anomalyd.config import (
+    AutoEngineConfig,
+    EngineConfig,
+    OnnxRuntimeEngineConfig,
+    SearchConfig,
+    TensorRtEngineConfig,
+    TorchEngineConfig,
+)
+from anomalyd.engines import onnxruntime_engine, search, tensorrt_engine, torch_engine  # noqa: F401  (registers)
+from anomalyd.engines.base import EXTRACTORS, SEARCHERS, EngineError, Extractor, Searcher, resolve_device
+from anomalyd.log import get_logger
+from anomalyd.model.bundle import Bundle
+
+log = get_logger(__name__)
+
+
+def _auto_candidates(config: AutoEngineConfig) -> list[Any]:
+    """TensorRT, then torch on CUDA, then ONNX Runtime on the CPU."""
+    return [
+        TensorRtEngineConfig(threads=config.threads),
+        TorchEngineConfig(device="cuda", threads=config.threads),
+        OnnxRuntimeEngineConfig(threads=config.threads),
+    ]
+
+
+def build_extractor(bundle: Bundle, config: EngineConfig) -> Extractor:
+    """The configured extractor; with ``auto`` the first that can run here, with the reasons logged."""
+    if not isinstance(config, AutoEngineConfig):
+        cls = EXTRACTORS[config.type]
+        reason = cls.unavailable(config)
+        if reason:
+            raise EngineError(f"engine {config.type!r} cannot run here: {reason}")
+        return cls(bundle, config)  # type: ignore[no-any-return]
+    skipped: dict[str, str] = {}
+    for candidate in _auto_candidates(config):
+        cls = EXTRACTORS[candidate.type]
+        reason = cls.unavailable(candidate)
+        if reason is None:
+            try:
+                extractor: Extractor = cls(bundle, candidate)
+            except EngineError as exc:
+                reason = str(exc)
+            else:
+                log.info("engine.chosen", engine=extractor.name, skipped=skipped)
+                return extractor
+        skipped[candidate.type] = reason
+    raise EngineError(f"no extractor engine can run here: {skipped}")
+
+
+def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch.device, threads: int = 0) -> Searcher:
+    """The configured searcher; with ``auto``: faiss on the GPU, torch on CUDA, faiss on the CPU."""
+    bank = bundle.memory_bank()
+    device = extractor_device if config.device == "auto" else resolve_device(config.device)
+    if config.type != "auto":
+        return SEARCHERS[config.type](bank, device, threads)  # type: ignore[no-any-return]
+    if device.type == "cuda":
+        if search.faiss_has_gpu():
+            choice = "faiss"
+        else:
+            choice = "torch"
+            log.info("search.faiss_gpu_missing", machine=platform.machine(), using="torch on cuda")
+    else:
+        try:
+            import faiss  # noqa: F401
+
+            choice = "faiss"
+        except ImportError:
+            choice = "torch"
+    searcher: Searcher = SEARCHERS[choice](bank, device, threads)
+    log.info("search.chosen", search=searcher.name, bank=int(bank.shape[0]))
+    return searcher

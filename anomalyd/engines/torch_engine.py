@@ -1,0 +1,81 @@
+"""torch extractor: the bundle's weights in our own module, on the CPU or CUDA.
+
+On CUDA it runs in FP16 and channels-last where asked, and can replay a captured
+CUDA graph (fixed batch of 1) to cut launch overhead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anomalyd.config import TorchEngineConfig
+from anomalyd.engines.base import EngineError, register_extractor, resolve_device
+from anomalyd.model.bundle import Bundle
+from anomalyd.model.features import PatchFeatures, build_patch_features
+
+
+def load_bundle_module(bundle: Bundle) -> PatchFeatures:
+    """The patch-feature module with the bundle's own weights (strict)."""
+    m = bundle.manifest
+    module = build_patch_features(m["backbone"], tuple(m["taps"]), m.get("proj_dim"))
+    try:
+        module.load_state_dict(bundle.extractor_state(), strict=True)
+    except RuntimeError as exc:
+        raise EngineError(f"{bundle.path}: extractor weights do not fit {m['backbone']}: {exc}") from exc
+    return module.eval()
+
+
+@register_extractor("torch")
+class TorchExtractor:
+    name = "torch"
+
+    @staticmethod
+    def unavailable(config: TorchEngineConfig) -> str | None:
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            return "this torch build sees no CUDA GPU"
+        return None
+
+    def __init__(self, bundle: Bundle, config: TorchEngineConfig) -> None:
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.threads:
+            torch.set_num_threads(config.threads)
+        module = load_bundle_module(bundle).to(self.device)
+        on_cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if (on_cuda and config.fp16) else torch.float32
+        self.memory_format = torch.channels_last if (on_cuda and config.channels_last) else torch.contiguous_format
+        self.module = module.to(dtype=self.dtype, memory_format=self.memory_format)
+        self.name = f"torch-{self.device.type}" + ("-fp16" if self.dtype == torch.float16 else "")
+        self._graph: torch.cuda.CUDAGraph | None = None
+        if on_cuda and config.cuda_graph:
+            self._capture(bundle.input_size)
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, dtype=self.dtype, memory_format=self.memory_format, non_blocking=True)
+        return self.module(x).float()
+
+    def _capture(self, input_size: tuple[int, int]) -> None:
+        self._static_in = torch.zeros(1, 3, *input_size, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up on a side stream before capture, as CUDA graphs require
+                self._run(self._static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self._graph):
+            self._static_out = self._run(self._static_in)
+        self.name += "-graph"
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self._graph is not None and images.shape[0] == 1:
+                self._static_in.copy_(images, non_blocking=True)
+                self._graph.replay()
+                return self._static_out.clone()
+            return self._run(images)
+
+    def close(self) -> None:
+        self._graph = None
+        del self.module
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

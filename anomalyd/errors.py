@@ -1,0 +1,8 @@
+"""The base of the project's own exceptions: caught at the CLI boundary and printed as one line."""
+
+
+class AnomalydError(Exception):
+    """An error with a message a person can act on."""
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (AnomalydError, FileNotFoundError)

@@ -1,0 +1,81 @@
+"""Evaluation report: metrics.json, a Markdown table, ROC curves, histograms, heatmaps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from anomalyd.evaluation.evaluate import Scored
+from anomalyd.evaluation.metrics import roc_curve
+from anomalyd.model.images import read_rgb
+from anomalyd.overlay import overlay_heatmap
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # type: ignore[str-format]
+
+
+def markdown_table(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
+    rows = [f"| {name} | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+    for kind, m in [("**all**", metrics), *metrics["per_defect"].items()]:
+        rows.append(f"| {kind} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_report(out: Path, metrics: dict, scored: list[Scored], threshold: float, name: str) -> None:  # type: ignore[type-arg]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.md").write_text(markdown_table(metrics, name), encoding="utf-8")
+    labels = np.array([s.sample.is_defect for s in scored])
+    scores = np.array([s.score for s in scored])
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    curve = roc_curve(labels, scores)
+    ax.plot(curve.x, curve.y, label=f"all (AUROC {metrics['image_auroc']:.3f})")
+    for kind in metrics["per_defect"]:
+        mask = np.array([(not s.sample.is_defect) or s.sample.defect_type == kind for s in scored])
+        c = roc_curve(labels[mask], scores[mask])
+        ax.plot(c.x, c.y, alpha=0.6, label=kind)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"{name}: image ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(out / "roc.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, max(scores.max(), threshold) * 1.05, 40)
+    ax.hist(scores[~labels], bins=bins, alpha=0.6, label="good")
+    ax.hist(scores[labels], bins=bins, alpha=0.6, label="defect")
+    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
+    ax.set(xlabel="normalised score", ylabel="images", title=f"{name}: scores")
+    ax.legend()
+    fig.savefig(out / "scores.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    _heatmap_grid(out / "heatmaps.png", scored)
+
+
+def _heatmap_grid(path: Path, scored: list[Scored], per_kind: int = 3) -> None:
+    """A few images per defect type (and good), with their maps over them."""
+    chosen: list[Scored] = []
+    for kind in sorted({s.sample.defect_type for s in scored}):
+        chosen += [s for s in scored if s.sample.defect_type == kind][:per_kind]
+    cols = per_kind
+    rows = int(np.ceil(len(chosen) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, s in zip(axes.ravel(), chosen, strict=False):
+        frame = read_rgb(s.sample.path)
+        if s.frame_map is not None:
+            ax.imshow(overlay_heatmap(frame, s.frame_map))
+        else:
+            ax.imshow(frame)
+        ax.set_title(f"{s.sample.defect_type} {s.score:.2f}", fontsize=8)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)

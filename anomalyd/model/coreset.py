@@ -1,0 +1,94 @@
+"""Greedy k-center coreset selection (PatchCore's memory-bank subsampling).
+
+Exact farthest-point greedy on a random projection, made fast by pruning with
+the triangle inequality: candidates are grouped once into compact blocks
+(a few k-means iterations), and a new centre can only bring a block's points
+closer if ``|centroid - centre| - radius < the block's largest distance``.
+Early steps touch every block; later ones only the few near the new centre, so
+most of the N×steps distance work of the plain algorithm is never done. The
+selection equals the plain algorithm's (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def project(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Gaussian random projection to ``dim`` columns (no-op when already that small)."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if not dim or dim >= x.shape[1]:
+        return x
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((x.shape[1], dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+    return x @ matrix
+
+
+def _kmeans_blocks(x: np.ndarray, blocks: int, seed: int, iterations: int = 4) -> np.ndarray:
+    """Block label per row: a few Lloyd iterations from a random start (compactness, not accuracy)."""
+    rng = np.random.default_rng(seed)
+    centres = x[rng.choice(x.shape[0], blocks, replace=False)].copy()
+    sq = np.einsum("ij,ij->i", x, x)
+    labels = np.zeros(x.shape[0], dtype=np.int64)
+    for _ in range(iterations):
+        for start in range(0, x.shape[0], 65536):
+            chunk = x[start : start + 65536]
+            d = sq[start : start + 65536, None] - 2.0 * chunk @ centres.T + np.einsum("ij,ij->i", centres, centres)
+            labels[start : start + 65536] = d.argmin(1)
+        counts = np.bincount(labels, minlength=blocks)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, labels, x)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return labels
+
+
+def greedy_coreset(
+    features: np.ndarray,
+    count: int,
+    projection_dim: int = 64,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Indices of ``count`` rows of ``features`` chosen by greedy k-center."""
+    n = features.shape[0]
+    count = int(min(max(count, 1), n))
+    x = project(features, projection_dim, seed)
+    n_blocks = int(np.clip(n // 1024, 1, 2048))
+    labels = _kmeans_blocks(x, n_blocks, seed) if n_blocks > 1 else np.zeros(n, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    x = np.ascontiguousarray(x[order])
+    labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    ends = np.r_[starts[1:], n]
+    sq = np.einsum("ij,ij->i", x, x)
+    centroids = np.stack([x[s:e].mean(0) for s, e in zip(starts, ends, strict=True)])
+    radii = np.array(
+        [np.sqrt(((x[s:e] - c) ** 2).sum(1).max()) for s, e, c in zip(starts, ends, centroids, strict=True)],
+        dtype=np.float32,
+    )
+    min_dist = np.full(n, np.inf, dtype=np.float32)
+    block_max = np.full(len(starts), np.inf, dtype=np.float32)
+    selected = np.empty(count, dtype=np.int64)
+    current = int(np.random.default_rng(seed).integers(n))
+    current = int(np.flatnonzero(order == current)[0])  # the same start point as the plain algorithm
+    for step in range(count):
+        selected[step] = current
+        centre = x[current]
+        c_sq = float(centre @ centre)
+        reach = np.sqrt(np.maximum(((centroids - centre) ** 2).sum(1), 0.0)) - radii
+        for b in np.flatnonzero(reach < block_max):
+            s, e = starts[b], ends[b]
+            d = np.sqrt(np.maximum(sq[s:e] - 2.0 * (x[s:e] @ centre) + c_sq, 0.0))
+            seg = min_dist[s:e]
+            np.minimum(seg, d, out=seg)
+            block_max[b] = seg.max()
+        b = int(block_max.argmax())
+        current = int(starts[b] + min_dist[starts[b] : ends[b]].argmax())
+        if progress is not None and (step + 1) % 256 == 0:
+            progress(256)
+    if progress is not None:
+        progress(count % 256)
+    return order[selected]

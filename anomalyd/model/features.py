@@ -1,0 +1,77 @@
+"""Patch features: mid-level backbone maps, locally aggregated and stacked.
+
+This module is what ``extractor.onnx`` holds: normalised image batch in,
+``[B, C, h, w]`` patch features out. Everything after it (search, map) is done
+by the engines so that the same file runs under TensorRT, ONNX Runtime and torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalyd.model.backbones import BACKBONES, build_backbone
+
+
+class PatchFeatures(nn.Module):
+    """Backbone taps → 3×3 average (local neighbourhood) → common grid → concat."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        taps: Sequence[str],
+        proj_dim: int | None = None,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # Normalisation lives in the graph: engines feed 0..255 floats and never
+        # need to know the backbone's statistics.
+        self.register_buffer("offset", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("scale", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
+        self.taps = tuple(taps)
+        self.proj_dim = proj_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone((x - self.offset) * self.scale)
+        first = maps[self.taps[0]]
+        size = (int(first.shape[-2]), int(first.shape[-1]))
+        parts = []
+        for name in self.taps:
+            m = F.avg_pool2d(maps[name], 3, stride=1, padding=1, count_include_pad=False)
+            if m.shape[-2:] != first.shape[-2:]:
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            parts.append(m)
+        feats = torch.cat(parts, dim=1)
+        if self.proj_dim is not None and self.proj_dim < feats.shape[1]:
+            # Channel-wise average pooling (PatchCore's reduction): no weights to ship.
+            b, c, h, w = feats.shape
+            flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            flat = F.adaptive_avg_pool1d(flat, self.proj_dim)
+            feats = flat.reshape(b, h, w, self.proj_dim).permute(0, 3, 1, 2)
+        return feats
+
+
+def feature_dim(backbone: str, taps: Sequence[str], proj_dim: int | None) -> int:
+    """Channels of the patch features for a backbone and its taps."""
+    total = sum(BACKBONES[backbone].channels[t] for t in taps)
+    return min(total, proj_dim) if proj_dim else total
+
+
+def feature_stride(backbone: str, taps: Sequence[str]) -> int:
+    """Pixels of input per feature cell (the shallowest tap's stride)."""
+    return BACKBONES[backbone].strides[taps[0]]
+
+
+def build_patch_features(
+    backbone: str, taps: Sequence[str], proj_dim: int | None = None, weights: Path | None = None
+) -> PatchFeatures:
+    """The patch-feature module with pretrained weights, in eval mode."""
+    spec = BACKBONES[backbone]
+    net = build_backbone(backbone, taps, weights)
+    return PatchFeatures(net, taps, proj_dim, spec.mean, spec.std).eval()
