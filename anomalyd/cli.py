@@ -21,8 +21,9 @@ def progress_bars(label: str, total: int) -> Callable[[int], None]:
     """A tqdm bar on stderr (quiet when stderr is not a terminal, to keep logs clean)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=label, unit="img" if label != "coreset" else "pt", leave=True,
-               disable=None, file=sys.stderr)
+    bar = tqdm(
+        total=total, desc=label, unit="img" if label != "coreset" else "pt", leave=True, disable=None, file=sys.stderr
+    )
 
     def advance(n: int) -> None:
         bar.update(n)

@@ -59,7 +59,10 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
 
     settings = FitSettings(
         backbone=args.backbone,
-        taps=tuple(args.taps.split(",")) if args.taps else FitSettings.taps if args.backbone == "efficientnet_lite0"
+        taps=tuple(args.taps.split(","))
+        if args.taps
+        else FitSettings.taps
+        if args.backbone == "efficientnet_lite0"
         else ("layer2", "layer3"),
         input_size=_size(args.input_size),
         proj_dim=args.proj_dim,

@@ -24,7 +24,9 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
     if isinstance(plc, S7Config):
         scl = export.scl_source(plc.status_layout, plc.command_layout, plc.status_db, plc.command_db)
         (out / "anomalyd_blocks.scl").write_text(scl, encoding="utf-8")
-        print(f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)")
+        print(
+            f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)"
+        )
     else:
         rows = export.register_map(plc.status_layout, plc.status_register, plc.word_order, "status")
         rows += export.register_map(plc.command_layout, plc.command_register, plc.word_order, "command")
@@ -44,8 +46,9 @@ def cmd_plc_sim(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     where = f"DB{plc.status_db}/DB{plc.command_db}" if args.protocol == "s7" else "registers 0/100"
-    print(f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready",
-          flush=True)
+    print(
+        f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready", flush=True
+    )
     print(f"{'id':>8} {'verdict':>7} {'score':>7} {'thr':>6} {'err':>4} {'latency':>9} {'wait':>8}", flush=True)
 
     def show(result: SimResult | None) -> None:
@@ -54,8 +57,11 @@ def cmd_plc_sim(args: argparse.Namespace) -> int:
             return
         s = result.status
         verdict = "OK" if s.passed else "NG"
-        print(f"{s.inspection_id:>8} {verdict:>7} {s.score:7.3f} {s.threshold:6.2f} {s.error_code:>4} "
-              f"{s.latency_ms:7.1f}ms {result.wait_ms:6.1f}ms", flush=True)
+        print(
+            f"{s.inspection_id:>8} {verdict:>7} {s.score:7.3f} {s.threshold:6.2f} {s.error_code:>4} "
+            f"{s.latency_ms:7.1f}ms {result.wait_ms:6.1f}ms",
+            flush=True,
+        )
 
     try:
         if args.trigger_every > 0:
@@ -80,5 +86,3 @@ def add_plc_commands(sub: Any) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after this many results (0: run until stopped)")
     p.add_argument("--wait-ready", type=float, default=300.0, help="seconds to wait for ready before giving up")
     p.set_defaults(func=cmd_plc_sim)
-
-

@@ -63,9 +63,7 @@ class SimulatedCameraConfig(Section):
 
 class HarvestersCameraConfig(Section):
     type: Literal["harvesters"] = "harvesters"
-    cti: list[Path] = setting(
-        [], "GenTL producers", "Paths of .cti files (empty: those in GENICAM_GENTL64_PATH)."
-    )
+    cti: list[Path] = setting([], "GenTL producers", "Paths of .cti files (empty: those in GENICAM_GENTL64_PATH).")
     serial_number: str | None = setting(None, "Serial number", "Select the device with this serial number.")
     model: str | None = setting(None, "Model", "Select the device of this model.")
     user_defined_name: str | None = setting(None, "User-defined name", "Select the device with this name.")
@@ -195,8 +193,10 @@ class ThresholdsConfig(Section):
 
 class DaemonConfig(Section):
     trigger: Literal["plc", "hardware", "free_run"] = setting(
-        "plc", "Trigger mode", "plc: rising edge of the PLC's trigger bit; hardware: the camera is wired to the "
-        "line; free_run: inspect frames as they come."
+        "plc",
+        "Trigger mode",
+        "plc: rising edge of the PLC's trigger bit; hardware: the camera is wired to the "
+        "line; free_run: inspect frames as they come.",
     )
     budget_ms: float = setting(100.0, "Budget", "Frame-to-PLC-write deadline; late results are failed.", "ms", gt=0)
     heartbeat_ms: int = setting(500, "Heartbeat period", "Heartbeat counter period, also when idle.", "ms", ge=50)

@@ -44,8 +44,10 @@ def prepare(root: Path) -> tuple[Path, Path]:
         from anomalyd.cli_model import _val_images
 
         manifest = fit(sample / "train" / "good", bundle, FitSettings(), _val_images(validation))
-        print(f"  bundle {manifest['bundle_id']}: {manifest['memory_bank_size']} memory patches, "
-              f"fit {manifest['fit_seconds']} s")
+        print(
+            f"  bundle {manifest['bundle_id']}: {manifest['memory_bank_size']} memory patches, "
+            f"fit {manifest['fit_seconds']} s"
+        )
     return sample, bundle
 
 
@@ -68,7 +70,9 @@ def lookup_source(db: Path, inspection_id: int) -> str:
     for _ in range(50):
         try:
             with sqlite3.connect(str(db), timeout=1.0) as conn:
-                row = conn.execute("SELECT source FROM inspections WHERE inspection_id = ?", (inspection_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT source FROM inspections WHERE inspection_id = ?", (inspection_id,)
+                ).fetchone()
         except sqlite3.Error:
             row = None
         if row:
@@ -111,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         mark = "✓" if verdict == expected else "✗"
         seen["right" if verdict == expected else "wrong"] += 1
         latencies.append(s.latency_ms)
-        print(f"{s.inspection_id:>5}  {verdict:<3} {mark}  {s.score:7.3f}  {s.latency_ms:7.1f} ms  "
-              f"{truth:<8} {Path(source).name}", flush=True)
+        print(
+            f"{s.inspection_id:>5}  {verdict:<3} {mark}  {s.score:7.3f}  {s.latency_ms:7.1f} ms  "
+            f"{truth:<8} {Path(source).name}",
+            flush=True,
+        )
 
     stop = threading.Event()
     try:
@@ -133,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     p50 = lat[len(lat) // 2]
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     archive = (root / "data" / "archive").resolve()
-    print(f"\n{received} inspections: {seen['right']} verdicts as expected, {seen['wrong']} not; "
-          f"frame-to-result p50 {p50:.1f} ms, p99 {p99:.1f} ms; daemon exit code {code}")
+    print(
+        f"\n{received} inspections: {seen['right']} verdicts as expected, {seen['wrong']} not; "
+        f"frame-to-result p50 {p50:.1f} ms, p99 {p99:.1f} ms; daemon exit code {code}"
+    )
     print(f"records: {db.resolve()}\nheatmaps of NG parts: {archive}")
     return 0 if code == 0 else 1
 

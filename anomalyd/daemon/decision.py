@@ -34,7 +34,7 @@ def decide(
     if thresholds.pixel is not None:
         # Map pixels above the pixel threshold, scaled to frame pixels of the ROI.
         share = float((anomaly_map >= thresholds.pixel).mean())
-        area = int(round(share * roi_area_px))
+        area = round(share * roi_area_px)
     failed = score >= image_thr
     if failed and thresholds.min_area_px > 0 and area is not None:
         failed = area >= thresholds.min_area_px

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -27,10 +28,8 @@ class Notifier:
     def send(self, *lines: str) -> None:
         if self._socket is None or self._address is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # systemd gone (shutdown): nothing to tell
             self._socket.sendto("\n".join(lines).encode(), self._address)
-        except OSError:
-            pass  # systemd gone (shutdown): nothing to tell
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", f"STATUS={status}" if status else "STATUS=ready")

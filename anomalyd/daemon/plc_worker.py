@@ -8,6 +8,7 @@ level, retried with back-off, and after reconnecting the block is rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -132,8 +133,6 @@ class PlcWorker:
         self._wake.set()
         self._thread.join(timeout=5.0)
         if final is not None and self.connected:
-            try:
+            with contextlib.suppress(PlcDisconnected):
                 self.link.write_status(final)
-            except PlcDisconnected:
-                pass
         self.link.close()

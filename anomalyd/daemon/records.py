@@ -114,8 +114,7 @@ class RecordStore:
         with self._db:
             self._db.execute("DELETE FROM inspections WHERE time_ns < ?", (cutoff,))
             self._db.execute(
-                "DELETE FROM inspections WHERE inspection_id <= "
-                "(SELECT MAX(inspection_id) FROM inspections) - ?",
+                "DELETE FROM inspections WHERE inspection_id <= (SELECT MAX(inspection_id) FROM inspections) - ?",
                 (self.retention_count,),
             )
 

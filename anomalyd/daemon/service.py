@@ -53,14 +53,24 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         bundle = load_bundle(cfg.model.bundle)
-        roi = (cfg.camera.roi.x, cfg.camera.roi.y, cfg.camera.roi.width, cfg.camera.roi.height) if cfg.camera.roi else None
+        roi = (
+            (cfg.camera.roi.x, cfg.camera.roi.y, cfg.camera.roi.width, cfg.camera.roi.height)
+            if cfg.camera.roi
+            else None
+        )
         self.inspector = open_inspector(bundle, cfg.engine, cfg.search, roi)
         self.inspector.warm_up()
-        log.info("model.loaded", bundle=bundle.bundle_id, engine=self.inspector.engine_name,
-                 threshold=self.threshold, input_size=bundle.input_size)
+        log.info(
+            "model.loaded",
+            bundle=bundle.bundle_id,
+            engine=self.inspector.engine_name,
+            threshold=self.threshold,
+            input_size=bundle.input_size,
+        )
         data = cfg.daemon.data_dir
-        self.records = RecordStore(data / "inspections.sqlite", cfg.daemon.records_retention_days,
-                                   cfg.daemon.records_retention_count)
+        self.records = RecordStore(
+            data / "inspections.sqlite", cfg.daemon.records_retention_days, cfg.daemon.records_retention_count
+        )
         self.archive = RejectArchive(data / "archive", cfg.archive.quota_mb)
         self.handshake = Handshake(self.threshold, inspection_id=self.records.last_inspection_id())
         self.plc = PlcWorker(
@@ -79,8 +89,13 @@ class Daemon:
         self.plc.start()
         self._open_camera()
         self.notifier.ready(self._status_line())
-        log.info("daemon.ready", trigger=cfg.daemon.trigger, budget_ms=cfg.daemon.budget_ms, plc=self.plc.link.name,
-                 camera=self.camera.name if self.camera else None)
+        log.info(
+            "daemon.ready",
+            trigger=cfg.daemon.trigger,
+            budget_ms=cfg.daemon.budget_ms,
+            plc=self.plc.link.name,
+            camera=self.camera.name if self.camera else None,
+        )
 
     @property
     def threshold(self) -> float:
@@ -188,8 +203,9 @@ class Daemon:
         if self.expected_shape is None:
             self.expected_shape = frame.image.shape
         if frame.image.shape != self.expected_shape:
-            self._error_result(ErrorCode.BAD_FRAME, f"frame {frame.image.shape}, expected {self.expected_shape}",
-                               started, frame)
+            self._error_result(
+                ErrorCode.BAD_FRAME, f"frame {frame.image.shape}, expected {self.expected_shape}", started, frame
+            )
             return True
         try:
             inspection = self.inspector.inspect(frame.image)
@@ -197,18 +213,27 @@ class Daemon:
             log.exception("model.failed", frame_id=frame.frame_id)
             self._error_result(ErrorCode.MODEL_ERROR, str(exc), started, frame)
             return True
-        x, y, w, h = inspection.roi
+        _x, _y, w, h = inspection.roi
         verdict = decide(inspection.score, inspection.anomaly_map, w * h, self.config.thresholds, self.threshold)
         latency_ms = (time.monotonic() - started) * 1000.0
         late = latency_ms > self.config.daemon.budget_ms
         code = ErrorCode.OVER_BUDGET if late else ErrorCode.OK
-        published = self.handshake.finish(inspection.score, verdict.threshold, verdict.passed and not late, int(code),
-                                          latency_ms)
+        published = self.handshake.finish(
+            inspection.score, verdict.threshold, verdict.passed and not late, int(code), latency_ms
+        )
         self.plc.wake()
         status = published or self._expired_status()
         self._account(verdict, code, latency_ms, inspection)
-        self._record(status.inspection_id, verdict.label if not late else "NG", inspection.score, verdict, code,
-                     latency_ms, inspection, frame)
+        self._record(
+            status.inspection_id,
+            verdict.label if not late else "NG",
+            inspection.score,
+            verdict,
+            code,
+            latency_ms,
+            inspection,
+            frame,
+        )
         return True
 
     def _expired_status(self) -> Any:
@@ -241,11 +266,21 @@ class Daemon:
             self.counts["deadline_misses"] += 1
             self.metrics.deadline_misses.inc()
             self.metrics.errors.labels(code=str(int(code))).inc()
-            log.warning("inspection.over_budget", latency_ms=round(latency_ms, 1),
-                        budget_ms=self.config.daemon.budget_ms)
+            log.warning(
+                "inspection.over_budget", latency_ms=round(latency_ms, 1), budget_ms=self.config.daemon.budget_ms
+            )
 
-    def _record(self, inspection_id: int, label: str, score: float | None, verdict: Verdict | None,
-                code: ErrorCode, latency_ms: float, inspection: Inspection | None, frame: Frame | None) -> None:
+    def _record(
+        self,
+        inspection_id: int,
+        label: str,
+        score: float | None,
+        verdict: Verdict | None,
+        code: ErrorCode,
+        latency_ms: float,
+        inspection: Inspection | None,
+        frame: Frame | None,
+    ) -> None:
         now = time.time_ns()
         archive_path = None
         keep_ok = self.config.archive.ok_sample_every
@@ -256,17 +291,35 @@ class Daemon:
             if self.archive.add(ArchiveItem(frame_path, overlay_path, frame.image, fmap, 2.0 * self.threshold)):
                 archive_path = str(frame_path)
         t = inspection.timings_ms if inspection is not None else {}
-        self.records.add(Record(
-            inspection_id=inspection_id, time_ns=now, verdict=label, score=score,
-            threshold=verdict.threshold if verdict else self.threshold, error_code=int(code), latency_ms=latency_ms,
-            preprocess_ms=t.get("preprocess"), extract_ms=t.get("extract"), search_ms=t.get("search"),
-            map_ms=t.get("map"), defect_area_px=verdict.defect_area_px if verdict else None,
-            archive_path=archive_path, source=frame.source if frame else None,
-            frame_id=frame.frame_id if frame else None, bundle_id=self.inspector.bundle.bundle_id,  # type: ignore[union-attr]
-            config_hash=self.config_id,
-        ))
-        log.info("inspection", id=inspection_id, verdict=label, score=None if score is None else round(score, 4),
-                 latency_ms=round(latency_ms, 1), error_code=int(code))
+        self.records.add(
+            Record(
+                inspection_id=inspection_id,
+                time_ns=now,
+                verdict=label,
+                score=score,
+                threshold=verdict.threshold if verdict else self.threshold,
+                error_code=int(code),
+                latency_ms=latency_ms,
+                preprocess_ms=t.get("preprocess"),
+                extract_ms=t.get("extract"),
+                search_ms=t.get("search"),
+                map_ms=t.get("map"),
+                defect_area_px=verdict.defect_area_px if verdict else None,
+                archive_path=archive_path,
+                source=frame.source if frame else None,
+                frame_id=frame.frame_id if frame else None,
+                bundle_id=self.inspector.bundle.bundle_id,  # type: ignore[union-attr]
+                config_hash=self.config_id,
+            )
+        )
+        log.info(
+            "inspection",
+            id=inspection_id,
+            verdict=label,
+            score=None if score is None else round(score, 4),
+            latency_ms=round(latency_ms, 1),
+            error_code=int(code),
+        )
 
     # ------------------------------------------------------------ reload, health, stop
     def _install_signals(self) -> None:
@@ -285,30 +338,44 @@ class Daemon:
             log.error("reload.kept_old_config", thresholds=self.config.thresholds.model_dump())
             self.notifier.ready(self._status_line())
             return False
-        restart = [name for name in AppConfig.model_fields if name not in RELOADABLE
-                   and getattr(new, name) != getattr(self.config, name)]
+        restart = [
+            name
+            for name in AppConfig.model_fields
+            if name not in RELOADABLE and getattr(new, name) != getattr(self.config, name)
+        ]
         applied = {name: getattr(new, name) for name in RELOADABLE}
         self.config = self.config.model_copy(update=applied)
         self.config_id = config_hash(self.config)
         self.handshake.set_threshold(self.threshold)
         configure_logging(self.config.logging.level, self.config.logging.format)
-        log.info("reload.applied", thresholds=self.config.thresholds.model_dump(), threshold=self.threshold,
-                 needs_restart=restart)
+        log.info(
+            "reload.applied",
+            thresholds=self.config.thresholds.model_dump(),
+            threshold=self.threshold,
+            needs_restart=restart,
+        )
         self.notifier.ready(self._status_line())
         return True
 
     def health(self) -> dict[str, object]:
         loop_age = time.monotonic() - self._last_loop
-        state = {"ready": self.handshake.status.ready, "camera": self.camera_ok, "plc": self.plc.connected,
-                 "loop_age_s": round(loop_age, 3), **self.counts}
+        state = {
+            "ready": self.handshake.status.ready,
+            "camera": self.camera_ok,
+            "plc": self.plc.connected,
+            "loop_age_s": round(loop_age, 3),
+            **self.counts,
+        }
         state["healthy"] = bool(state["ready"]) and loop_age < 5.0
         return state
 
     def _status_line(self) -> str:
         c = self.counts
-        return (f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
-                f"late {c['deadline_misses']} plc {'up' if self.plc.connected else 'down'} "
-                f"camera {'up' if self.camera_ok else 'down'}")
+        return (
+            f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
+            f"late {c['deadline_misses']} plc {'up' if self.plc.connected else 'down'} "
+            f"camera {'up' if self.camera_ok else 'down'}"
+        )
 
     def shutdown(self) -> int:
         log.info("daemon.stopping", **self.counts)
@@ -335,5 +402,3 @@ def run_daemon(config_path: Path) -> int:
     daemon = Daemon(config_path, config)
     daemon.start()
     return daemon.run()
-
-

@@ -112,8 +112,10 @@ class Inspector:
     def warm_up(self, runs: int = 2) -> None:
         """Run dummy frames so the first real part does not pay for lazy initialisation."""
         h, w = self.bundle.input_size
-        frame = np.zeros((h, w, 3), dtype=np.uint8) if self.roi is None else np.zeros(
-            (self.roi[1] + self.roi[3], self.roi[0] + self.roi[2], 3), dtype=np.uint8
+        frame = (
+            np.zeros((h, w, 3), dtype=np.uint8)
+            if self.roi is None
+            else np.zeros((self.roi[1] + self.roi[3], self.roi[0] + self.roi[2], 3), dtype=np.uint8)
         )
         for _ in range(runs):
             self.inspect(frame)

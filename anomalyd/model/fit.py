@@ -125,9 +125,7 @@ def fit(
     n, c, gh, gw = feats.shape
     flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
     count = min(settings.coreset_max, max(1, round(flat.shape[0] * settings.coreset_ratio)))
-    chosen = greedy_coreset(
-        flat, count, settings.coreset_projection, settings.seed, progress("coreset", count)
-    )
+    chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
     bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
     del flat, feats
     holdout_raw = score_files(model, bank, holdout, settings, progress("calibrate", len(holdout)))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
-                      chunk: int = 8192) -> torch.Tensor:
+def nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, chunk: int = 8192
+) -> torch.Tensor:
     """L2 distance from each row of ``queries`` [Q, C] to its nearest row of ``bank`` [M, C].
 
     Written as ‖q‖² − 2 q·b + ‖b‖² (one GEMM per chunk) so memory stays bounded

@@ -61,12 +61,12 @@ class HarvestersCamera:
                 harvester.add_file(path, check_existence=True)
             harvester.update()
             selector = self._selector()
-            matches = [
-                d for d in harvester.device_info_list if all(getattr(d, k) == v for k, v in selector.items())
-            ]
+            matches = [d for d in harvester.device_info_list if all(getattr(d, k) == v for k, v in selector.items())]
             if len(matches) <= self.config.index:
                 seen = ", ".join(f"{d.model} serial {d.serial_number}" for d in harvester.device_info_list) or "none"
-                raise CameraDisconnected(f"no camera matches {selector or 'any'} index {self.config.index}; seen: {seen}")
+                raise CameraDisconnected(
+                    f"no camera matches {selector or 'any'} index {self.config.index}; seen: {seen}"
+                )
             info = matches[self.config.index]
             self.name = f"{info.model} #{info.serial_number}"
             self._acquirer = harvester.create({"serial_number": info.serial_number, "id_": info.id_})

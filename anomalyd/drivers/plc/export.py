@@ -68,7 +68,7 @@ def scl_source(status: StatusLayout, command: CommandLayout, status_db: int, com
         ("anomalyd_Command_DB", "anomalyd_Command", command_db, "written by the PLC, read by anomalyd"),
     ):
         out.write(f"// Give this DB the number {number} ({note}); keep 'Optimized block access' OFF.\n")
-        out.write(f'DATA_BLOCK "{db}"\n{{ S7_Optimized_Access := \'FALSE\' }}\nVERSION : 0.1\nNON_RETAIN\n')
+        out.write(f"DATA_BLOCK \"{db}\"\n{{ S7_Optimized_Access := 'FALSE' }}\nVERSION : 0.1\nNON_RETAIN\n")
         out.write(f'"{udt}"\n\nBEGIN\n\nEND_DATA_BLOCK\n\n')
     return out.getvalue()
 
@@ -87,8 +87,17 @@ def register_map(layout: _Layout, first_register: int, word_order: str, block: s
             where, width = f"{register}..{register + 1}", f"32 bit, {order}"
         else:
             where, width = "", "16 bit"
-        rows.append({"block": block, "register": str(register), "bit": where, "type": kind, "width": width,
-                     "name": name, "meaning": meaning})
+        rows.append(
+            {
+                "block": block,
+                "register": str(register),
+                "bit": where,
+                "type": kind,
+                "width": width,
+                "name": name,
+                "meaning": meaning,
+            }
+        )
     return rows
 
 

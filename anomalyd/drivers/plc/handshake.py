@@ -114,9 +114,7 @@ class Handshake:
                 return None
             return self._publish(0.0, self._status.threshold, False, int(ErrorCode.OVER_BUDGET), budget_ms)
 
-    def finish(
-        self, score: float, threshold: float, passed: bool, error_code: int, latency_ms: float
-    ) -> Status | None:
+    def finish(self, score: float, threshold: float, passed: bool, error_code: int, latency_ms: float) -> Status | None:
         """Publish a result: fields, result_valid, toggle flip, inspection_id + 1, busy off.
 
         Returns None when the deadline already published a fail-safe result for
@@ -131,18 +129,18 @@ class Handshake:
         self._deadline = None
         s = self._status
         return self._set(
-                busy=False,
-                result_valid=True,
-                result_toggle=not s.result_toggle,
-                inspection_id=(s.inspection_id + 1) & 0xFFFFFFFF,
-                passed=passed and error_code == 0,
-                fail=not passed or error_code != 0,
-                error=error_code != 0,
-                error_code=int(error_code),
-                score=float(score),
-                threshold=float(threshold),
-                latency_ms=float(latency_ms),
-            )
+            busy=False,
+            result_valid=True,
+            result_toggle=not s.result_toggle,
+            inspection_id=(s.inspection_id + 1) & 0xFFFFFFFF,
+            passed=passed and error_code == 0,
+            fail=not passed or error_code != 0,
+            error=error_code != 0,
+            error_code=int(error_code),
+            score=float(score),
+            threshold=float(threshold),
+            latency_ms=float(latency_ms),
+        )
 
     def beat(self) -> None:
         """One heartbeat period passed (16-bit counter, wraps)."""

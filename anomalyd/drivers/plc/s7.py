@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from anomalyd.config import S7Config
@@ -82,7 +83,5 @@ class S7Link:
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead socket may fail; nothing to do
                 client.disconnect()
-            except Exception:  # closing a dead socket may fail; nothing to do about it
-                pass
