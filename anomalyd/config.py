@@ -313,6 +313,8 @@ _MESSAGES = {
     "less_than_equal": "must be ≤ {le}",
     "extra_forbidden": "unknown key (check the spelling; `anomalyd check-config --schema` lists the keys)",
     "missing": "required key is missing",
+    "union_tag_invalid": "unknown type {tag} (one of: {expected_tags})",
+    "union_tag_not_found": "needs a type (one of the backends)",
 }
 
 
@@ -325,7 +327,9 @@ def _message(err: dict[str, Any]) -> str:
     ctx = {k: _num(v) for k, v in err.get("ctx", {}).items()}
     text = template.format(**ctx) if template else err["msg"]
     text = text.removeprefix("Value error, ")
-    if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict):
+    if err["type"] not in ("extra_forbidden", "missing", "union_tag_invalid") and not isinstance(
+        err.get("input"), dict
+    ):
         text += f" (got {err.get('input')!r})"
     return text
 
@@ -353,6 +357,8 @@ def parse_config(text: str, filename: str = "<config>", base_dir: Path | None = 
         issues = []
         for err in exc.errors():
             path = _locate(err["loc"], data)
+            if err["type"] == "union_tag_invalid":
+                path = (*path, "type")
             line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
             issues.append(ConfigIssue(filename, line, ".".join(path), _message(err)))
         raise ConfigError(issues) from None

@@ -35,6 +35,14 @@ def producer_paths(configured: list[Any]) -> list[str]:
     return found
 
 
+def _timestamp_ns(buffer: Any) -> int:
+    """The device's timestamp where the producer has one, else the host's arrival time."""
+    try:
+        return int(buffer.timestamp_ns) or time.time_ns()
+    except Exception:  # GenTL raises when the device has no timestamps (e.g. viky)
+        return time.time_ns()
+
+
 @register_camera("harvesters")
 class HarvestersCamera:
     def __init__(self, config: HarvestersCameraConfig) -> None:
@@ -145,7 +153,7 @@ class HarvestersCamera:
                 component = buffer.payload.components[0]
                 image = to_rgb(component.data, component.width, component.height, self.pixel_format)
                 frame_id = int(buffer.frame_id)
-                stamp = int(buffer.timestamp_ns) if buffer.timestamp_ns else time.time_ns()
+                stamp = _timestamp_ns(buffer)
         except TimeoutException:
             raise CameraTimeout(f"{self.name}: no frame within {timeout_s * 1000:.0f} ms") from None
         except CameraError:

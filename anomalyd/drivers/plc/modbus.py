@@ -134,8 +134,9 @@ class RegisterServer:
             self._loop = asyncio.get_running_loop()
             # The simulator builds its register list lazily; capture it through one local read.
             await self._server.context.async_getValues(0, 3, 0, 1)
+            await self._server.serve_forever(background=True)  # returns once listening
             self._ready.set()
-            await self._server.serve_forever()
+            await self._server.serving
 
         try:
             asyncio.run(serve())

@@ -1,0 +1,111 @@
+"""Every engine available here against the torch reference, on real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyd.config import (
+    AutoEngineConfig,
+    OnnxRuntimeEngineConfig,
+    SearchConfig,
+    TensorRtEngineConfig,
+    TorchEngineConfig,
+)
+from anomalyd.engines.base import EngineError
+from anomalyd.engines.inspector import Inspector, open_inspector
+from anomalyd.engines.search import FaissSearcher, TorchSearcher
+from anomalyd.engines.select import build_extractor
+from anomalyd.model.bundle import load_bundle
+from anomalyd.model.images import read_rgb
+
+# Patch scores of two engines agree within this (normalised units; 1.0 = most unusual good part).
+SCORE_TOLERANCE = 1e-3
+
+
+def _frames(sample_dir: Path) -> list[np.ndarray]:
+    return [read_rgb(p) for p in sorted((sample_dir / "test").rglob("*.png"))[::3]]
+
+
+def _reference(bundle_dir: Path) -> Inspector:
+    return open_inspector(load_bundle(bundle_dir), TorchEngineConfig(device="cpu"), SearchConfig(type="torch"))
+
+
+@pytest.mark.parametrize(
+    "engine,search",
+    [
+        (OnnxRuntimeEngineConfig(), SearchConfig(type="faiss")),
+        (OnnxRuntimeEngineConfig(), SearchConfig(type="torch")),
+        (TorchEngineConfig(device="cpu"), SearchConfig(type="faiss")),
+    ],
+)
+def test_engine_matches_torch_reference(bundle_dir: Path, sample_dir: Path, engine: object, search: object) -> None:
+    reference = _reference(bundle_dir)
+    candidate = open_inspector(load_bundle(bundle_dir), engine, search)
+    for frame in _frames(sample_dir):
+        a, b = reference.inspect(frame), candidate.inspect(frame)
+        assert abs(a.score - b.score) < SCORE_TOLERANCE
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=SCORE_TOLERANCE)
+        assert set(b.timings_ms) == {"preprocess", "extract", "search", "map", "total"}
+
+
+def test_faiss_and_torch_search_return_the_same_distances() -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((3000, 152)).astype(np.float32)
+    queries = torch.from_numpy(rng.standard_normal((1000, 152)).astype(np.float32))
+    cpu = torch.device("cpu")
+    a = FaissSearcher(bank, cpu).search(queries).numpy()
+    b = TorchSearcher(bank, cpu).search(queries).numpy()
+    exact = np.sqrt(((queries.numpy()[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(a, exact, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_onnxruntime_on_a_cpu_machine(bundle_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: auto picks a GPU engine")
+    extractor = build_extractor(load_bundle(bundle_dir), AutoEngineConfig())
+    assert extractor.name == "onnxruntime"
+
+
+def test_unavailable_engine_is_a_clear_error(bundle_dir: Path) -> None:
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here; the error path needs a machine without it")
+    except ImportError:
+        pass
+    with pytest.raises(EngineError, match="engine 'tensorrt' cannot run here: tensorrt is not installed"):
+        build_extractor(load_bundle(bundle_dir), TensorRtEngineConfig())
+    with pytest.raises(EngineError, match="execution providers not available: NoSuchProvider"):
+        build_extractor(load_bundle(bundle_dir), OnnxRuntimeEngineConfig(providers=["NoSuchProvider"]))
+
+
+@pytest.mark.gpu
+def test_tensorrt_matches_torch_reference(bundle_dir: Path, sample_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed on this machine")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    reference = _reference(copy)
+    trt = open_inspector(load_bundle(copy), TensorRtEngineConfig(fp16=False), SearchConfig(type="torch"))
+    for frame in _frames(sample_dir):
+        assert abs(reference.inspect(frame).score - trt.inspect(frame).score) < 1e-2
+    assert any((copy / "engines").glob("*.plan"))
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_cpu(bundle_dir: Path, sample_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    reference = _reference(bundle_dir)
+    gpu = open_inspector(load_bundle(bundle_dir), TorchEngineConfig(device="cuda", fp16=False), SearchConfig())
+    for frame in _frames(sample_dir):
+        # GPU preprocessing resizes with antialiased bilinear instead of OpenCV's area filter.
+        assert abs(reference.inspect(frame).score - gpu.inspect(frame).score) < 0.05
