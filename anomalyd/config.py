@@ -22,7 +22,7 @@ from anomalyd.drivers.plc.layout import CommandLayout, StatusLayout
 
 def setting(default: Any, title: str, description: str, unit: str | None = None, **bounds: Any) -> Any:
     """A documented field: title, description, unit and bounds in one place."""
-    extra = {"unit": unit} if unit else None
+    extra: dict[str, Any] | None = {"unit": unit} if unit else None
     return Field(default, title=title, description=description, json_schema_extra=extra, **bounds)
 
 
@@ -314,7 +314,7 @@ _MESSAGES = {
     "extra_forbidden": "unknown key (check the spelling; `anomalyd check-config --schema` lists the keys)",
     "missing": "required key is missing",
     "union_tag_invalid": "unknown type {tag} (one of: {expected_tags})",
-    "union_tag_not_found": "needs a type (one of the backends)",
+    "union_tag_not_found": "needs a `type:` key (`anomalyd check-config --schema` lists the backends)",
 }
 
 
@@ -322,7 +322,7 @@ def _num(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: Any) -> str:
     template = _MESSAGES.get(err["type"])
     ctx = {k: _num(v) for k, v in err.get("ctx", {}).items()}
     text = template.format(**ctx) if template else err["msg"]

@@ -85,14 +85,14 @@ def test_corrupt_file_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     raw = bytearray(bank.read_bytes())
     raw[-1] ^= 0xFF
     bank.write_bytes(bytes(raw))
-    with pytest.raises(bundle_io.BundleError, match="memory_bank.npy: checksum mismatch"):
+    with pytest.raises(bundle_io.BundleError, match=r"memory_bank\.npy: checksum mismatch"):
         bundle_io.load_bundle(target)
 
 
 def test_missing_file_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     target = _copy(bundle_dir, tmp_path)
     (target / bundle_io.EXTRACTOR_ONNX).unlink()
-    with pytest.raises(bundle_io.BundleError, match="extractor.onnx: missing"):
+    with pytest.raises(bundle_io.BundleError, match=r"extractor\.onnx: missing"):
         bundle_io.load_bundle(target)
 
 

@@ -77,7 +77,7 @@ def test_layout_validation() -> None:
         StatusLayout(heartbeat=4)
     with pytest.raises(ValidationError, match="even byte"):
         StatusLayout(score=9)
-    with pytest.raises(ValidationError, match="BYTE.BIT"):
+    with pytest.raises(ValidationError, match=r"BYTE\.BIT"):
         CommandLayout(trigger="3")
     moved = StatusLayout(latency_ms=40)
     assert moved.size() == 44

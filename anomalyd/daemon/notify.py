@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 
 class Notifier:
@@ -20,6 +21,7 @@ class Notifier:
         pid = os.environ.get("WATCHDOG_PID")
         self.watchdog_s = usec / 1e6 if usec and (pid is None or int(pid) == os.getpid()) else 0.0
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self._address else None
+        self._next_ping = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -28,14 +30,19 @@ class Notifier:
     def send(self, *lines: str) -> None:
         if self._socket is None or self._address is None:
             return
-        with contextlib.suppress(OSError):  # systemd gone (shutdown): nothing to tell
-            self._socket.sendto("\n".join(lines).encode(), self._address)
+        # Never block the inspection loop on systemd: a full queue drops the message.
+        with contextlib.suppress(OSError):
+            self._socket.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self._address)
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", f"STATUS={status}" if status else "STATUS=ready")
 
     def watchdog(self) -> None:
-        self.send("WATCHDOG=1")
+        """Ping at a quarter of WatchdogSec (once a second without one), however often called."""
+        now = time.monotonic()
+        if now >= self._next_ping:
+            self._next_ping = now + (self.watchdog_s / 4 if self.watchdog_s else 1.0)
+            self.send("WATCHDOG=1")
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

@@ -359,7 +359,7 @@ class Daemon:
 
     def health(self) -> dict[str, object]:
         loop_age = time.monotonic() - self._last_loop
-        state = {
+        state: dict[str, object] = {
             "ready": self.handshake.status.ready,
             "camera": self.camera_ok,
             "plc": self.plc.connected,

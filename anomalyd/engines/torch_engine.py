@@ -43,7 +43,7 @@ class TorchExtractor:
         on_cuda = self.device.type == "cuda"
         self.dtype = torch.float16 if (on_cuda and config.fp16) else torch.float32
         self.memory_format = torch.channels_last if (on_cuda and config.channels_last) else torch.contiguous_format
-        self.module = module.to(dtype=self.dtype, memory_format=self.memory_format)
+        self.module = module.to(dtype=self.dtype).to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.name = f"torch-{self.device.type}" + ("-fp16" if self.dtype == torch.float16 else "")
         self._graph: torch.cuda.CUDAGraph | None = None
         if on_cuda and config.cuda_graph:

@@ -48,7 +48,7 @@ def write_report(out: Path, metrics: dict, scored: list[Scored], threshold: floa
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(0, max(scores.max(), threshold) * 1.05, 40)
+    bins = list(np.linspace(0, max(scores.max(), threshold) * 1.05, 40))
     ax.hist(scores[~labels], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[labels], bins=bins, alpha=0.6, label="defect")
     ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")

@@ -72,7 +72,7 @@ def greedy_coreset(
     min_dist = np.full(n, np.inf, dtype=np.float32)
     block_max = np.full(len(starts), np.inf, dtype=np.float32)
     selected = np.empty(count, dtype=np.int64)
-    current = int(np.random.default_rng(seed).integers(n))
+    current: int = int(np.random.default_rng(seed).integers(n))
     current = int(np.flatnonzero(order == current)[0])  # the same start point as the plain algorithm
     for step in range(count):
         selected[step] = current
@@ -85,8 +85,8 @@ def greedy_coreset(
             seg = min_dist[s:e]
             np.minimum(seg, d, out=seg)
             block_max[b] = seg.max()
-        b = int(block_max.argmax())
-        current = int(starts[b] + min_dist[starts[b] : ends[b]].argmax())
+        far = int(block_max.argmax())
+        current = int(starts[far] + min_dist[starts[far] : ends[far]].argmax())
         if progress is not None and (step + 1) % 256 == 0:
             progress(256)
     if progress is not None:

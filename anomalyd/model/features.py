@@ -38,7 +38,8 @@ class PatchFeatures(nn.Module):
         self.proj_dim = proj_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.backbone((x - self.offset) * self.scale)
+        offset, scale = self.get_buffer("offset"), self.get_buffer("scale")
+        maps = self.backbone((x - offset) * scale)
         first = maps[self.taps[0]]
         size = (int(first.shape[-2]), int(first.shape[-1]))
         parts = []

@@ -29,9 +29,10 @@ class S7Link:
         except Exception as exc:  # snap7 raises several types for one cause: no PLC
             raise PlcDisconnected(f"{self.name}: cannot connect ({exc})") from exc
         # Bound every later request by our timeout, not the library's 5 s default.
-        client.connection.timeout = c.timeout_s
-        if client.connection.socket is not None:
-            client.connection.socket.settimeout(c.timeout_s)
+        connection: Any = client.connection
+        connection.timeout = c.timeout_s
+        if connection.socket is not None:
+            connection.socket.settimeout(c.timeout_s)
         self._client = client
         self._check_db(c.status_db, c.status_start, self._status_size, "status")
         self._check_db(c.command_db, c.command_start, self._command_size, "command")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from anomalyd.drivers.plc.base import bytes_from_words, words_from_bytes
 from anomalyd.drivers.plc.layout import (
@@ -56,7 +57,7 @@ class SimulatedPlc:
         self.status_register, self.command_register = status_register, command_register
         self.word_order = word_order
         self._command = Command(enable=True)
-        self._server: object = None
+        self._server: Any = None
         self._status_area = bytearray(self.status_layout.size())
         self._command_area = bytearray(self.command_layout.size())
 
@@ -79,9 +80,9 @@ class SimulatedPlc:
             size = max(self.status_register + status_words, self.command_register + command_words)
             # The PLC owns the command registers: a client may not write them.
             owned = range(self.command_register, self.command_register + command_words)
-            server = RegisterServer(self.host, self.port, size, owned)
-            server.start()
-            self._server = server
+            register_server = RegisterServer(self.host, self.port, size, owned)
+            register_server.start()
+            self._server = register_server
         self.write_command(self._command)
 
     def stop(self) -> None:

@@ -1,0 +1,294 @@
+"""End to end: the real daemon as a subprocess, a real python-snap7 server, the simulated camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomalyd.drivers.plc.handshake import ErrorCode
+from anomalyd.drivers.plc.sim import SimulatedPlc
+from anomalyd.model.fit import FitSettings, fit
+from anomalyd.sample import write_sample
+from tests.conftest import ANOMALYD, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def e2e_bundle(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with its threshold set on separate validation parts (as `fit --val` does)."""
+    from anomalyd.cli_model import _val_images
+
+    validation = write_sample(tmp_path_factory.mktemp("validation"), train=0, test_good=6, per_defect=2, seed=11)
+    out = tmp_path_factory.mktemp("e2e_bundle")
+    fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02), _val_images(validation))
+    return out
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[str]
+    config: Path
+    plc: SimulatedPlc
+    data: Path
+    metrics_port: int
+    notify: socket.socket | None = None
+    raw: dict[str, object] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[int, str, int, str]]:
+        with sqlite3.connect(self.data / "inspections.sqlite") as db:
+            return db.execute(
+                "SELECT inspection_id, verdict, error_code, source FROM inspections ORDER BY inspection_id"
+            ).fetchall()
+
+    def wait_rows(self, count: int, timeout: float = 10.0) -> list[tuple[int, str, int, str]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.rows() if (self.data / "inspections.sqlite").exists() else []
+            if len(rows) >= count:
+                return rows
+            time.sleep(0.05)
+        raise AssertionError(f"only {len(rows)} of {count} records")
+
+    def write_config(self, **changes: object) -> None:
+        data = json.loads(json.dumps(self.raw))
+        for key, value in changes.items():
+            section, name = key.split("__")
+            data.setdefault(section, {})[name] = value
+        self.config.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    def notifications(self) -> list[str]:
+        assert self.notify is not None
+        out = []
+        self.notify.settimeout(0.05)
+        try:
+            while True:
+                out += self.notify.recv(4096).decode().splitlines()
+        except (TimeoutError, BlockingIOError):
+            return out
+
+
+def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
+    plc_port, metrics_port = free_port(), free_port()
+    plc = SimulatedPlc("s7", port=plc_port)
+    plc.start()
+    raw: dict[str, dict[str, object]] = {
+        "camera": {"type": "simulated", "source": str(source)},
+        "plc": {"type": "s7", "port": plc_port, "timeout_s": 0.5, "reconnect_max_s": 0.5},
+        "model": {"bundle": str(bundle)},
+        "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
+        "metrics": {"port": metrics_port},
+        "logging": {"format": "json"},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    config = tmp_path / "anomalyd.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sock = None
+    if notify:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = str(tmp_path / "notify.sock")
+        sock.bind(path)
+        env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+    log = (tmp_path / "daemon.log").open("w")
+    process = subprocess.Popen(
+        [*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw)
+    if plc.wait_for(lambda s: s.ready, 90.0) is None:
+        process.kill()
+        plc.stop()
+        raise AssertionError("daemon never became ready:\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+    return running
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[Running] = []
+
+    def factory(*args: object, **kwargs: object) -> Running:
+        r = start_daemon(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(r)
+        return r
+
+    yield factory
+    for r in started:
+        if r.process.poll() is None:
+            r.process.kill()
+            r.process.wait()
+        r.plc.stop()
+
+
+def stop(r: Running) -> int:
+    r.process.send_signal(signal.SIGTERM)
+    return r.process.wait(timeout=5.0)
+
+
+def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
+    r = daemon_factory(e2e_bundle, sample_dir, notify=True)
+    # systemd: READY=1 after warm-up, WATCHDOG=1 from the loop.
+    time.sleep(0.5)
+    messages = r.notifications()
+    assert "READY=1" in messages and "WATCHDOG=1" in messages
+
+    # The heartbeat advances while idle.
+    beat = r.plc.read_status().heartbeat
+    assert r.plc.wait_for(lambda s: (s.heartbeat - beat) % 65536 >= 3, 2.0)
+
+    n_test = sum(1 for _ in (sample_dir / "test").rglob("*.png"))
+    results = [r.plc.inspect_once(timeout_s=10.0) for _ in range(n_test)]
+    assert all(res is not None for res in results)
+    rows = r.wait_rows(n_test)
+    assert [row[0] for row in rows] == [res.status.inspection_id for res in results]  # type: ignore[union-attr]
+    right = 0
+    for res, (_, verdict, code, source) in zip(results, rows, strict=True):
+        assert res is not None and code == 0
+        defect = Path(source).parent.name != "good"
+        assert (verdict == "NG") == res.status.fail  # the record says what the PLC was told
+        right += res.status.fail == defect
+    assert right >= n_test - 1, f"{right}/{n_test} verdicts right"
+
+    # Prometheus and health on loopback.
+    body = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
+    assert "anomalyd_inspections_total" in body and 'anomalyd_latency_ms_bucket{le="100.0",stage="extract"}' in body
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/healthz", timeout=5).read())
+    assert health["healthy"] and health["plc"] and health["camera"]
+
+    # A bad edit + SIGHUP: rejected, old threshold stays.
+    old = r.plc.read_status().threshold
+    r.config.write_text(r.config.read_text() + "thresholds:\n  image: -3\n")
+    r.process.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert r.process.poll() is None
+    assert r.plc.inspect_once(5.0).status.threshold == pytest.approx(old)  # type: ignore[union-attr]
+    log = (r.config.parent / "daemon.log").read_text()
+    assert "reload.rejected" in log and "thresholds.image: must be > 0 (got -3)" in log
+
+    # A good edit + SIGHUP: applied without a restart.
+    r.write_config(thresholds__image=50.0)
+    r.process.send_signal(signal.SIGHUP)
+    assert r.plc.wait_for(lambda s: s.threshold == pytest.approx(50.0), 5.0)
+    assert r.plc.inspect_once(5.0).status.passed  # type: ignore[union-attr]
+
+    # SIGTERM: ready=0 written, exit 0 within 5 s; every inspection recorded once.
+    final_id = r.plc.read_status().inspection_id
+    assert stop(r) == 0
+    assert not r.plc.read_status().ready
+    rows = r.rows()
+    assert [row[0] for row in rows] == list(range(1, final_id + 1))
+
+
+def test_plc_restart_mid_run_is_recovered(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
+    r = daemon_factory(e2e_bundle, sample_dir)
+    for _ in range(4):
+        assert r.plc.inspect_once(10.0) is not None
+    port = r.plc.port
+    r.plc.stop()
+    time.sleep(1.0)  # the PLC is gone for several heartbeat periods
+    assert r.process.poll() is None
+    r.plc = SimulatedPlc("s7", port=port)  # a restarted PLC, its DBs zeroed
+    r.plc.start()
+    assert r.plc.wait_for(lambda s: s.ready and s.inspection_id == 4, 5.0), "block not rewritten after reconnect"
+    results = [r.plc.inspect_once(10.0) for _ in range(4)]
+    assert [res.status.inspection_id for res in results] == [5, 6, 7, 8]  # type: ignore[union-attr]
+    assert stop(r) == 0
+    assert [row[0] for row in r.rows()] == list(range(1, 9))
+    log = (r.config.parent / "daemon.log").read_text()
+    assert log.count('"plc.disconnected"') == 1  # logged once, not once per retry
+
+
+def test_camera_timeouts_are_reported_and_the_loop_continues(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path
+) -> None:
+    r = daemon_factory(e2e_bundle, sample_dir, camera__faults={"timeout_every": 3}, daemon__grab_timeout_ms=200)
+    statuses = [r.plc.inspect_once(10.0).status for _ in range(6)]  # type: ignore[union-attr]
+    codes = [s.error_code for s in statuses]
+    # Every third grab times out: inspections 3 and 6.
+    assert codes == [0, 0, ErrorCode.CAMERA_TIMEOUT, 0, 0, ErrorCode.CAMERA_TIMEOUT]
+    for s in statuses[2::3]:
+        assert s.fail and s.error and not s.passed
+    assert stop(r) == 0
+    rows = r.rows()
+    assert [row[2] for row in rows] == codes
+
+
+def test_over_budget_is_failed_never_a_late_pass(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    good_only = tmp_path / "good_only"
+    shutil.copytree(sample_dir / "test" / "good", good_only)
+    r = daemon_factory(e2e_bundle, good_only, daemon__budget_ms=1, thresholds__image=100.0)
+    statuses = [r.plc.inspect_once(10.0).status for _ in range(3)]  # type: ignore[union-attr]
+    for s in statuses:
+        assert s.fail and not s.passed and s.error_code == ErrorCode.OVER_BUDGET
+    assert stop(r) == 0
+    assert all(row[1] == "NG" and row[2] == ErrorCode.OVER_BUDGET for row in r.rows())
+
+
+def test_corrupt_bundle_refuses_to_start(e2e_bundle: Path, tmp_path: Path, sample_dir: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(e2e_bundle, bundle)
+    with (bundle / "extractor.onnx").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "camera": {"type": "simulated", "source": str(sample_dir)},
+                "model": {"bundle": str(bundle)},
+                "plc": {"type": "none"},
+                "metrics": {"enabled": False},
+            }
+        )
+    )
+    out = subprocess.run([*ANOMALYD, "run", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "extractor.onnx: checksum mismatch" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("unit", ["anomalyd.service", "anomalyd@.service"])
+def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed on this machine")
+    text = (ROOT / "systemd" / unit).read_text()
+    assert "/opt/anomalyd/.venv/bin/anomalyd" in text
+    # The only change: ExecStart points at this checkout's entry point, which exists here.
+    entry = str(Path(sys.executable).parent / "anomalyd")
+    target = tmp_path / unit
+    target.write_text(text.replace("/opt/anomalyd/.venv/bin/anomalyd", entry))
+    names = [target]
+    if "@" in unit:
+        instance = tmp_path / unit.replace("@", "@line1")
+        instance.write_text(target.read_text())
+        names.append(instance)
+    for path in names:
+        out = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+    for key in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "User=anomalyd",
+        "Type=notify",
+        "WatchdogSec=",
+        "RestartPreventExitStatus=2",
+    ):
+        assert key in text
