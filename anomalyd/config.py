@@ -166,7 +166,7 @@ EngineConfig = Annotated[
 
 class SearchConfig(Section):
     type: Literal["auto", "faiss", "torch"] = setting(
-        "auto", "Search backend", "auto: faiss on the GPU, then torch on CUDA, then faiss on the CPU."
+        "auto", "Search backend", "auto: faiss on a GPU where built with CUDA, else torch (faster on the CPU)."
     )
     device: str = setting("auto", "Device", "auto (the extractor's device), cpu, cuda, cuda:1.")
 

@@ -36,6 +36,9 @@ class OnnxRuntimeExtractor:
         options.intra_op_num_threads = config.threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads must not spin: on a small edge CPU they would steal the
+        # cores that the search and the PLC thread need between inferences.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(bundle.file(EXTRACTOR_ONNX)), options, providers=list(config.providers)

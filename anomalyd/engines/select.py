@@ -57,7 +57,12 @@ def build_extractor(bundle: Bundle, config: EngineConfig) -> Extractor:
 
 
 def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch.device, threads: int = 0) -> Searcher:
-    """The configured searcher; with ``auto``: faiss on the GPU, torch on CUDA, faiss on the CPU."""
+    """The configured searcher; with ``auto``: faiss on the GPU, else torch (CUDA or CPU).
+
+    On the CPU torch's one-GEMM search measured faster than faiss ``IndexFlatL2``
+    for a PatchCore-sized bank (bottle: 7.7 vs 12.5 ms p50 on 2 cores, README),
+    so faiss on the CPU is used only when asked for.
+    """
     bank = bundle.memory_bank()
     device = extractor_device if config.device == "auto" else resolve_device(config.device)
     if config.type != "auto":
@@ -69,12 +74,7 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
             choice = "torch"
             log.info("search.faiss_gpu_missing", machine=platform.machine(), using="torch on cuda")
     else:
-        try:
-            import faiss  # noqa: F401
-
-            choice = "faiss"
-        except ImportError:
-            choice = "torch"
+        choice = "torch"
     searcher: Searcher = SEARCHERS[choice](bank, device, threads)
     log.info("search.chosen", search=searcher.name, bank=int(bank.shape[0]))
     return searcher
