@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import anomalyd  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
 import numpy as np
 import torch
 
