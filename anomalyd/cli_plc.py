@@ -17,8 +17,8 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
     plc: Any = config.plc
     if not isinstance(plc, S7Config | ModbusConfig):
         plc = S7Config()
-    print(export.table(plc.status_layout, "Status block (anomalyd writes)"))
-    print(export.table(plc.command_layout, "Command block (PLC writes)"))
+    print(export.table(plc.status_layout, "Status block, written by anomalyd"))
+    print(export.table(plc.command_layout, "Command block, written by the PLC"))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(plc, S7Config):

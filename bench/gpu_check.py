@@ -48,8 +48,11 @@ def main() -> int:
     candidates: list[tuple[str, Any, SearchConfig]] = [
         ("torch-cuda-fp32+torch", TorchEngineConfig(device="cuda", fp16=False), SearchConfig(type="torch")),
         ("torch-cuda-fp16+torch", TorchEngineConfig(device="cuda", fp16=True), SearchConfig(type="torch")),
-        ("torch-cuda-fp16-graph+torch", TorchEngineConfig(device="cuda", fp16=True, cuda_graph=True),
-         SearchConfig(type="torch")),
+        (
+            "torch-cuda-fp16-graph+torch",
+            TorchEngineConfig(device="cuda", fp16=True, cuda_graph=True),
+            SearchConfig(type="torch"),
+        ),
         ("torch-cuda-fp16+faiss-gpu", TorchEngineConfig(device="cuda", fp16=True), SearchConfig(type="faiss")),
         ("tensorrt-fp16+torch", TensorRtEngineConfig(fp16=True), SearchConfig(type="torch")),
     ]
@@ -64,19 +67,27 @@ def main() -> int:
         got = [inspector.inspect(f) for f in frames]
         score_diff = max(abs(a.score - b.score) for a, b in zip(ref, got, strict=True))
         map_diff = max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ref, got, strict=True))
-        verdicts_equal = sum((a.score >= bundle.suggested_threshold) == (b.score >= bundle.suggested_threshold)
-                             for a, b in zip(ref, got, strict=True))
+        verdicts_equal = sum(
+            (a.score >= bundle.suggested_threshold) == (b.score >= bundle.suggested_threshold)
+            for a, b in zip(ref, got, strict=True)
+        )
         torch.cuda.reset_peak_memory_stats()
         timing = measure(inspector, frames, args.runs, warmup=20)
         timing["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        report["engines"][name] = {"max_score_diff": score_diff, "max_map_diff": map_diff,
-                                   "same_verdicts": f"{verdicts_equal}/{len(frames)}", **timing}
+        report["engines"][name] = {
+            "max_score_diff": score_diff,
+            "max_map_diff": map_diff,
+            "same_verdicts": f"{verdicts_equal}/{len(frames)}",
+            **timing,
+        }
         t = timing
-        print(f"{name}: max |score - cpu| {score_diff:.4f}, max |map - cpu| {map_diff:.4f}, verdicts "
-              f"{verdicts_equal}/{len(frames)} equal; total p50 {t['total_ms']['p50']:.2f} ms p99 "
-              f"{t['total_ms']['p99']:.2f} ms (preprocess {t['preprocess_ms']['p50']:.2f}, extract "
-              f"{t['extract_ms']['p50']:.2f}, search {t['search_ms']['p50']:.2f}, map {t['map_ms']['p50']:.2f}); "
-              f"{t['throughput_fps']:.0f} frames/s")
+        print(
+            f"{name}: max |score - cpu| {score_diff:.4f}, max |map - cpu| {map_diff:.4f}, verdicts "
+            f"{verdicts_equal}/{len(frames)} equal; total p50 {t['total_ms']['p50']:.2f} ms p99 "
+            f"{t['total_ms']['p99']:.2f} ms (preprocess {t['preprocess_ms']['p50']:.2f}, extract "
+            f"{t['extract_ms']['p50']:.2f}, search {t['search_ms']['p50']:.2f}, map {t['map_ms']['p50']:.2f}); "
+            f"{t['throughput_fps']:.0f} frames/s"
+        )
         inspector.close()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

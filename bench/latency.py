@@ -45,8 +45,11 @@ def combos(threads: int) -> list[tuple[str, Any, SearchConfig]]:
         out += [
             ("torch-cuda-fp32+torch", TorchEngineConfig(device="cuda", fp16=False), SearchConfig(type="torch")),
             ("torch-cuda-fp16+torch", TorchEngineConfig(device="cuda", fp16=True), SearchConfig(type="torch")),
-            ("torch-cuda-fp16-graph+torch", TorchEngineConfig(device="cuda", fp16=True, cuda_graph=True),
-             SearchConfig(type="torch")),
+            (
+                "torch-cuda-fp16-graph+torch",
+                TorchEngineConfig(device="cuda", fp16=True, cuda_graph=True),
+                SearchConfig(type="torch"),
+            ),
             ("tensorrt-fp16+torch", TensorRtEngineConfig(fp16=True), SearchConfig(type="torch")),
         ]
     return out
@@ -54,8 +57,11 @@ def combos(threads: int) -> list[tuple[str, Any, SearchConfig]]:
 
 def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values)
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-            "mean": round(float(a.mean()), 3)}
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "mean": round(float(a.mean()), 3),
+    }
 
 
 def measure(inspector: Inspector, frames: list[np.ndarray], runs: int, warmup: int) -> dict[str, Any]:

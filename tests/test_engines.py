@@ -64,6 +64,19 @@ def test_faiss_and_torch_search_return_the_same_distances() -> None:
     np.testing.assert_allclose(b, exact, rtol=1e-4, atol=1e-4)
 
 
+def test_gpu_resize_weights_equal_opencv_area_resize(sample_dir: Path) -> None:
+    """The GPU path resizes with matrices; checked here on the CPU against cv2.INTER_AREA."""
+    import cv2
+
+    from anomalyd.engines.inspector import area_matrix
+
+    frame = cv2.resize(read_rgb(next((sample_dir / "test" / "good").glob("*.png"))), (300, 270))
+    expected = cv2.resize(frame, (224, 96), interpolation=cv2.INTER_AREA)
+    rows, cols = area_matrix(270, 96), area_matrix(300, 224)
+    got = np.stack([np.round(rows @ frame[..., c].astype(np.float32) @ cols.T) for c in range(3)], axis=-1)
+    assert np.abs(got - expected).max() <= 1  # float32 summation order may flip a rounding
+
+
 def test_auto_picks_onnxruntime_on_a_cpu_machine(bundle_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: auto picks a GPU engine")
@@ -107,5 +120,5 @@ def test_torch_cuda_matches_cpu(bundle_dir: Path, sample_dir: Path) -> None:
     reference = _reference(bundle_dir)
     gpu = open_inspector(load_bundle(bundle_dir), TorchEngineConfig(device="cuda", fp16=False), SearchConfig())
     for frame in _frames(sample_dir):
-        # GPU preprocessing resizes with antialiased bilinear instead of OpenCV's area filter.
-        assert abs(reference.inspect(frame).score - gpu.inspect(frame).score) < 0.05
+        # Same resize weights as OpenCV on the CPU; cuDNN's TF32 convolutions leave ~1e-3.
+        assert abs(reference.inspect(frame).score - gpu.inspect(frame).score) < 0.01

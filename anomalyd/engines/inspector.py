@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from anomalyd.engines.base import Extractor, Searcher
 from anomalyd.model.anomaly_map import AnomalyMapper
@@ -37,6 +36,16 @@ class Inspection:
         return full
 
 
+def area_matrix(src: int, dst: int) -> np.ndarray:
+    """[dst, src] weights of OpenCV's INTER_AREA resize along one axis.
+
+    INTER_AREA is linear and separable, so resizing the rows of an identity
+    matrix yields exactly the weights it applies.
+    """
+    eye = np.eye(src, dtype=np.float32)
+    return np.ascontiguousarray(cv2.resize(eye, (dst, src), interpolation=cv2.INTER_AREA).T)
+
+
 class Inspector:
     """Runs a bundle with a chosen extractor and searcher; one instance per process."""
 
@@ -55,6 +64,7 @@ class Inspector:
         grid = tuple(bundle.manifest["feature_grid"])
         self.mapper = AnomalyMapper(grid, bundle.input_size, bundle.map_sigma, str(self.device))  # type: ignore[arg-type]
         self.reference = bundle.reference_score
+        self._resamplers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._sync: Callable[[], None] = (
             (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         )
@@ -76,14 +86,27 @@ class Inspector:
         roi = self._roi_for(frame)
         x, y, w, h = roi
         if self.device.type == "cuda":
-            # The frame crosses to the GPU once; crop and resize happen there.
+            # The frame crosses to the GPU once; crop and resize happen there, with
+            # OpenCV's area weights so GPU and CPU see the same model input.
             t = torch.from_numpy(frame).to(self.device, non_blocking=True)[y : y + h, x : x + w]
-            t = t.permute(2, 0, 1).unsqueeze(0).float()
+            t = t.permute(2, 0, 1).float()
             if (h, w) != self.bundle.input_size:
-                t = F.interpolate(t, size=self.bundle.input_size, mode="bilinear", antialias=True, align_corners=False)
-            return t, roi
+                rows, cols = self._resample(h, w)
+                t = torch.round(rows @ t @ cols).clamp_(0, 255)
+            return t.unsqueeze(0), roi
         small = resize_for_model(frame[y : y + h, x : x + w], self.bundle.input_size)
         return torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1))).unsqueeze(0).float(), roi
+
+    def _resample(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrices R_y [H, h] and R_x^T [w, W] with ``R_y @ img @ R_x^T`` = cv2's INTER_AREA resize."""
+        key = (h, w)
+        if key not in self._resamplers:
+            out_h, out_w = self.bundle.input_size
+            self._resamplers[key] = (
+                torch.from_numpy(area_matrix(h, out_h)).to(self.device),
+                torch.from_numpy(area_matrix(w, out_w).T.copy()).to(self.device),
+            )
+        return self._resamplers[key]
 
     def inspect(self, frame: np.ndarray) -> Inspection:
         """Score one frame; timings per stage in milliseconds."""

@@ -79,12 +79,20 @@ def greedy_coreset(
         centre = x[current]
         c_sq = float(centre @ centre)
         reach = np.sqrt(np.maximum(((centroids - centre) ** 2).sum(1), 0.0)) - radii
-        for b in np.flatnonzero(reach < block_max):
-            s, e = starts[b], ends[b]
-            d = np.sqrt(np.maximum(sq[s:e] - 2.0 * (x[s:e] @ centre) + c_sq, 0.0))
-            seg = min_dist[s:e]
-            np.minimum(seg, d, out=seg)
-            block_max[b] = seg.max()
+        near = np.flatnonzero(reach < block_max)
+        if len(near) > len(starts) // 8:
+            # Most blocks are in reach (early steps): one pass over everything is cheaper
+            # than a Python loop over blocks.
+            d = np.sqrt(np.maximum(sq - 2.0 * (x @ centre) + c_sq, 0.0))
+            np.minimum(min_dist, d, out=min_dist)
+            block_max = np.maximum.reduceat(min_dist, starts)
+        else:
+            for b in near:
+                s, e = starts[b], ends[b]
+                d = np.sqrt(np.maximum(sq[s:e] - 2.0 * (x[s:e] @ centre) + c_sq, 0.0))
+                seg = min_dist[s:e]
+                np.minimum(seg, d, out=seg)
+                block_max[b] = seg.max()
         far = int(block_max.argmax())
         current = int(starts[far] + min_dist[starts[far] : ends[far]].argmax())
         if progress is not None and (step + 1) % 256 == 0:
