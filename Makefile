@@ -28,10 +28,22 @@ demo: $(STAMP)
 	$(BIN)/python -m anomalyd.demo
 
 bench-latency: $(STAMP)
-	$(BIN)/python bench/latency.py --images ../shared/data/mvtec_bottle/test/good
+	test -d var/bottle || $(BIN)/anomalyd fit --good ../shared/data/mvtec_bottle/train/good --out var/bottle
+	$(BIN)/python bench/latency.py --bundle var/bottle --images ../shared/data/mvtec_bottle/test/good --json var/latency_cpu.json
 
 bench-soak: $(STAMP)
 	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+# anomalib's PatchCore as a peer, in its own environment (torch 2.14.1 + torchvision from local disk here).
+.venv-peer/.installed:
+	$(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/python -m pip install -q --upgrade pip
+	.venv-peer/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-peer/bin/python -m pip install -q anomalib
+	touch .venv-peer/.installed
+
+bench-peer: $(STAMP) .venv-peer/.installed
+	$(BIN)/python bench/peer_anomalib.py --peer-python .venv-peer/bin/python

@@ -241,6 +241,12 @@ class AppConfig(Section):
     metrics: MetricsConfig = setting(MetricsConfig(), "Metrics", "Prometheus endpoint.")
     logging: LoggingConfig = setting(LoggingConfig(), "Logging", "Log level and format.")
 
+    @model_validator(mode="after")
+    def _trigger_needs_plc(self) -> AppConfig:
+        if self.daemon.trigger == "plc" and isinstance(self.plc, NoPlcConfig):
+            raise ValueError("daemon.trigger plc needs a PLC: set plc.type, or trigger hardware/free_run")
+        return self
+
 
 # Sections a SIGHUP may change; any other change needs a restart.
 RELOADABLE = ("thresholds", "logging", "archive")

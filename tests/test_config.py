@@ -131,3 +131,8 @@ def test_json_log_lines_parse() -> None:
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 1
     assert lines[0]["event"] == "inspection" and lines[0]["id"] == 3 and lines[0]["level"] == "info"
+
+
+def test_plc_trigger_without_a_plc_is_rejected() -> None:
+    (line,) = issues("plc:\n  type: none\n")
+    assert "daemon.trigger plc needs a PLC" in line

@@ -254,6 +254,7 @@ def test_corrupt_bundle_refuses_to_start(e2e_bundle: Path, tmp_path: Path, sampl
                 "camera": {"type": "simulated", "source": str(sample_dir)},
                 "model": {"bundle": str(bundle)},
                 "plc": {"type": "none"},
+                "daemon": {"trigger": "free_run"},
                 "metrics": {"enabled": False},
             }
         )
