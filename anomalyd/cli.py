@@ -10,7 +10,8 @@ from pathlib import Path
 
 from anomalyd import __version__
 from anomalyd.cli_model import add_model_commands
-from anomalyd.config import AppConfig, ConfigError, load_config
+from anomalyd.config import AppConfig
+from anomalyd.config_loader import ConfigError, load_config
 
 
 class UsageError(Exception):

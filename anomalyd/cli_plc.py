@@ -10,7 +10,8 @@ from typing import Any
 
 
 def cmd_plc_layout(args: argparse.Namespace) -> int:
-    from anomalyd.config import AppConfig, ModbusConfig, S7Config, load_config
+    from anomalyd.config import AppConfig, ModbusConfig, S7Config
+    from anomalyd.config_loader import load_config
     from anomalyd.drivers.plc import export
 
     config = load_config(args.config) if args.config else AppConfig()

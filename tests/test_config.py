@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalyd.config import ConfigError, S7Config, load_config, parse_config
+from anomalyd.config import S7Config
+from anomalyd.config_loader import ConfigError, load_config, parse_config
 from tests.conftest import ANOMALYD
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,17 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anomalyd.config import RELOADABLE, AppConfig, ConfigError, config_hash, load_config
-from anomalyd.daemon.archive import ArchiveItem, RejectArchive
-from anomalyd.daemon.decision import Verdict, decide
+from anomalyd.config import RELOADABLE, AppConfig, config_hash
+from anomalyd.config_loader import ConfigError, load_config
+from anomalyd.daemon.decision import decide
 from anomalyd.daemon.metrics import Metrics, MetricsServer
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.plc_worker import PlcWorker
-from anomalyd.daemon.records import Record, RecordStore
+from anomalyd.daemon.recorder import Outcome, Recorder
 from anomalyd.drivers.camera.base import Camera, CameraDisconnected, CameraError, CameraTimeout, Frame, open_camera
 from anomalyd.drivers.plc.base import open_plc_link
 from anomalyd.drivers.plc.handshake import ErrorCode, Handshake
-from anomalyd.engines.inspector import Inspection, Inspector, open_inspector
+from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.log import configure_logging, get_logger
 from anomalyd.model.bundle import load_bundle
 
@@ -42,9 +42,9 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
         self.metrics = Metrics()
-        self.counts: dict[str, int] = {"OK": 0, "WARN": 0, "NG": 0, "errors": 0, "deadline_misses": 0}
         self.camera: Camera | None = None
         self.camera_ok = False
+        self._camera_reported_down = False
         self.expected_shape: tuple[int, ...] | None = None
         self.inspector: Inspector | None = None
         self._last_loop = time.monotonic()
@@ -67,12 +67,9 @@ class Daemon:
             threshold=self.threshold,
             input_size=bundle.input_size,
         )
-        data = cfg.daemon.data_dir
-        self.records = RecordStore(
-            data / "inspections.sqlite", cfg.daemon.records_retention_days, cfg.daemon.records_retention_count
-        )
-        self.archive = RejectArchive(data / "archive", cfg.archive.quota_mb)
-        self.handshake = Handshake(self.threshold, inspection_id=self.records.last_inspection_id())
+        self.recorder = Recorder(cfg.daemon, cfg.archive, self.metrics, bundle.bundle_id)
+        self.recorder.config_id = self.config_id
+        self.handshake = Handshake(self.threshold, inspection_id=self.recorder.last_inspection_id())
         self.plc = PlcWorker(
             open_plc_link(cfg.plc),
             self.handshake,
@@ -117,6 +114,7 @@ class Daemon:
             self._camera_down(str(exc))
             return False
         self.camera_ok = True
+        self._camera_reported_down = False
         self.expected_shape = None
         self.metrics.camera_connected.set(1)
         self.handshake.set_ready(True)
@@ -124,8 +122,9 @@ class Daemon:
         return True
 
     def _camera_down(self, reason: str) -> None:
-        if self.camera_ok or self.expected_shape is None:
+        if not self._camera_reported_down:  # once per outage: no log storm while it stays away
             log.error("camera.lost", camera=self.camera.name if self.camera else "?", error=reason)
+            self._camera_reported_down = True
         self.camera_ok = False
         self.metrics.camera_connected.set(0)
         self.metrics.ready.set(0)
@@ -223,16 +222,22 @@ class Daemon:
         )
         self.plc.wake()
         status = published or self._expired_status()
-        self._account(verdict, code, latency_ms, inspection)
-        self._record(
-            status.inspection_id,
-            verdict.label if not late else "NG",
-            inspection.score,
-            verdict,
-            code,
-            latency_ms,
-            inspection,
-            frame,
+        if late:
+            log.warning(
+                "inspection.over_budget", latency_ms=round(latency_ms, 1), budget_ms=self.config.daemon.budget_ms
+            )
+        label = "NG" if status.error_code or published is None else verdict.label
+        self.recorder.add(
+            Outcome(
+                status.inspection_id,
+                label,
+                ErrorCode(status.error_code),
+                latency_ms,
+                verdict.threshold,
+                verdict,
+                inspection,
+                frame,
+            )
         )
         return True
 
@@ -248,77 +253,8 @@ class Daemon:
         log.warning("inspection.error", code=int(code), error=code.name.lower(), reason=reason)
         status = self.handshake.finish(0.0, self.threshold, False, int(code), latency_ms) or self._expired_status()
         self.plc.wake()
-        self.counts["errors"] += 1
-        self.counts["NG"] += 1
-        self.metrics.errors.labels(code=str(int(code))).inc()
-        self.metrics.inspections.labels(verdict="NG").inc()
-        self._record(status.inspection_id, "NG", None, None, code, latency_ms, None, frame)
-
-    def _account(self, verdict: Verdict, code: ErrorCode, latency_ms: float, inspection: Inspection) -> None:
-        label = "NG" if code else verdict.label
-        self.counts[label] += 1
-        self.metrics.inspections.labels(verdict=label).inc()
-        self.metrics.score.set(inspection.score)
-        for stage, ms in inspection.timings_ms.items():
-            self.metrics.latency.labels(stage=stage).observe(ms)
-        self.metrics.latency.labels(stage="frame_to_result").observe(latency_ms)
-        if code == ErrorCode.OVER_BUDGET:
-            self.counts["deadline_misses"] += 1
-            self.metrics.deadline_misses.inc()
-            self.metrics.errors.labels(code=str(int(code))).inc()
-            log.warning(
-                "inspection.over_budget", latency_ms=round(latency_ms, 1), budget_ms=self.config.daemon.budget_ms
-            )
-
-    def _record(
-        self,
-        inspection_id: int,
-        label: str,
-        score: float | None,
-        verdict: Verdict | None,
-        code: ErrorCode,
-        latency_ms: float,
-        inspection: Inspection | None,
-        frame: Frame | None,
-    ) -> None:
-        now = time.time_ns()
-        archive_path = None
-        keep_ok = self.config.archive.ok_sample_every
-        wanted = label == "NG" or (keep_ok and inspection_id % keep_ok == 0)
-        if self.config.archive.enabled and frame is not None and wanted:
-            frame_path, overlay_path = self.archive.paths_for(inspection_id, label, now)
-            fmap = inspection.frame_map(frame.image.shape) if inspection is not None else None
-            if self.archive.add(ArchiveItem(frame_path, overlay_path, frame.image, fmap, 2.0 * self.threshold)):
-                archive_path = str(frame_path)
-        t = inspection.timings_ms if inspection is not None else {}
-        self.records.add(
-            Record(
-                inspection_id=inspection_id,
-                time_ns=now,
-                verdict=label,
-                score=score,
-                threshold=verdict.threshold if verdict else self.threshold,
-                error_code=int(code),
-                latency_ms=latency_ms,
-                preprocess_ms=t.get("preprocess"),
-                extract_ms=t.get("extract"),
-                search_ms=t.get("search"),
-                map_ms=t.get("map"),
-                defect_area_px=verdict.defect_area_px if verdict else None,
-                archive_path=archive_path,
-                source=frame.source if frame else None,
-                frame_id=frame.frame_id if frame else None,
-                bundle_id=self.inspector.bundle.bundle_id,  # type: ignore[union-attr]
-                config_hash=self.config_id,
-            )
-        )
-        log.info(
-            "inspection",
-            id=inspection_id,
-            verdict=label,
-            score=None if score is None else round(score, 4),
-            latency_ms=round(latency_ms, 1),
-            error_code=int(code),
+        self.recorder.add(
+            Outcome(status.inspection_id, "NG", ErrorCode(status.error_code), latency_ms, self.threshold, frame=frame)
         )
 
     # ------------------------------------------------------------ reload, health, stop
@@ -346,6 +282,8 @@ class Daemon:
         applied = {name: getattr(new, name) for name in RELOADABLE}
         self.config = self.config.model_copy(update=applied)
         self.config_id = config_hash(self.config)
+        self.recorder.config_id = self.config_id
+        self.recorder.archive_config = self.config.archive
         self.handshake.set_threshold(self.threshold)
         configure_logging(self.config.logging.level, self.config.logging.format)
         log.info(
@@ -364,13 +302,13 @@ class Daemon:
             "camera": self.camera_ok,
             "plc": self.plc.connected,
             "loop_age_s": round(loop_age, 3),
-            **self.counts,
+            **self.recorder.counts,
         }
         state["healthy"] = bool(state["ready"]) and loop_age < 5.0
         return state
 
     def _status_line(self) -> str:
-        c = self.counts
+        c = self.recorder.counts
         return (
             f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
             f"late {c['deadline_misses']} plc {'up' if self.plc.connected else 'down'} "
@@ -378,14 +316,13 @@ class Daemon:
         )
 
     def shutdown(self) -> int:
-        log.info("daemon.stopping", **self.counts)
+        log.info("daemon.stopping", **self.recorder.counts)
         self.notifier.stopping()
         self.handshake.set_ready(False)
         self.plc.stop(final=self.handshake.status)
         if self.camera is not None and self.camera_ok:
             self.camera.close()
-        self.records.close()
-        self.archive.close()
+        self.recorder.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.inspector is not None:

@@ -2,17 +2,18 @@
 
 A backend module registers its class under the ``type`` key the YAML names;
 adding a backend touches its own file and the import list in ``select.py``.
+An extractor class has ``unavailable(config) -> str | None`` (why it cannot run
+here) and is built as ``cls(bundle, config)``; a searcher as ``cls(bank, device, threads)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 
 from anomalyd.errors import AnomalydError
-from anomalyd.model.bundle import Bundle
+from anomalyd.registry import Registry
 
 
 class EngineError(AnomalydError):
@@ -41,34 +42,10 @@ class Searcher(Protocol):
     def close(self) -> None: ...
 
 
-class ExtractorFactory(Protocol):
-    @staticmethod
-    def unavailable(config: Any) -> str | None:
-        """Why this engine cannot run here, or None."""
-
-    def __call__(self, bundle: Bundle, config: Any) -> Extractor: ...
-
-
-EXTRACTORS: dict[str, Any] = {}
-SEARCHERS: dict[str, Any] = {}
-
-T = TypeVar("T")
-
-
-def register_extractor(key: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        EXTRACTORS[key] = cls
-        return cls
-
-    return deco
-
-
-def register_searcher(key: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        SEARCHERS[key] = cls
-        return cls
-
-    return deco
+EXTRACTORS = Registry("extractor engine")
+SEARCHERS = Registry("search")
+register_extractor = EXTRACTORS.register
+register_searcher = SEARCHERS.register
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 
 from anomalyd.errors import AnomalydError
+from anomalyd.registry import Registry
 
 
 class CameraError(AnomalydError):
@@ -45,16 +45,8 @@ class Camera(Protocol):
     def close(self) -> None: ...
 
 
-CAMERAS: dict[str, Any] = {}
-T = TypeVar("T")
-
-
-def register_camera(key: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        CAMERAS[key] = cls
-        return cls
-
-    return deco
+CAMERAS = Registry("camera")
+register_camera = CAMERAS.register
 
 
 def check_roi(roi: Any, width: int, height: int) -> None:

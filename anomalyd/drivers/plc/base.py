@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from anomalyd.drivers.plc.layout import Command, Status
 from anomalyd.errors import AnomalydError
+from anomalyd.registry import Registry
 
 
 class PlcError(AnomalydError):
@@ -31,16 +31,8 @@ class PlcLink(Protocol):
     def close(self) -> None: ...
 
 
-PLC_LINKS: dict[str, Any] = {}
-T = TypeVar("T")
-
-
-def register_plc(key: str) -> Callable[[T], T]:
-    def deco(cls: T) -> T:
-        PLC_LINKS[key] = cls
-        return cls
-
-    return deco
+PLC_LINKS = Registry("PLC link")
+register_plc = PLC_LINKS.register
 
 
 def words_from_bytes(raw: bytes) -> list[int]:

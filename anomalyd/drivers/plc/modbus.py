@@ -20,6 +20,17 @@ def _ranges_overlap(a: int, n: int, b: int, m: int) -> bool:
     return a < b + m and b < a + n
 
 
+def _block_words(config: ModbusConfig) -> tuple[int, int]:
+    """(status, command) sizes in registers; the two ranges must not overlap."""
+    status, command = config.status_layout.size() // 2, config.command_layout.size() // 2
+    if _ranges_overlap(config.status_register, status, config.command_register, command):
+        raise PlcError(
+            f"status registers {config.status_register}..{config.status_register + status - 1} overlap "
+            f"command registers {config.command_register}..{config.command_register + command - 1}"
+        )
+    return status, command
+
+
 @register_plc("modbus")
 class ModbusLink:
     """The daemon is the Modbus client; the PLC serves the registers."""
@@ -27,14 +38,7 @@ class ModbusLink:
     def __init__(self, config: ModbusConfig) -> None:
         self.config = config
         self.name = f"modbus://{config.host}:{config.port}/{config.unit}"
-        self._status_words = config.status_layout.size() // 2
-        self._command_words = config.command_layout.size() // 2
-        if _ranges_overlap(config.status_register, self._status_words, config.command_register, self._command_words):
-            raise PlcError(
-                f"status registers {config.status_register}..{config.status_register + self._status_words - 1} "
-                f"overlap command registers {config.command_register}.."
-                f"{config.command_register + self._command_words - 1}"
-            )
+        self._status_words, self._command_words = _block_words(config)
         self._client: Any = None
 
     def open(self) -> None:
@@ -168,10 +172,7 @@ class ModbusServerLink:
     def __init__(self, config: ModbusServerConfig) -> None:
         self.config = config
         self.name = f"modbus-server://{config.host}:{config.port}"
-        self._status_words = config.status_layout.size() // 2
-        self._command_words = config.command_layout.size() // 2
-        if _ranges_overlap(config.status_register, self._status_words, config.command_register, self._command_words):
-            raise PlcError("status and command registers overlap")
+        self._status_words, self._command_words = _block_words(config)
         size = max(config.status_register + self._status_words, config.command_register + self._command_words)
         owned = range(config.status_register, config.status_register + self._status_words)
         self._server: RegisterServer | None = None

@@ -1,0 +1,118 @@
+"""What happens to a result after the PLC has it: counts, metrics, the record, the archive."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from anomalyd.config import ArchiveConfig, DaemonConfig
+from anomalyd.daemon.archive import ArchiveItem, RejectArchive
+from anomalyd.daemon.decision import Verdict
+from anomalyd.daemon.metrics import Metrics
+from anomalyd.daemon.records import Record, RecordStore
+from anomalyd.drivers.camera.base import Frame
+from anomalyd.drivers.plc.handshake import ErrorCode
+from anomalyd.engines.inspector import Inspection
+from anomalyd.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One published result, as the PLC was told it."""
+
+    inspection_id: int
+    label: str  # OK, WARN or NG
+    code: ErrorCode
+    latency_ms: float
+    threshold: float
+    verdict: Verdict | None = None
+    inspection: Inspection | None = None
+    frame: Frame | None = None
+
+
+class Recorder:
+    """Owns the record store, the reject archive and the counters; the loop only hands it outcomes."""
+
+    def __init__(self, daemon: DaemonConfig, archive: ArchiveConfig, metrics: Metrics, bundle_id: str) -> None:
+        data: Path = daemon.data_dir
+        self.records = RecordStore(
+            data / "inspections.sqlite", daemon.records_retention_days, daemon.records_retention_count
+        )
+        self.archive = RejectArchive(data / "archive", archive.quota_mb)
+        self.archive_config = archive
+        self.metrics = metrics
+        self.bundle_id = bundle_id
+        self.config_id = ""
+        self.counts: dict[str, int] = {"OK": 0, "WARN": 0, "NG": 0, "errors": 0, "deadline_misses": 0}
+
+    def last_inspection_id(self) -> int:
+        return self.records.last_inspection_id()
+
+    def add(self, outcome: Outcome) -> None:
+        self._count(outcome)
+        self._store(outcome)
+
+    def _count(self, o: Outcome) -> None:
+        self.counts[o.label] += 1
+        self.metrics.inspections.labels(verdict=o.label).inc()
+        if o.code:
+            self.counts["errors"] += 1
+            self.metrics.errors.labels(code=str(int(o.code))).inc()
+        if o.code == ErrorCode.OVER_BUDGET:
+            self.counts["deadline_misses"] += 1
+            self.metrics.deadline_misses.inc()
+        if o.inspection is not None:
+            self.metrics.score.set(o.inspection.score)
+            for stage, ms in o.inspection.timings_ms.items():
+                self.metrics.latency.labels(stage=stage).observe(ms)
+        self.metrics.latency.labels(stage="frame_to_result").observe(o.latency_ms)
+
+    def _store(self, o: Outcome) -> None:
+        now = time.time_ns()
+        archive_path = None
+        every = self.archive_config.ok_sample_every
+        wanted = o.label == "NG" or (every and o.inspection_id % every == 0)
+        if self.archive_config.enabled and o.frame is not None and wanted:
+            frame_path, overlay_path = self.archive.paths_for(o.inspection_id, o.label, now)
+            fmap = o.inspection.frame_map(o.frame.image.shape) if o.inspection is not None else None
+            item = ArchiveItem(frame_path, overlay_path, o.frame.image, fmap, 2.0 * o.threshold)
+            if self.archive.add(item):
+                archive_path = str(frame_path)
+        t = o.inspection.timings_ms if o.inspection is not None else {}
+        score = o.inspection.score if o.inspection is not None else None
+        self.records.add(
+            Record(
+                inspection_id=o.inspection_id,
+                time_ns=now,
+                verdict=o.label,
+                score=score,
+                threshold=o.threshold,
+                error_code=int(o.code),
+                latency_ms=o.latency_ms,
+                preprocess_ms=t.get("preprocess"),
+                extract_ms=t.get("extract"),
+                search_ms=t.get("search"),
+                map_ms=t.get("map"),
+                defect_area_px=o.verdict.defect_area_px if o.verdict else None,
+                archive_path=archive_path,
+                source=o.frame.source if o.frame else None,
+                frame_id=o.frame.frame_id if o.frame else None,
+                bundle_id=self.bundle_id,
+                config_hash=self.config_id,
+            )
+        )
+        log.info(
+            "inspection",
+            id=o.inspection_id,
+            verdict=o.label,
+            score=None if score is None else round(score, 4),
+            latency_ms=round(o.latency_ms, 1),
+            error_code=int(o.code),
+        )
+
+    def close(self) -> None:
+        self.records.close()
+        self.archive.close()
