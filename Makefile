@@ -32,7 +32,7 @@ bench-latency: $(STAMP)
 	$(BIN)/python bench/latency.py --bundle var/bottle --images ../shared/data/mvtec_bottle/test/good --json var/latency_cpu.json
 
 bench-soak: $(STAMP)
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py --json var/soak.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
