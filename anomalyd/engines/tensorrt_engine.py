@@ -56,7 +56,8 @@ def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspac
         raise EngineError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if fp16 and builder.platform_has_fast_fp16:
+    # platform_has_fast_fp16 is deprecated in TensorRT 10; where it is gone, trust the flag.
+    if fp16 and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)
     elif fp16:
         log.info("tensorrt.fp16_skipped", reason="platform has no fast FP16")
