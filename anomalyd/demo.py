@@ -8,7 +8,6 @@ simulated camera, shows every inspection as the PLC sees it, and stops by itself
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sqlite3
@@ -149,5 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -148,7 +149,9 @@ class Inspector:
         self.searcher.close()
 
 
-def open_inspector(bundle: Bundle, engine_config, search_config, roi=None) -> Inspector:  # type: ignore[no-untyped-def]
+def open_inspector(
+    bundle: Bundle, engine_config: Any, search_config: Any, roi: tuple[int, int, int, int] | None = None
+) -> Inspector:
     """Build extractor and searcher from config and wrap them in an Inspector."""
     from anomalyd.engines.select import build_extractor, build_searcher
 

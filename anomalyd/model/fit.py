@@ -6,7 +6,7 @@ import datetime as dt
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ class FitSettings:
     seed: int = 0
     weights: Path | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height applied before resizing
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
@@ -164,6 +163,5 @@ def fit(
         "thresholds": thresholds,
         "fit_seconds": round(time.perf_counter() - started, 2),
         "seed": settings.seed,
-        **settings.extra,
     }
     return bundle_io.write_manifest(out_dir, manifest)
