@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "run":  # the daemon configures logging from its YAML
+        from anomalyd.log import configure_logging
+
+        # Tools keep stdout for their results; notes such as the engine chosen go to stderr.
+        configure_logging("info", "console", stream=sys.stderr)
     try:
         return int(args.func(args))
     except ConfigError as exc:
