@@ -146,6 +146,7 @@ def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_
     time.sleep(0.5)
     messages = r.notifications()
     assert "READY=1" in messages and "WATCHDOG=1" in messages
+    assert any(m.startswith("STATUS=OK 0 WARN 0 NG 0") for m in messages)
 
     # The heartbeat advances while idle.
     beat = r.plc.read_status().heartbeat
