@@ -300,3 +300,28 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
     csv = (tmp_path / "mb" / "modbus_registers.csv").read_text()
     assert 'status,2,2..3,UDINT,"32 bit, low word first",inspection_id' in csv
     assert "command,100,bit 8,BOOL,1 bit,trigger" in csv
+
+
+def test_modbus_server_restart_is_recovered_and_block_rewritten() -> None:
+    port = free_port()
+    plc = SimulatedPlc("modbus", port=port)
+    plc.start()
+    hs = Handshake(threshold=1.0, inspection_id=7)
+    hs.set_ready(True)
+    worker = _worker(ModbusLink(ModbusConfig(port=port, timeout_s=0.3)), hs)
+    worker.start()
+    try:
+        assert plc.wait_for(lambda s: s.ready and s.inspection_id == 7, 5.0)
+        plc.stop()
+        deadline = time.monotonic() + 3.0
+        while worker.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not worker.connected
+        fresh = SimulatedPlc("modbus", port=port)
+        fresh.start()
+        try:
+            assert fresh.wait_for(lambda s: s.ready and s.inspection_id == 7, 5.0)
+        finally:
+            fresh.stop()
+    finally:
+        worker.stop()
