@@ -209,22 +209,29 @@ def test_s7_full_handshake_with_worker(s7_plc: SimulatedPlc) -> None:
         worker.stop()
 
 
-def test_s7_server_restart_is_recovered_and_block_rewritten() -> None:
+@pytest.mark.parametrize(
+    "protocol,link",
+    [
+        ("s7", lambda port: S7Link(S7Config(port=port, timeout_s=0.5))),
+        ("modbus", lambda port: ModbusLink(ModbusConfig(port=port, timeout_s=0.3))),
+    ],
+)
+def test_plc_restart_is_recovered_and_block_rewritten(protocol: str, link: object) -> None:
     port = free_port()
-    plc = SimulatedPlc("s7", port=port)
+    plc = SimulatedPlc(protocol, port=port)
     plc.start()
     hs = Handshake(threshold=1.0, inspection_id=41)
     hs.set_ready(True)
-    worker = _worker(S7Link(S7Config(port=port, timeout_s=0.5)), hs)
+    worker = _worker(link(port), hs)  # type: ignore[operator]
     worker.start()
     try:
         assert plc.wait_for(lambda s: s.ready and s.inspection_id == 41, 5.0)
         plc.stop()
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 3.0
         while worker.connected and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not worker.connected  # noticed within a couple of heartbeat periods
-        fresh = SimulatedPlc("s7", port=port)  # a restarted PLC: its DB is zeroed
+        assert not worker.connected  # noticed within a few heartbeat periods
+        fresh = SimulatedPlc(protocol, port=port)  # a restarted PLC: its blocks are zeroed
         fresh.start()
         try:
             status = fresh.wait_for(lambda s: s.ready and s.inspection_id == 41, 5.0)
@@ -300,28 +307,3 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
     csv = (tmp_path / "mb" / "modbus_registers.csv").read_text()
     assert 'status,2,2..3,UDINT,"32 bit, low word first",inspection_id' in csv
     assert "command,100,bit 8,BOOL,1 bit,trigger" in csv
-
-
-def test_modbus_server_restart_is_recovered_and_block_rewritten() -> None:
-    port = free_port()
-    plc = SimulatedPlc("modbus", port=port)
-    plc.start()
-    hs = Handshake(threshold=1.0, inspection_id=7)
-    hs.set_ready(True)
-    worker = _worker(ModbusLink(ModbusConfig(port=port, timeout_s=0.3)), hs)
-    worker.start()
-    try:
-        assert plc.wait_for(lambda s: s.ready and s.inspection_id == 7, 5.0)
-        plc.stop()
-        deadline = time.monotonic() + 3.0
-        while worker.connected and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not worker.connected
-        fresh = SimulatedPlc("modbus", port=port)
-        fresh.start()
-        try:
-            assert fresh.wait_for(lambda s: s.ready and s.inspection_id == 7, 5.0)
-        finally:
-            fresh.stop()
-    finally:
-        worker.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class ArchiveItem:
     frame_path: Path
     overlay_path: Path
     frame: np.ndarray
-    frame_map: np.ndarray | None
+    # Builds the full-frame map; called in the archive thread so the resize stays off the loop.
+    frame_map: Callable[[], np.ndarray] | None
     vmax: float
 
 
@@ -60,7 +62,7 @@ class RejectArchive:
                 write_rgb(str(item.frame_path), item.frame)
                 paths = [item.frame_path]
                 if item.frame_map is not None:
-                    write_rgb(str(item.overlay_path), overlay_heatmap(item.frame, item.frame_map, item.vmax))
+                    write_rgb(str(item.overlay_path), overlay_heatmap(item.frame, item.frame_map(), item.vmax))
                     paths.append(item.overlay_path)
                 for p in paths:
                     size = p.stat().st_size

@@ -77,7 +77,8 @@ class Recorder:
         wanted = o.label == "NG" or (every and o.inspection_id % every == 0)
         if self.archive_config.enabled and o.frame is not None and wanted:
             frame_path, overlay_path = self.archive.paths_for(o.inspection_id, o.label, now)
-            fmap = o.inspection.frame_map(o.frame.image.shape) if o.inspection is not None else None
+            inspection, shape = o.inspection, o.frame.image.shape
+            fmap = (lambda: inspection.frame_map(shape)) if inspection is not None else None
             item = ArchiveItem(frame_path, overlay_path, o.frame.image, fmap, 2.0 * o.threshold)
             if self.archive.add(item):
                 archive_path = str(frame_path)

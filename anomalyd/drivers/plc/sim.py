@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from anomalyd.drivers.plc.base import bytes_from_words, words_from_bytes
@@ -112,8 +112,6 @@ class SimulatedPlc:
             self._server.write(self.command_register, words_from_bytes(raw))  # type: ignore[attr-defined]
 
     def set_command(self, **changes: bool) -> None:
-        from dataclasses import replace
-
         self.write_command(replace(self._command, **changes))
 
     # ------------------------------------------------------------ handshake
