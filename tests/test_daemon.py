@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalyd.drivers.plc.handshake import ErrorCode
+from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.drivers.plc.sim import SimulatedPlc
 from anomalyd.model.fit import FitSettings, fit
 from anomalyd.sample import write_sample

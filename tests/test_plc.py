@@ -15,13 +15,15 @@ from pymodbus.client import ModbusTcpClient
 from anomalyd.config import ModbusConfig, ModbusServerConfig, S7Config
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.drivers.plc.base import PlcError, bytes_from_words
-from anomalyd.drivers.plc.handshake import ErrorCode, Handshake
+from anomalyd.daemon.handshake import ErrorCode, Handshake
 from anomalyd.drivers.plc.layout import (
     Command,
     CommandLayout,
     Status,
     StatusLayout,
+    pack_command,
     pack_status,
+    unpack_command,
     unpack_status,
 )
 from anomalyd.drivers.plc.modbus import ModbusLink, ModbusServerLink
@@ -44,13 +46,16 @@ FULL = Status(
     threshold=1.5,
     error_code=2,
     latency_ms=42.5,
+    trigger_ready=True,
+    part_id=4_000_000_007,
+    missed_triggers=70_000,
 )
 
 
 # ------------------------------------------------------------------ layout
 def test_default_block_is_the_documented_one() -> None:
     raw = pack_status(FULL, StatusLayout())
-    assert len(raw) == 22
+    assert len(raw) == 32
     assert raw[0] == 0b11110101  # ready, result_valid, fail, error, trigger_ack, toggle
     assert struct.unpack(">H", raw[2:4])[0] == 65535
     assert struct.unpack(">I", raw[4:8])[0] == 4_000_000_001
@@ -58,6 +63,18 @@ def test_default_block_is_the_documented_one() -> None:
     assert struct.unpack(">f", raw[12:16])[0] == 1.5
     assert struct.unpack(">H", raw[16:18])[0] == 2
     assert struct.unpack(">f", raw[18:22])[0] == 42.5
+    # Appended in the second version; the offsets above kept their meaning.
+    assert raw[22] == 0b1  # trigger_ready
+    assert struct.unpack(">I", raw[24:28])[0] == 4_000_000_007
+    assert struct.unpack(">I", raw[28:32])[0] == 70_000
+
+
+@pytest.mark.parametrize("order", ["big", "little"])
+def test_command_block_carries_the_part_id(order: str) -> None:
+    command = Command(trigger=True, result_ack=False, enable=True, part_id=3_000_000_123)
+    raw = pack_command(command, CommandLayout(), order)
+    assert len(raw) == 6 and raw[0] == 0b101
+    assert unpack_command(raw, CommandLayout(), order) == command
 
 
 @pytest.mark.parametrize("order", ["big", "little"])
@@ -79,66 +96,8 @@ def test_layout_validation() -> None:
         StatusLayout(score=9)
     with pytest.raises(ValidationError, match=r"BYTE\.BIT"):
         CommandLayout(trigger="3")
-    moved = StatusLayout(latency_ms=40)
+    moved = StatusLayout(missed_triggers=40)
     assert moved.size() == 44
-
-
-# ------------------------------------------------------------------ handshake
-def test_handshake_trigger_to_result() -> None:
-    hs = Handshake(threshold=1.1)
-    hs.set_ready(True)
-    assert not hs.on_command(Command(trigger=False, enable=True))
-    assert hs.on_command(Command(trigger=True, enable=True))  # rising edge
-    s = hs.status
-    assert s.busy and s.trigger_ack and not s.result_valid
-    assert not hs.on_command(Command(trigger=True, enable=True))  # level, not edge
-    done = hs.finish(0.5, 1.1, True, 0, 12.0)
-    assert done is not None and done.inspection_id == 1 and done.result_valid and done.result_toggle
-    assert done.passed and not done.fail and not done.busy
-    hs.on_command(Command(trigger=False, enable=True))
-    assert not hs.status.trigger_ack and hs.status.result_valid
-    hs.on_command(Command(result_ack=True, enable=True))
-    assert not hs.status.result_valid  # PLC has read it
-    hs.on_command(Command(trigger=True, enable=True))
-    second = hs.finish(2.0, 1.1, False, 0, 12.0)
-    assert second is not None and second.inspection_id == 2 and not second.result_toggle and second.fail
-
-
-def test_handshake_refuses_triggers_when_disabled_busy_or_not_ready() -> None:
-    hs = Handshake()
-    assert not hs.on_command(Command(trigger=True, enable=True))  # not ready
-    hs.on_command(Command())
-    hs.set_ready(True)
-    assert not hs.on_command(Command(trigger=True, enable=False))
-    assert hs.status.error_code == ErrorCode.DISABLED
-    hs.on_command(Command(enable=True))
-    assert hs.on_command(Command(trigger=True, enable=True))
-    hs.on_command(Command(enable=True))
-    assert not hs.on_command(Command(trigger=True, enable=True))  # still busy
-    assert hs.status.error_code == ErrorCode.TRIGGER_OVERRUN
-
-
-def test_deadline_publishes_fail_safe_and_drops_the_late_result() -> None:
-    hs = Handshake(threshold=1.0)
-    hs.set_ready(True)
-    hs.on_command(Command(trigger=True, enable=True))
-    hs.arm(deadline=10.0)
-    assert hs.expire(now=9.9, budget_ms=100) is None
-    expired = hs.expire(now=10.0, budget_ms=100)
-    assert expired is not None and expired.fail and expired.error_code == ErrorCode.OVER_BUDGET
-    assert hs.finish(0.1, 1.0, True, 0, 150.0) is None  # never a late pass
-    assert hs.status.inspection_id == 1
-
-
-def test_heartbeat_wraps_and_ready_clears_standing_fault() -> None:
-    hs = Handshake()
-    for _ in range(65537):
-        hs.beat()
-    assert hs.status.heartbeat == 1
-    hs.set_ready(False, int(ErrorCode.CAMERA_DISCONNECTED))
-    assert hs.status.error and hs.status.error_code == ErrorCode.CAMERA_DISCONNECTED
-    hs.set_ready(True)
-    assert hs.status.ready and not hs.status.error and hs.status.error_code == 0
 
 
 # ------------------------------------------------------------------ S7
@@ -166,10 +125,10 @@ def test_s7_missing_and_short_db_are_clear_errors() -> None:
 
     port = free_port()
     server = snap7.server.Server(log=False)
-    server.register_area(SrvArea.DB, 100, bytearray(10))  # status block needs 22 bytes
+    server.register_area(SrvArea.DB, 100, bytearray(10))  # status block needs 32 bytes
     server.start_to("127.0.0.1", port)
     try:
-        with pytest.raises(PlcError, match=r"DB100 \(status block\) is too small.*22 bytes"):
+        with pytest.raises(PlcError, match=r"DB100 \(status block\) is too small.*32 bytes"):
             S7Link(S7Config(port=port)).open()
         with pytest.raises(PlcError, match=r"DB7 \(status block\) does not exist"):
             S7Link(S7Config(port=port, status_db=7)).open()
@@ -178,7 +137,7 @@ def test_s7_missing_and_short_db_are_clear_errors() -> None:
 
 
 def _worker(link: object, handshake: Handshake) -> PlcWorker:
-    return PlcWorker(link, handshake, heartbeat_s=0.1, poll_s=0.005, budget_ms=100, reconnect_max_s=0.2)  # type: ignore[arg-type]
+    return PlcWorker(link, handshake, heartbeat_s=0.1, poll_s=0.005, reconnect_max_s=0.2)  # type: ignore[arg-type]
 
 
 def test_s7_full_handshake_with_worker(s7_plc: SimulatedPlc) -> None:
@@ -190,16 +149,16 @@ def test_s7_full_handshake_with_worker(s7_plc: SimulatedPlc) -> None:
         assert s7_plc.wait_for(lambda s: s.ready, 5.0)
 
         def daemon_side() -> None:
-            worker.triggers.get(timeout=5.0)
-            hs.arm(time.monotonic() + 1.0)
-            hs.finish(0.7, 1.2, True, 0, 20.0)
+            ticket = worker.triggers.get(timeout=5.0)
+            hs.arm(ticket, time.monotonic())
+            hs.finish(ticket, time.monotonic(), 0.7, 1.2, True, 0, 20.0)
             worker.wake()
 
         thread = threading.Thread(target=daemon_side)
         thread.start()
         result = s7_plc.inspect_once(timeout_s=5.0)
         thread.join()
-        assert result is not None
+        assert result is not None and result.attributed
         s = result.status
         assert s.inspection_id == 1 and s.passed and s.score == pytest.approx(0.7) and s.threshold == pytest.approx(1.2)
         assert s7_plc.wait_for(lambda st: not st.result_valid, 2.0)  # result_ack honoured
@@ -273,11 +232,12 @@ def test_modbus_server_mode_polled_by_a_plc_client() -> None:
     try:
         assert client.connect()
         link.write_status(FULL)
-        reply = client.read_holding_registers(0, count=11, device_id=1)
+        reply = client.read_holding_registers(0, count=16, device_id=1)
         assert unpack_status(bytes_from_words(reply.registers), StatusLayout()) == FULL
         # The PLC sets trigger (byte 0 bit 0 = register 100 bit 8) and enable (bit 10).
-        assert not client.write_registers(100, [0x0500], device_id=1).isError()
-        assert link.read_command() == Command(trigger=True, result_ack=False, enable=True)
+        # part_id 70000 = 0x00011170 in registers 101 (high word) and 102 (low word).
+        assert not client.write_registers(100, [0x0500, 0x0001, 0x1170], device_id=1).isError()
+        assert link.read_command() == Command(trigger=True, result_ack=False, enable=True, part_id=70_000)
         # The status registers are ours: a PLC write there is refused.
         assert client.write_registers(0, [0xFFFF], device_id=1).isError()
     finally:

@@ -28,6 +28,9 @@ class Metrics:
         self.ready = Gauge("anomalyd_ready", "1 while the daemon reports ready", registry=r)
         self.score = Gauge("anomalyd_last_score", "Normalised score of the last inspection", registry=r)
         self.reconnects = Counter("anomalyd_plc_reconnects", "PLC reconnections", registry=r)
+        self.missed_triggers = Counter(
+            "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
+        )
 
 
 class MetricsServer:

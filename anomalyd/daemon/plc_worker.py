@@ -14,8 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from anomalyd.daemon.handshake import Answer, Handshake, Ticket
 from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, PlcLink
-from anomalyd.drivers.plc.handshake import Handshake
 from anomalyd.drivers.plc.layout import Status
 from anomalyd.log import get_logger
 
@@ -29,21 +29,24 @@ class PlcWorker:
         handshake: Handshake,
         heartbeat_s: float,
         poll_s: float,
-        budget_ms: float,
         reconnect_max_s: float,
         on_connection: Callable[[bool], None] = lambda up: None,
+        on_refused: Callable[[Answer], None] = lambda answer: None,
+        on_expired: Callable[[Answer], None] = lambda answer: None,
+        loop_alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self.link = link
         self.handshake = handshake
         self.heartbeat_s = heartbeat_s
         self.poll_s = poll_s
-        self.budget_ms = budget_ms
         self.reconnect_max_s = reconnect_max_s
         self.on_connection = on_connection
-        self.triggers: queue.Queue[float] = queue.Queue()
+        self.on_refused = on_refused
+        self.on_expired = on_expired
+        self.loop_alive = loop_alive
+        self.triggers: queue.Queue[Ticket] = queue.Queue()
         self.connected = False
         self.reconnect_times_s: list[float] = []
-        self.expired: list[Status] = []  # fail-safe results published by the deadline
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._last_written: Status | None = None
@@ -87,12 +90,13 @@ class PlcWorker:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                self.handshake.beat()
+                # The heartbeat proves the inspection loop is alive, not only this thread.
+                self.handshake.beat(self.loop_alive())
                 next_beat += self.heartbeat_s
                 if next_beat < now:  # we were blocked (reconnect): do not burst beats
                     next_beat = now + self.heartbeat_s
-            if (expired := self.handshake.expire(now, self.budget_ms)) is not None:
-                self.expired.append(expired)
+            if (expired := self.handshake.expire(now)) is not None:
+                self.on_expired(expired)
             if not self.connected:
                 if self._connect():
                     self.connected = True
@@ -111,8 +115,11 @@ class PlcWorker:
                     continue
             try:
                 command = self.link.read_command()
-                if self.handshake.on_command(command):
-                    self.triggers.put(time.monotonic())
+                edge = self.handshake.on_command(command, time.monotonic())
+                if isinstance(edge, Ticket):
+                    self.triggers.put(edge)
+                elif isinstance(edge, Answer):
+                    self.on_refused(edge)  # the recorder only queues it: the write below is not delayed
                 status = self.handshake.status
                 if status != self._last_written:
                     self.link.write_status(status)

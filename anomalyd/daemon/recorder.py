@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 from anomalyd.config import ArchiveConfig, DaemonConfig
 from anomalyd.daemon.archive import ArchiveItem, RejectArchive
 from anomalyd.daemon.decision import Verdict
+from anomalyd.daemon.handshake import Answer, ErrorCode
 from anomalyd.daemon.metrics import Metrics
 from anomalyd.daemon.records import Record, RecordStore
 from anomalyd.drivers.camera.base import Frame
-from anomalyd.drivers.plc.handshake import ErrorCode
 from anomalyd.engines.inspector import Inspection
 from anomalyd.log import get_logger
 
@@ -21,16 +22,32 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """One published result, as the PLC was told it."""
+    """One answer as the PLC was told it, with what the model said about the part's frame."""
 
-    inspection_id: int
-    label: str  # OK, WARN or NG
-    code: ErrorCode
+    answer: Answer
     latency_ms: float
-    threshold: float
-    verdict: Verdict | None = None
+    verdict: Verdict | None = None  # the model's verdict (for a late answer: what it would have said)
     inspection: Inspection | None = None
     frame: Frame | None = None
+
+    @property
+    def inspection_id(self) -> int:
+        return self.answer.status.inspection_id
+
+    @property
+    def code(self) -> ErrorCode:
+        return self.answer.code
+
+    @property
+    def threshold(self) -> float:
+        return self.answer.status.threshold
+
+    @property
+    def label(self) -> str:
+        """OK, WARN or NG: what the PLC was told (a pass is OK or WARN, anything else NG)."""
+        if not self.answer.status.passed:
+            return "NG"
+        return self.verdict.label if self.verdict is not None else "OK"
 
 
 class Recorder:
@@ -46,14 +63,29 @@ class Recorder:
         self.metrics = metrics
         self.bundle_id = bundle_id
         self.config_id = ""
-        self.counts: dict[str, int] = {"OK": 0, "WARN": 0, "NG": 0, "errors": 0, "deadline_misses": 0}
+        self.counts: dict[str, int] = {
+            "OK": 0,
+            "WARN": 0,
+            "NG": 0,
+            "errors": 0,
+            "deadline_misses": 0,
+            "missed_triggers": 0,
+        }
+        # The loop records inspections, the PLC worker refused triggers: one at a time.
+        self._lock = threading.Lock()
 
     def last_inspection_id(self) -> int:
         return self.records.last_inspection_id()
 
     def add(self, outcome: Outcome) -> None:
-        self._count(outcome)
-        self._store(outcome)
+        with self._lock:
+            self._count(outcome)
+            self._store(outcome)
+
+    def add_refused(self, answer: Answer) -> None:
+        """A trigger answered without an inspection (from the PLC worker's thread)."""
+        log.warning("trigger.refused", id=answer.status.inspection_id, part_id=answer.part_id, code=int(answer.code))
+        self.add(Outcome(answer, 0.0))
 
     def _count(self, o: Outcome) -> None:
         self.counts[o.label] += 1
@@ -64,11 +96,15 @@ class Recorder:
         if o.code == ErrorCode.OVER_BUDGET:
             self.counts["deadline_misses"] += 1
             self.metrics.deadline_misses.inc()
+        if o.answer.refused:
+            self.counts["missed_triggers"] += 1
+            self.metrics.missed_triggers.labels(code=str(int(o.code))).inc()
         if o.inspection is not None:
             self.metrics.score.set(o.inspection.score)
             for stage, ms in o.inspection.timings_ms.items():
                 self.metrics.latency.labels(stage=stage).observe(ms)
-        self.metrics.latency.labels(stage="frame_to_result").observe(o.latency_ms)
+        if not o.answer.refused:
+            self.metrics.latency.labels(stage="frame_to_result").observe(o.latency_ms)
 
     def _store(self, o: Outcome) -> None:
         now = time.time_ns()
@@ -103,15 +139,21 @@ class Recorder:
                 frame_id=o.frame.frame_id if o.frame else None,
                 bundle_id=self.bundle_id,
                 config_hash=self.config_id,
+                part_id=o.answer.part_id,
+                late=int(o.answer.late),
+                refused=int(o.answer.refused),
+                model_verdict=o.verdict.label if o.verdict is not None else None,
             )
         )
         log.info(
             "inspection",
             id=o.inspection_id,
+            part_id=o.answer.part_id,
             verdict=o.label,
             score=None if score is None else round(score, 4),
             latency_ms=round(o.latency_ms, 1),
             error_code=int(o.code),
+            late=o.answer.late,
         )
 
     def close(self) -> None:

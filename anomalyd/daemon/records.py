@@ -28,7 +28,11 @@ CREATE TABLE IF NOT EXISTS inspections (
     source TEXT,
     frame_id INTEGER,
     bundle_id TEXT NOT NULL,
-    config_hash TEXT NOT NULL
+    config_hash TEXT NOT NULL,
+    part_id INTEGER,                -- the PLC's part number latched at the trigger
+    late INTEGER NOT NULL DEFAULT 0,     -- 1: the deadline answered; the model's result came later
+    refused INTEGER NOT NULL DEFAULT 0,  -- 1: the trigger was answered without an inspection
+    model_verdict TEXT              -- what the model said (differs from verdict when late)
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(time_ns);
 """
@@ -53,6 +57,19 @@ class Record:
     frame_id: int | None
     bundle_id: str
     config_hash: str
+    part_id: int | None = None
+    late: int = 0
+    refused: int = 0
+    model_verdict: str | None = None
+
+
+# Columns added after the first version: added in place to an older database.
+ADDED_COLUMNS = {
+    "part_id": "INTEGER",
+    "late": "INTEGER NOT NULL DEFAULT 0",
+    "refused": "INTEGER NOT NULL DEFAULT 0",
+    "model_verdict": "TEXT",
+}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -63,6 +80,12 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(inspections)")}
+    with db:
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE inspections ADD COLUMN {name} {kind}")
+    db.execute("CREATE INDEX IF NOT EXISTS inspections_part ON inspections(part_id)")
     return db
 
 

@@ -1,31 +1,36 @@
-"""The inspection daemon: frames in, verdicts to the PLC, records on disk, for months.
+"""The inspection daemon: wires the parts together and runs the loop.
 
-Threads: this one runs the inspection loop (trigger → frame → model → verdict);
-the PLC worker owns the link; the record and archive writers keep disk I/O off
-the hot path; the metrics server answers Prometheus. Signals only set flags that
-the loop acts on between inspections.
+Threads: this one runs the inspection loop (dispatcher → judge); the PLC worker
+owns the link, the deadline and the heartbeat; the record and archive writers
+keep disk I/O off the hot path; the metrics server answers Prometheus. Signals
+only set flags that the loop acts on between inspections.
+
+Each job lives in its own module: ``handshake`` (the result contract, pure),
+``plc_worker`` (the link), ``camera_supervisor`` (camera life), ``dispatch``
+(where the next part comes from), ``judge`` (one part to one answer),
+``reloader`` (SIGHUP), ``recorder`` (counts, records, archive).
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from anomalyd.config import RELOADABLE, AppConfig, config_hash
-from anomalyd.config_loader import ConfigError, load_config
-from anomalyd.daemon.decision import decide
+from anomalyd.config import AppConfig, config_hash
+from anomalyd.config_loader import load_config
+from anomalyd.daemon.camera_supervisor import CameraSupervisor
+from anomalyd.daemon.dispatch import Dispatcher
+from anomalyd.daemon.handshake import Answer, Handshake
+from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics, MetricsServer
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.plc_worker import PlcWorker
-from anomalyd.daemon.recorder import Outcome, Recorder
-from anomalyd.drivers.camera.base import Camera, CameraDisconnected, CameraError, CameraTimeout, Frame, open_camera
+from anomalyd.daemon.recorder import Recorder
+from anomalyd.daemon.reloader import reload_config
 from anomalyd.drivers.plc.base import open_plc_link
-from anomalyd.drivers.plc.handshake import ErrorCode, Handshake
 from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.log import configure_logging, get_logger
 from anomalyd.model.bundle import load_bundle
@@ -42,11 +47,11 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
         self.metrics = Metrics()
-        self.camera: Camera | None = None
-        self.camera_ok = False
-        self._camera_reported_down = False
-        self.expected_shape: tuple[int, ...] | None = None
         self.inspector: Inspector | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
+        # The loop never waits longer than this, so the heartbeat can prove it is alive.
+        self.tick_s = min(0.2, self.heartbeat_s / 4)
         self._last_loop = time.monotonic()
 
     # ------------------------------------------------------------ start-up
@@ -69,29 +74,54 @@ class Daemon:
         )
         self.recorder = Recorder(cfg.daemon, cfg.archive, self.metrics, bundle.bundle_id)
         self.recorder.config_id = self.config_id
-        self.handshake = Handshake(self.threshold, inspection_id=self.recorder.last_inspection_id())
+        self.handshake = Handshake(
+            self.threshold,
+            inspection_id=self.recorder.last_inspection_id(),
+            budget_ms=cfg.daemon.budget_ms,
+            grab_timeout_ms=cfg.daemon.grab_timeout_ms,
+        )
         self.plc = PlcWorker(
             open_plc_link(cfg.plc),
             self.handshake,
-            heartbeat_s=cfg.daemon.heartbeat_ms / 1000.0,
+            heartbeat_s=self.heartbeat_s,
             poll_s=cfg.daemon.poll_ms / 1000.0,
-            budget_ms=cfg.daemon.budget_ms,
             reconnect_max_s=getattr(cfg.plc, "reconnect_max_s", 5.0),
             on_connection=self._plc_connection,
+            on_refused=self.recorder.add_refused,
+            on_expired=self._expired,
+            loop_alive=self._loop_alive,
         )
-        self.metrics_server: MetricsServer | None = None
+        self.camera = CameraSupervisor(cfg.camera, self.handshake, self.metrics)
+        self.dispatcher = Dispatcher(
+            cfg.daemon.trigger,
+            self.handshake,
+            self.camera,
+            self.plc.triggers,
+            cfg.daemon.grab_timeout_ms / 1000.0,
+            self.tick_s,
+            on_refused=self.recorder.add_refused,
+        )
+        self.judge = Judge(
+            self.inspector,
+            self.handshake,
+            self.camera,
+            self.recorder,
+            thresholds=lambda: self.config.thresholds,
+            threshold=lambda: self.threshold,
+            on_answer=self.plc.wake,
+        )
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
         self.plc.start()
-        self._open_camera()
+        self.camera.ensure_open()
         self.notifier.ready(self._status_line())
         log.info(
             "daemon.ready",
             trigger=cfg.daemon.trigger,
             budget_ms=cfg.daemon.budget_ms,
             plc=self.plc.link.name,
-            camera=self.camera.name if self.camera else None,
+            camera=self.camera.name,
         )
 
     @property
@@ -105,40 +135,15 @@ class Daemon:
         if up:
             self.metrics.reconnects.inc()
 
-    def _open_camera(self) -> bool:
-        if self.camera is None:
-            self.camera = open_camera(self.config.camera)
-        try:
-            self.camera.open()
-        except CameraDisconnected as exc:
-            self._camera_down(str(exc))
-            return False
-        self.camera_ok = True
-        self._camera_reported_down = False
-        self.expected_shape = None
-        self.metrics.camera_connected.set(1)
-        self.handshake.set_ready(True)
-        self.metrics.ready.set(1)
-        return True
+    def _expired(self, answer: Answer) -> None:
+        log.warning("inspection.deadline", id=answer.status.inspection_id, part_id=answer.part_id)
 
-    def _camera_down(self, reason: str) -> None:
-        if not self._camera_reported_down:  # once per outage: no log storm while it stays away
-            log.error("camera.lost", camera=self.camera.name if self.camera else "?", error=reason)
-            self._camera_reported_down = True
-        self.camera_ok = False
-        self.metrics.camera_connected.set(0)
-        self.metrics.ready.set(0)
-        self.handshake.set_ready(False, int(ErrorCode.CAMERA_DISCONNECTED))
-        if self.camera is not None:
-            try:
-                self.camera.close()
-            except Exception as exc:  # a dead device may fail to close; we reopen anyway
-                log.debug("camera.close_failed", error=str(exc))
+    def _loop_alive(self) -> bool:
+        return time.monotonic() - self._last_loop < self.heartbeat_s
 
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
         self._install_signals()
-        backoff = 0.5
         done = 0
         limit = self.config.daemon.max_inspections
         next_status = 0.0
@@ -151,111 +156,18 @@ class Daemon:
             if time.monotonic() >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = time.monotonic() + 5.0
-            if not self.camera_ok:
-                if self.stop_event.wait(backoff) or not self._open_camera():
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                log.info("camera.recovered", camera=self.camera.name if self.camera else "?")
-                backoff = 0.5
-            if self.inspect_next():
-                done += 1
-                if limit and done >= limit:
-                    log.info("daemon.limit_reached", inspections=done)
-                    break
+            if not self.camera.ensure_open() and self.config.daemon.trigger != "plc":
+                self.stop_event.wait(self.tick_s)
+                continue
+            part = self.dispatcher.next_part()
+            if part is None:
+                continue
+            self.judge.judge(part)
+            done += 1
+            if limit and done >= limit:
+                log.info("daemon.limit_reached", inspections=done)
+                break
         return self.shutdown()
-
-    def inspect_next(self) -> bool:
-        """Wait for the next part and inspect it; True if a result was produced."""
-        assert self.camera is not None
-        mode = self.config.daemon.trigger
-        grab_timeout = self.config.daemon.grab_timeout_ms / 1000.0
-        if mode == "plc":
-            try:
-                triggered_at = self.plc.triggers.get(timeout=0.2)
-            except queue.Empty:
-                return False
-            try:
-                self.camera.software_trigger()
-                frame = self.camera.grab(grab_timeout)
-            except CameraTimeout as exc:
-                self._error_result(ErrorCode.CAMERA_TIMEOUT, str(exc), triggered_at)
-                return True
-            except CameraError as exc:
-                self._error_result(ErrorCode.CAMERA_DISCONNECTED, str(exc), triggered_at)
-                self._camera_down(str(exc))
-                return True
-        else:
-            try:
-                frame = self.camera.grab(min(grab_timeout, 0.5))
-            except CameraTimeout:
-                return False  # no part in front of the camera: not an error in these modes
-            except CameraError as exc:
-                self._camera_down(str(exc))
-                return False
-            self.handshake.begin()
-        return self._inspect_frame(frame)
-
-    def _inspect_frame(self, frame: Frame) -> bool:
-        assert self.inspector is not None
-        started = time.monotonic()
-        self.handshake.arm(started + self.config.daemon.budget_ms / 1000.0)
-        if self.expected_shape is None:
-            self.expected_shape = frame.image.shape
-        if frame.image.shape != self.expected_shape:
-            self._error_result(
-                ErrorCode.BAD_FRAME, f"frame {frame.image.shape}, expected {self.expected_shape}", started, frame
-            )
-            return True
-        try:
-            inspection = self.inspector.inspect(frame.image)
-        except Exception as exc:  # any model failure fails this part, not the daemon
-            log.exception("model.failed", frame_id=frame.frame_id)
-            self._error_result(ErrorCode.MODEL_ERROR, str(exc), started, frame)
-            return True
-        _x, _y, w, h = inspection.roi
-        verdict = decide(inspection.score, inspection.anomaly_map, w * h, self.config.thresholds, self.threshold)
-        latency_ms = (time.monotonic() - started) * 1000.0
-        late = latency_ms > self.config.daemon.budget_ms
-        code = ErrorCode.OVER_BUDGET if late else ErrorCode.OK
-        published = self.handshake.finish(
-            inspection.score, verdict.threshold, verdict.passed and not late, int(code), latency_ms
-        )
-        self.plc.wake()
-        status = published or self._expired_status()
-        if late:
-            log.warning(
-                "inspection.over_budget", latency_ms=round(latency_ms, 1), budget_ms=self.config.daemon.budget_ms
-            )
-        label = "NG" if status.error_code or published is None else verdict.label
-        self.recorder.add(
-            Outcome(
-                status.inspection_id,
-                label,
-                ErrorCode(status.error_code),
-                latency_ms,
-                verdict.threshold,
-                verdict,
-                inspection,
-                frame,
-            )
-        )
-        return True
-
-    def _expired_status(self) -> Any:
-        """The fail-safe result the deadline already published for this inspection."""
-        deadline = time.monotonic() + 1.0
-        while not self.plc.expired and time.monotonic() < deadline:
-            time.sleep(0.001)
-        return self.plc.expired.pop(0) if self.plc.expired else self.handshake.status
-
-    def _error_result(self, code: ErrorCode, reason: str, started: float, frame: Frame | None = None) -> None:
-        latency_ms = (time.monotonic() - started) * 1000.0
-        log.warning("inspection.error", code=int(code), error=code.name.lower(), reason=reason)
-        status = self.handshake.finish(0.0, self.threshold, False, int(code), latency_ms) or self._expired_status()
-        self.plc.wake()
-        self.recorder.add(
-            Outcome(status.inspection_id, "NG", ErrorCode(status.error_code), latency_ms, self.threshold, frame=frame)
-        )
 
     # ------------------------------------------------------------ reload, health, stop
     def _install_signals(self) -> None:
@@ -266,40 +178,28 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the YAML; apply reloadable sections; keep everything on a bad edit."""
         self.notifier.reloading()
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            for issue in exc.issues:
-                log.error("reload.rejected", issue=str(issue), file=issue.file, line=issue.line, key=issue.key)
-            log.error("reload.kept_old_config", thresholds=self.config.thresholds.model_dump())
-            self.notifier.ready(self._status_line())
-            return False
-        restart = [
-            name
-            for name in AppConfig.model_fields
-            if name not in RELOADABLE and getattr(new, name) != getattr(self.config, name)
-        ]
-        applied = {name: getattr(new, name) for name in RELOADABLE}
-        self.config = self.config.model_copy(update=applied)
-        self.config_id = config_hash(self.config)
-        self.recorder.config_id = self.config_id
-        self.recorder.archive_config = self.config.archive
-        self.handshake.set_threshold(self.threshold)
-        configure_logging(self.config.logging.level, self.config.logging.format)
-        log.info(
-            "reload.applied",
-            thresholds=self.config.thresholds.model_dump(),
-            threshold=self.threshold,
-            needs_restart=restart,
-        )
+        result = reload_config(self.config_path, self.config)
+        if result.applied:
+            self.config = result.config
+            self.config_id = config_hash(self.config)
+            self.recorder.config_id = self.config_id
+            self.recorder.archive_config = self.config.archive
+            self.handshake.set_threshold(self.threshold)
+            configure_logging(self.config.logging.level, self.config.logging.format)
+            log.info(
+                "reload.applied",
+                thresholds=self.config.thresholds.model_dump(),
+                threshold=self.threshold,
+                needs_restart=result.needs_restart,
+            )
         self.notifier.ready(self._status_line())
-        return True
+        return result.applied
 
     def health(self) -> dict[str, object]:
         loop_age = time.monotonic() - self._last_loop
         state: dict[str, object] = {
             "ready": self.handshake.status.ready,
-            "camera": self.camera_ok,
+            "camera": self.camera.ok,
             "plc": self.plc.connected,
             "loop_age_s": round(loop_age, 3),
             **self.recorder.counts,
@@ -311,8 +211,8 @@ class Daemon:
         c = self.recorder.counts
         return (
             f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
-            f"late {c['deadline_misses']} plc {'up' if self.plc.connected else 'down'} "
-            f"camera {'up' if self.camera_ok else 'down'}"
+            f"late {c['deadline_misses']} missed {c['missed_triggers']} "
+            f"plc {'up' if self.plc.connected else 'down'} camera {'up' if self.camera.ok else 'down'}"
         )
 
     def shutdown(self) -> int:
@@ -320,8 +220,7 @@ class Daemon:
         self.notifier.stopping()
         self.handshake.set_ready(False)
         self.plc.stop(final=self.handshake.status)
-        if self.camera is not None and self.camera_ok:
-            self.camera.close()
+        self.camera.close()
         self.recorder.close()
         if self.metrics_server is not None:
             self.metrics_server.close()

@@ -50,11 +50,16 @@ STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
     "threshold": ("REAL", "threshold in force"),
     "error_code": ("UINT", "0 ok; see the error-code table"),
     "latency_ms": ("REAL", "frame-to-result time"),
+    # Appended after the first version's fields: the offsets above keep their meaning.
+    "trigger_ready": ("BOOL", "a trigger now would be inspected: ready, enable = 1, not busy"),
+    "part_id": ("UDINT", "the PLC's part_id latched at the trigger this result answers"),
+    "missed_triggers": ("UDINT", "+1 per trigger answered without an inspection (refused)"),
 }
 COMMAND_FIELDS: dict[str, tuple[FieldType, str]] = {
     "trigger": ("BOOL", "rising edge starts an inspection"),
     "result_ack": ("BOOL", "PLC has read the result; clears result_valid"),
     "enable": ("BOOL", "inspections allowed (0: daemon answers triggers with error 7)"),
+    "part_id": ("UDINT", "the part's number; write it before or with the trigger, it is echoed with the result"),
 }
 
 
@@ -112,6 +117,9 @@ class StatusLayout(_Layout):
     threshold: int = Field(12, ge=0)
     error_code: int = Field(16, ge=0)
     latency_ms: int = Field(18, ge=0)
+    trigger_ready: str = "22.0"
+    part_id: int = Field(24, ge=0)
+    missed_triggers: int = Field(28, ge=0)
 
 
 class CommandLayout(_Layout):
@@ -119,6 +127,7 @@ class CommandLayout(_Layout):
     trigger: str = "0.0"
     result_ack: str = "0.1"
     enable: str = "0.2"
+    part_id: int = Field(2, ge=0)
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ class Status:
     threshold: float = 0.0
     error_code: int = 0
     latency_ms: float = 0.0
+    trigger_ready: bool = False
+    part_id: int = 0
+    missed_triggers: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class Command:
     trigger: bool = False
     result_ack: bool = False
     enable: bool = True
+    part_id: int = 0
 
 
 _STRUCT = {"UINT": ">H", "UDINT": ">I", "REAL": ">f"}
@@ -157,19 +170,18 @@ def _swap_words(raw: bytes) -> bytes:
     return raw[2:4] + raw[0:2]
 
 
-def pack_status(status: Status, layout: StatusLayout, word_order: str = "big") -> bytes:
-    """The whole status block as bytes, ready for one write."""
+def _pack(values: dict[str, object], layout: _Layout, word_order: str) -> bytes:
     buf = bytearray(layout.size())
     for name, kind, byte, bit in layout.cells():
-        value = getattr(status, "passed" if name == "pass" else name)
+        value = values[name]
         if kind == "BOOL":
             if value:
                 buf[byte] |= 1 << bit
             continue
         if kind == "UINT":
-            value = int(value) & 0xFFFF
+            value = int(value) & 0xFFFF  # type: ignore[call-overload]
         elif kind == "UDINT":
-            value = int(value) & 0xFFFFFFFF
+            value = int(value) & 0xFFFFFFFF  # type: ignore[call-overload]
         raw = struct.pack(_STRUCT[kind], value)
         if len(raw) == 4 and word_order == "little":
             raw = _swap_words(raw)
@@ -177,31 +189,37 @@ def pack_status(status: Status, layout: StatusLayout, word_order: str = "big") -
     return bytes(buf)
 
 
-def unpack_status(raw: bytes, layout: StatusLayout, word_order: str = "big") -> Status:
-    """Inverse of :func:`pack_status` (the simulated PLC and tests read with it)."""
+def _unpack(raw: bytes, layout: _Layout, word_order: str) -> dict[str, object]:
     values: dict[str, object] = {}
     for name, kind, byte, bit in layout.cells():
-        key = "passed" if name == "pass" else name
         if kind == "BOOL":
-            values[key] = bool(raw[byte] >> bit & 1)
+            values[name] = bool(raw[byte] >> bit & 1)
             continue
         chunk = bytes(raw[byte : byte + SIZES[kind]])
         if len(chunk) == 4 and word_order == "little":
             chunk = _swap_words(chunk)
-        values[key] = struct.unpack(_STRUCT[kind], chunk)[0]
+        values[name] = struct.unpack(_STRUCT[kind], chunk)[0]
+    return values
+
+
+def pack_status(status: Status, layout: StatusLayout, word_order: str = "big") -> bytes:
+    """The whole status block as bytes, ready for one write."""
+    values = {name: getattr(status, "passed" if name == "pass" else name) for name in layout.spec}
+    return _pack(values, layout, word_order)
+
+
+def unpack_status(raw: bytes, layout: StatusLayout, word_order: str = "big") -> Status:
+    """Inverse of :func:`pack_status` (the simulated PLC and tests read with it)."""
+    values = _unpack(raw, layout, word_order)
+    values["passed"] = values.pop("pass")
     return Status(**values)  # type: ignore[arg-type]
 
 
-def unpack_command(raw: bytes, layout: CommandLayout) -> Command:
-    """Read the PLC's command bits."""
-    return Command(**{name: bool(raw[byte] >> bit & 1) for name, _, byte, bit in layout.cells()})
+def unpack_command(raw: bytes, layout: CommandLayout, word_order: str = "big") -> Command:
+    """Read the PLC's command block (bits and part_id, from one read)."""
+    return Command(**_unpack(raw, layout, word_order))  # type: ignore[arg-type]
 
 
-def pack_command(command: Command, layout: CommandLayout) -> bytes:
+def pack_command(command: Command, layout: CommandLayout, word_order: str = "big") -> bytes:
     """The command block as the PLC would write it (for the simulated PLC)."""
-    buf = bytearray(layout.size())
-    for f in fields(command):
-        byte, bit = parse_bit(getattr(layout, f.name))
-        if getattr(command, f.name):
-            buf[byte] |= 1 << bit
-    return bytes(buf)
+    return _pack({f.name: getattr(command, f.name) for f in fields(command)}, layout, word_order)

@@ -70,7 +70,7 @@ class ModbusLink:
 
     def read_command(self) -> Command:
         words = self._read(self.config.command_register, self._command_words)
-        return unpack_command(bytes_from_words(words), self.config.command_layout)
+        return unpack_command(bytes_from_words(words), self.config.command_layout, self.config.word_order)
 
     def write_status(self, status: Status) -> None:
         if self._client is None:
@@ -188,7 +188,7 @@ class ModbusServerLink:
         if self._server is None:
             raise PlcDisconnected(f"{self.name}: not serving")
         words = self._server.read(self.config.command_register, self._command_words)
-        return unpack_command(bytes_from_words(words), self.config.command_layout)
+        return unpack_command(bytes_from_words(words), self.config.command_layout, self.config.word_order)
 
     def write_status(self, status: Status) -> None:
         if self._server is None:

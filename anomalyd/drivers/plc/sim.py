@@ -1,8 +1,13 @@
 """A simulated PLC on loopback: a real python-snap7 Server or pymodbus server.
 
-It owns the command block, pulses triggers, waits for each result, reads it and
-acknowledges it, exactly as a PLC program would. Used by `anomalyd plc-sim`, the
-demo, the tests and for commissioning without a PLC.
+It owns the command block and plays the PLC's side of the interlock exactly as
+the README asks a PLC program to: raise ``trigger`` (with a fresh ``part_id`` in
+the same write) only while ``trigger_ready`` = 1 and ``trigger_ack`` has fallen;
+copy the status block in one read; take the first answer whose
+``result_toggle`` differs, check its ``part_id``; keep an own result timeout;
+if ``ready`` falls while waiting, give the part up and re-trigger later.
+Used by `anomalyd plc-sim`, the demo, the tests, the soak benchmark and for
+commissioning without a PLC.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ class SimResult:
 
     status: Status
     wait_ms: float  # trigger raised → result_toggle flipped
+    part_id: int = 0  # the part_id written with the trigger
+
+    @property
+    def attributed(self) -> bool:
+        """The answer names the part this trigger was for."""
+        return self.status.part_id == self.part_id
 
 
 class SimulatedPlc:
@@ -57,6 +68,7 @@ class SimulatedPlc:
         self.status_register, self.command_register = status_register, command_register
         self.word_order = word_order
         self._command = Command(enable=True)
+        self.next_part_id = 1
         self._server: Any = None
         self._status_area = bytearray(self.status_layout.size())
         self._command_area = bytearray(self.command_layout.size())
@@ -105,13 +117,13 @@ class SimulatedPlc:
 
     def write_command(self, command: Command) -> None:
         self._command = command
-        raw = pack_command(command, self.command_layout)
+        raw = pack_command(command, self.command_layout, self.word_order)
         if self.protocol == "s7":
             self._command_area[:] = raw
         elif self._server is not None:
             self._server.write(self.command_register, words_from_bytes(raw))  # type: ignore[attr-defined]
 
-    def set_command(self, **changes: bool) -> None:
+    def set_command(self, **changes: bool | int) -> None:
         self.write_command(replace(self._command, **changes))
 
     # ------------------------------------------------------------ handshake
@@ -124,20 +136,35 @@ class SimulatedPlc:
             time.sleep(0.002)
         return None
 
-    def inspect_once(self, timeout_s: float = 5.0) -> SimResult | None:
-        """Raise trigger, wait for the result toggle to flip, read it, drop trigger, acknowledge."""
+    def inspect_once(
+        self, timeout_s: float = 5.0, part_id: int | None = None, interlock: bool = True
+    ) -> SimResult | None:
+        """One part: trigger with its part_id, wait for its answer, drop trigger, acknowledge.
+
+        With ``interlock`` (as a PLC program must) the trigger is raised only once
+        ``trigger_ready`` = 1 and ``trigger_ack`` has fallen; without it the trigger
+        is raised at once (to test how a refused trigger is answered). None: no
+        answer within ``timeout_s``, or ``ready`` fell while waiting (re-trigger).
+        """
+        if interlock and self.wait_for(lambda s: s.trigger_ready and not s.trigger_ack, timeout_s) is None:
+            return None
+        if part_id is None:
+            part_id, self.next_part_id = self.next_part_id, (self.next_part_id + 1) & 0xFFFFFFFF
         before = self.read_status()
         started = time.monotonic()
-        self.set_command(trigger=True, result_ack=False)
-        status = self.wait_for(lambda s: s.result_toggle != before.result_toggle and s.result_valid, timeout_s)
+        self.set_command(trigger=True, result_ack=False, part_id=part_id)
+        status = self.wait_for(
+            lambda s: (s.result_toggle != before.result_toggle and s.result_valid) or (before.ready and not s.ready),
+            timeout_s,
+        )
         wait_ms = (time.monotonic() - started) * 1000.0
         self.set_command(trigger=False)
-        if status is None:
+        if status is None or status.result_toggle == before.result_toggle:
             return None
         self.set_command(result_ack=True)
         self.wait_for(lambda s: not s.result_valid, 1.0)
         self.set_command(result_ack=False)
-        return SimResult(status, wait_ms)
+        return SimResult(status, wait_ms, part_id)
 
     def run(
         self,

@@ -1,0 +1,329 @@
+"""The PLC handshake as a pure state machine: commands, frames and results in, status out.
+
+No I/O and no clock of its own: the PLC worker and the inspection loop feed it
+what they read and the time, and publish what it returns, so every rule of the
+result contract is unit-tested without a PLC.
+
+The contract (README, "PLC integration"):
+
+* Each accepted trigger opens one *window*, named by a :class:`Ticket`. A result
+  is published only into the window of the trigger whose frame it scored; the
+  status block then carries that trigger's ``part_id``.
+* Every trigger gets exactly one answer. A refused one (``enable`` = 0, not
+  ready, busy, a late inspection still running) is answered at once as a fail
+  with its code, its own ``inspection_id`` and its ``part_id``.
+* A window still open at its deadline is answered with the fail-safe NG
+  (code 2); the model's late result is recorded, never published.
+* ``pass`` = 1 never stands beside ``error`` = 1, and a non-finite score fails.
+
+Timing (one inspection)::
+
+    trigger       ___/‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾\\______________
+    trigger_ack   _____/‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾\\____________   echoes trigger
+    busy          _____/‾‾‾‾‾‾‾‾\\_______________________   set on the edge, cleared with the result
+    result_valid  ‾‾‾‾‾\\________/‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾\\_____   cleared on trigger, set with result, cleared by result_ack
+    result_toggle _____________/‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾‾   flips once per answer
+    result_ack    ___________________________/‾‾‾‾\\___   PLC: "I have read it"
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, replace
+from enum import IntEnum
+
+from anomalyd.drivers.plc.layout import Command, Status
+
+
+class ErrorCode(IntEnum):
+    """Values of the status block's ``error_code`` (the README's table)."""
+
+    OK = 0
+    CAMERA_TIMEOUT = 1
+    OVER_BUDGET = 2
+    MODEL_ERROR = 3
+    CAMERA_DISCONNECTED = 4
+    BAD_FRAME = 5
+    TRIGGER_OVERRUN = 6
+    DISABLED = 7
+    INTERNAL = 8
+    LATE_RUNNING = 9
+    NOT_READY = 10
+
+
+ERROR_MEANINGS: dict[ErrorCode, str] = {
+    ErrorCode.OK: "no error",
+    ErrorCode.CAMERA_TIMEOUT: "no frame within daemon.grab_timeout_ms after the trigger (part failed)",
+    ErrorCode.OVER_BUDGET: "no result within daemon.budget_ms (part failed; the late result is recorded, never sent)",
+    ErrorCode.MODEL_ERROR: "the model raised an error or gave a non-finite score on this frame (part failed)",
+    ErrorCode.CAMERA_DISCONNECTED: "camera lost; the daemon is reopening it (ready = 0; a trigger now is refused)",
+    ErrorCode.BAD_FRAME: "frame of the wrong size or format (part failed)",
+    ErrorCode.TRIGGER_OVERRUN: "trigger while busy (trigger_ready was 0): answered at once, part not inspected",
+    ErrorCode.DISABLED: "trigger (or hardware-triggered frame) while enable = 0: answered at once, not inspected",
+    ErrorCode.INTERNAL: "unexpected internal error (see the log; part failed)",
+    ErrorCode.LATE_RUNNING: "trigger while a late inspection was still running: answered at once, not inspected",
+    ErrorCode.NOT_READY: "trigger while ready = 0 (starting or stopping): answered at once, not inspected",
+}
+
+# Faults that last until something recovers (cleared when ready returns).
+STANDING_FAULTS = (ErrorCode.CAMERA_DISCONNECTED, ErrorCode.INTERNAL)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One accepted trigger: the window its result, and only its result, may fill."""
+
+    window: int
+    part_id: int
+    opened_at: float  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One published answer: the status block as it stood right after it."""
+
+    status: Status
+    late: bool = False  # the deadline answered; the model's own result came after it
+    refused: bool = False  # the trigger was not inspected
+
+    @property
+    def part_id(self) -> int:
+        return self.status.part_id
+
+    @property
+    def code(self) -> ErrorCode:
+        return ErrorCode(self.status.error_code)
+
+
+class HandshakeError(RuntimeError):
+    """A result for a window this handshake never opened (a bug, never a PLC fault)."""
+
+
+class Handshake:
+    """Holds the status block and applies the handshake rules; thread-safe."""
+
+    def __init__(
+        self,
+        threshold: float = 0.0,
+        inspection_id: int = 0,
+        budget_ms: float = 100.0,
+        grab_timeout_ms: float = 1000.0,
+    ) -> None:
+        self._lock = threading.Lock()
+        # A fresh start is recognisable: ready = 0 and result_valid = 0 until the first write.
+        self._status = Status(threshold=threshold, inspection_id=inspection_id)
+        self.budget_s = budget_ms / 1000.0
+        self.grab_timeout_s = grab_timeout_ms / 1000.0
+        self._last_trigger = False
+        self._last_ack = False
+        self._enable = True
+        self._command_part_id = 0
+        self._windows = 0
+        self._open: Ticket | None = None  # the window awaiting its answer
+        self._deadline: float | None = None
+        self._running: Ticket | None = None  # the inspection the loop is doing (open or late)
+        self._expired: dict[int, Answer] = {}  # window → the fail-safe answer the deadline gave
+
+    # ------------------------------------------------------------ reading
+    @property
+    def status(self) -> Status:
+        with self._lock:
+            return self._status
+
+    @property
+    def enabled(self) -> bool:
+        with self._lock:
+            return self._enable
+
+    def is_open(self, ticket: Ticket) -> bool:
+        """True while ``ticket``'s window still waits for its answer."""
+        with self._lock:
+            return self._open is not None and self._open.window == ticket.window
+
+    # ------------------------------------------------------------ internals
+    def _set(self, **changes: object) -> Status:
+        s = replace(self._status, **changes)  # type: ignore[arg-type]
+        ready_now = s.ready and self._enable and not s.busy and self._running is None
+        if s.trigger_ready != ready_now:
+            s = replace(s, trigger_ready=ready_now)
+        self._status = s
+        return s
+
+    def _publish(
+        self,
+        part_id: int,
+        score: float,
+        threshold: float,
+        passed: bool,
+        error_code: int,
+        latency_ms: float,
+        closes_window: bool,
+    ) -> Status:
+        if error_code == 0 and not math.isfinite(score):
+            error_code = int(ErrorCode.MODEL_ERROR)  # nan >= threshold is False: never let it pass
+        ok = passed and error_code == 0
+        s = self._status
+        changes: dict[str, object] = dict(
+            result_valid=True,
+            result_toggle=not s.result_toggle,
+            inspection_id=(s.inspection_id + 1) & 0xFFFFFFFF,
+            passed=ok,
+            fail=not ok,
+            error=error_code != 0,
+            error_code=int(error_code),
+            score=float(score),
+            threshold=float(threshold),
+            latency_ms=float(latency_ms),
+            part_id=int(part_id) & 0xFFFFFFFF,
+        )
+        if closes_window:
+            self._open, self._deadline = None, None
+            changes["busy"] = False
+        else:
+            changes["missed_triggers"] = (s.missed_triggers + 1) & 0xFFFFFFFF
+        return self._set(**changes)
+
+    def _refuse(self, part_id: int, code: ErrorCode) -> Answer:
+        status = self._publish(part_id, 0.0, self._status.threshold, False, int(code), 0.0, closes_window=False)
+        return Answer(status, refused=True)
+
+    def _accept(self, part_id: int, now: float, first_frame_s: float) -> Ticket:
+        self._windows += 1
+        ticket = Ticket(self._windows, int(part_id), now)
+        self._open = self._running = ticket
+        self._deadline = now + first_frame_s + self.budget_s  # provisional: also covers a grab that hangs
+        self._set(busy=True, result_valid=False)
+        return ticket
+
+    def _refusal_code(self) -> ErrorCode | None:
+        if not self._enable:
+            return ErrorCode.DISABLED
+        if not self._status.ready:
+            code = self._status.error_code
+            return ErrorCode(code) if code in STANDING_FAULTS else ErrorCode.NOT_READY
+        if self._open is not None:
+            return ErrorCode.TRIGGER_OVERRUN
+        if self._running is not None:
+            return ErrorCode.LATE_RUNNING
+        return None
+
+    # ------------------------------------------------------------ the PLC side
+    def on_command(self, command: Command, now: float) -> Ticket | Answer | None:
+        """Apply what the PLC wrote (one read of the command block).
+
+        Returns a :class:`Ticket` for a trigger to inspect, an :class:`Answer`
+        for a trigger refused and already answered, or None.
+        """
+        with self._lock:
+            rising = command.trigger and not self._last_trigger
+            ack_rising = command.result_ack and not self._last_ack
+            self._last_trigger, self._last_ack = command.trigger, command.result_ack
+            self._enable = command.enable
+            self._command_part_id = command.part_id
+            changes: dict[str, object] = {"trigger_ack": command.trigger}
+            if ack_rising:
+                changes["result_valid"] = False
+            self._set(**changes)
+            if not rising:
+                return None
+            code = self._refusal_code()
+            if code is not None:
+                return self._refuse(command.part_id, code)
+            return self._accept(command.part_id, now, self.grab_timeout_s)
+
+    def expire(self, now: float) -> Answer | None:
+        """Past the deadline with no result: publish the fail-safe NG now (never a late pass)."""
+        with self._lock:
+            ticket = self._open
+            if ticket is None or self._deadline is None or now < self._deadline:
+                return None
+            status = self._publish(
+                ticket.part_id,
+                0.0,
+                self._status.threshold,
+                False,
+                int(ErrorCode.OVER_BUDGET),
+                (now - ticket.opened_at) * 1000.0,
+                closes_window=True,
+            )
+            answer = Answer(status, late=True)
+            self._expired[ticket.window] = answer
+            return answer
+
+    def beat(self, loop_alive: bool = True) -> None:
+        """One heartbeat period passed; it counts only while the inspection loop is alive."""
+        if not loop_alive:
+            return
+        with self._lock:
+            self._set(heartbeat=(self._status.heartbeat + 1) & 0xFFFF)
+
+    # ------------------------------------------------------------ the inspection side
+    def begin(self, now: float) -> Ticket | Answer:
+        """A frame arrived without a PLC trigger (hardware trigger): open its window or refuse it.
+
+        The part_id is the one in the command block when the frame arrived.
+        """
+        with self._lock:
+            code = self._refusal_code()
+            if code is not None:
+                return self._refuse(self._command_part_id, code)
+            return self._accept(self._command_part_id, now, 0.0)
+
+    def arm(self, ticket: Ticket, frame_at: float) -> None:
+        """The frame for ``ticket`` is here: its result is due ``budget_ms`` after ``frame_at``."""
+        with self._lock:
+            if self._open is not None and self._open.window == ticket.window:
+                self._deadline = frame_at + self.budget_s
+
+    def finish(
+        self,
+        ticket: Ticket,
+        now: float,
+        score: float,
+        threshold: float,
+        passed: bool,
+        error_code: int,
+        latency_ms: float,
+    ) -> Answer:
+        """The loop's result for ``ticket``: published into its window, or, if late, only returned.
+
+        The returned answer is what the PLC was told for this part: the result
+        itself, or the deadline's fail-safe NG (``late`` = True).
+        """
+        with self._lock:
+            if self._running is not None and self._running.window == ticket.window:
+                self._running = None
+            expired = self._expired.pop(ticket.window, None)
+            if expired is not None:
+                self._set()  # trigger_ready may return now
+                return expired
+            if self._open is None or self._open.window != ticket.window:
+                raise HandshakeError(f"no open window {ticket.window} (open: {self._open})")
+            if self._deadline is not None and now > self._deadline:
+                status = self._publish(
+                    ticket.part_id, score, threshold, False, int(ErrorCode.OVER_BUDGET), latency_ms, True
+                )
+                return Answer(status, late=True)
+            status = self._publish(ticket.part_id, score, threshold, passed, error_code, latency_ms, True)
+            return Answer(status)
+
+    def set_ready(self, ready: bool, error_code: int = 0) -> None:
+        """Model/camera/PLC readiness.
+
+        Not ready clears ``result_valid`` and ``pass`` (the block no longer names a
+        current part) and shows a standing fault as error + code.
+        """
+        with self._lock:
+            if not ready:
+                self._set(
+                    ready=False, result_valid=False, passed=False, error=error_code != 0, error_code=int(error_code)
+                )
+            elif self._status.error_code in STANDING_FAULTS and not self._status.result_valid:
+                self._set(ready=True, error=False, error_code=0)
+            else:
+                self._set(ready=True)
+
+    def set_threshold(self, threshold: float) -> None:
+        with self._lock:
+            self._set(threshold=float(threshold))
