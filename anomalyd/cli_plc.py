@@ -10,7 +10,7 @@ from typing import Any
 
 
 def cmd_plc_layout(args: argparse.Namespace) -> int:
-    from anomalyd.config import AppConfig, ModbusConfig, S7Config
+    from anomalyd.config import AppConfig, ModbusConfig, ModbusServerConfig, S7Config
     from anomalyd.config_loader import load_config
     from anomalyd.drivers.plc import export
 
@@ -29,10 +29,13 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
             f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)"
         )
     else:
-        rows = export.register_map(plc.status_layout, plc.status_register, plc.word_order, "status")
-        rows += export.register_map(plc.command_layout, plc.command_register, plc.word_order, "command")
+        side = "server" if isinstance(plc, ModbusServerConfig) else "client"
+        rows = export.register_map(plc.status_layout, plc.status_register, plc.word_order, "status", side)
+        rows += export.register_map(plc.command_layout, plc.command_register, plc.word_order, "command", side)
+        notes = export.register_map_notes(plc, side)
+        print(notes + export.register_map_markdown(rows))
         (out / "modbus_registers.csv").write_text(export.register_map_csv(rows), encoding="utf-8")
-        (out / "modbus_registers.md").write_text(export.register_map_markdown(rows), encoding="utf-8")
+        (out / "modbus_registers.md").write_text(export.register_map_markdown(rows, notes), encoding="utf-8")
         print(f"Modbus register map → {out / 'modbus_registers.csv'} and .md")
     return 0
 
@@ -50,7 +53,10 @@ def cmd_plc_sim(args: argparse.Namespace) -> int:
     print(
         f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready", flush=True
     )
-    print(f"{'id':>8} {'verdict':>7} {'score':>7} {'thr':>6} {'err':>4} {'latency':>9} {'wait':>8}", flush=True)
+    print(
+        f"{'id':>8} {'part_id':>8} {'verdict':>7} {'score':>7} {'thr':>6} {'err':>4} {'latency':>9} {'wait':>8}",
+        flush=True,
+    )
 
     def show(result: SimResult | None) -> None:
         if result is None:
@@ -59,7 +65,8 @@ def cmd_plc_sim(args: argparse.Namespace) -> int:
         s = result.status
         verdict = "OK" if s.passed else "NG"
         print(
-            f"{s.inspection_id:>8} {verdict:>7} {s.score:7.3f} {s.threshold:6.2f} {s.error_code:>4} "
+            f"{s.inspection_id:>8} {s.part_id:>8}{'' if result.attributed else '!'} {verdict:>7} "
+            f"{s.score:7.3f} {s.threshold:6.2f} {s.error_code:>4} "
             f"{s.latency_ms:7.1f}ms {result.wait_ms:6.1f}ms",
             flush=True,
         )

@@ -42,6 +42,10 @@ class CameraFaults(Section):
     timeout_every: int = setting(0, "Timeout every N", "Simulate a grab timeout every N frames (0: never).", ge=0)
     drop_every: int = setting(0, "Drop every N", "Silently skip a frame every N frames (0: never).", ge=0)
     wrong_size_every: int = setting(0, "Wrong size every N", "Deliver a half-size frame every N (0: never).", ge=0)
+    hang_every: int = setting(
+        0, "Hang every N", "Every N frames the driver hangs for hang_ms, ignoring the timeout (0: never).", ge=0
+    )
+    hang_ms: float = setting(300.0, "Hang", "How long a hanging grab blocks before it delivers.", "ms", ge=0, le=60000)
 
 
 class SimulatedCameraConfig(Section):

@@ -294,3 +294,117 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
         "RestartPreventExitStatus=2",
     ):
         assert key in text
+
+
+def _records_by_id(r: Running) -> dict[int, dict[str, object]]:
+    with sqlite3.connect(r.data / "inspections.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT * FROM inspections").fetchall()
+    return {int(row["inspection_id"]): dict(row) for row in rows}
+
+
+def test_stalled_daemon_and_immediate_retriggers_never_misattribute(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path
+) -> None:
+    """The test PLC stops the daemon (SIGSTOP) mid-inspection for 1.5× the budget, then re-triggers
+    at once; every answer must name its own part, and agree with the record of its own frame."""
+    budget_ms = 300
+    r = daemon_factory(e2e_bundle, sample_dir, daemon__budget_ms=budget_ms, daemon__grab_timeout_ms=500)
+    sent: list[tuple[int, object]] = []  # (part_id, SimResult | None)
+    stalls = 0
+    part_id = 5000
+    for i in range(36):
+        part_id += 1
+        stall = i % 4 == 1
+        if stall:
+            # Raise the trigger ourselves, stop the daemon as soon as it is busy with this part.
+            assert r.plc.wait_for(lambda s: not s.trigger_ack, 5.0)
+            before = r.plc.read_status()
+            r.plc.set_command(trigger=True, result_ack=False, part_id=part_id)
+            if r.plc.wait_for(lambda s: s.busy, 2.0) is not None:
+                r.process.send_signal(signal.SIGSTOP)
+                time.sleep(1.5 * budget_ms / 1000.0)
+                r.process.send_signal(signal.SIGCONT)
+                stalls += 1
+            status = r.plc.wait_for(lambda s, b=before: s.result_toggle != b.result_toggle, 10.0)
+            r.plc.set_command(trigger=False)
+            assert status is not None, f"part {part_id} got no answer"
+            sent.append((part_id, status))
+            continue
+        # Right after a stall: no waiting for trigger_ready, only for trigger_ack to fall.
+        result = r.plc.inspect_once(10.0, part_id=part_id, interlock=not sent or i % 4 != 2)
+        assert result is not None, f"part {part_id} got no answer"
+        sent.append((part_id, result.status))
+    assert stalls >= 6
+    answers = sent
+    final_id = r.plc.read_status().inspection_id
+    assert stop(r) == 0
+    records = _records_by_id(r)
+    assert sorted(records) == list(range(1, final_id + 1))  # every answer has its row, none lost
+    late = refused = 0
+    frames: list[int] = []
+    for pid, s in answers:
+        assert s.part_id == pid, f"trigger {pid} latched the answer of part {s.part_id}"
+        assert not (s.passed and s.error)
+        row = records[s.inspection_id]
+        assert row["part_id"] == pid and row["error_code"] == s.error_code
+        assert (row["verdict"] == "NG") == s.fail
+        late += row["late"]
+        refused += row["refused"]
+        if s.passed:  # a pass is always the on-time verdict of this part's own frame
+            assert row["late"] == 0 and row["model_verdict"] in ("OK", "WARN") and row["frame_id"] is not None
+        if row["late"]:
+            assert s.error_code == ErrorCode.OVER_BUDGET and s.fail and row["model_verdict"] is not None
+        if row["frame_id"] is not None:
+            frames.append(int(row["frame_id"]))
+    assert late >= 1, "no inspection was caught by the stall"
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)  # each trigger its own, fresh frame
+    assert refused == sum(1 for _, s in answers if s.error_code in (ErrorCode.LATE_RUNNING, ErrorCode.TRIGGER_OVERRUN))
+
+
+def test_refused_trigger_is_answered_with_its_part_id_and_recorded(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path
+) -> None:
+    r = daemon_factory(e2e_bundle, sample_dir)
+    ok = r.plc.inspect_once(10.0, part_id=1)
+    assert ok is not None and ok.attributed
+    r.plc.set_command(enable=False)
+    assert r.plc.wait_for(lambda s: not s.trigger_ready, 2.0)
+    refused = r.plc.inspect_once(5.0, part_id=2, interlock=False)
+    assert refused is not None and refused.attributed
+    s = refused.status
+    assert s.result_valid and s.fail and not s.passed and s.error and s.error_code == ErrorCode.DISABLED
+    assert s.missed_triggers == 1 and s.inspection_id == ok.status.inspection_id + 1
+    r.plc.set_command(enable=True)
+    again = r.plc.inspect_once(10.0, part_id=3)
+    assert again is not None and again.attributed and again.status.error_code == 0
+    assert stop(r) == 0
+    records = _records_by_id(r)
+    assert [records[i]["part_id"] for i in sorted(records)] == [1, 2, 3]
+    assert records[s.inspection_id]["refused"] == 1 and records[s.inspection_id]["verdict"] == "NG"
+
+
+def test_a_restart_is_visible_to_the_plc(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
+    """A stop clears ready and result_valid, so a PLC waiting for an answer re-triggers after ready."""
+    r = daemon_factory(e2e_bundle, sample_dir)
+    before = r.plc.read_status()
+    r.plc.set_command(trigger=True, part_id=1)  # no result_ack: the answer stays valid
+    answered = r.plc.wait_for(lambda s: s.result_toggle != before.result_toggle, 10.0)
+    assert answered is not None and answered.result_valid and answered.part_id == 1
+    assert stop(r) == 0
+    s = r.plc.read_status()
+    assert not s.ready and not s.result_valid and not s.trigger_ready and not s.passed
+    r.plc.set_command(trigger=False)
+    # Started again on the same PLC: ready rises, nothing stale is valid, numbering continues.
+    process = subprocess.Popen(
+        [*ANOMALYD, "run", "--config", str(r.config)],
+        stdout=(r.config.parent / "daemon2.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    r.process = process
+    back = r.plc.wait_for(lambda st: st.ready, 90.0)
+    assert back is not None and not back.result_valid
+    again = r.plc.inspect_once(10.0, part_id=2)
+    assert again is not None and again.attributed and again.status.inspection_id == answered.inspection_id + 1
+    assert stop(r) == 0

@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from pymodbus.client import ModbusTcpClient
 
 from anomalyd.config import ModbusConfig, ModbusServerConfig, S7Config
+from anomalyd.daemon.handshake import Handshake
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.drivers.plc.base import PlcError, bytes_from_words
-from anomalyd.daemon.handshake import ErrorCode, Handshake
 from anomalyd.drivers.plc.layout import (
     Command,
     CommandLayout,
@@ -256,6 +256,9 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
     assert "| 4 | UDINT | inspection_id |" in out.stdout
     scl = (tmp_path / "s7" / "anomalyd_blocks.scl").read_text()
     assert 'TYPE "anomalyd_Status"' in scl and "inspection_id : UDInt;" in scl
+    # The appended fields, after today's: byte 22 bit 0, then a spare byte, part_id at 24.
+    assert "trigger_ready : Bool;   // 22.0" in scl and "part_id : UDInt;" in scl
+    assert scl.index("latency_ms : Real;") < scl.index("trigger_ready : Bool;") < scl.index("missed_triggers : UDInt;")
     assert "S7_Optimized_Access := 'FALSE'" in scl
     config = tmp_path / "mb.yaml"
     config.write_text("plc:\n  type: modbus\n  word_order: little\n")
@@ -265,5 +268,10 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
         capture_output=True,
     )
     csv = (tmp_path / "mb" / "modbus_registers.csv").read_text()
-    assert 'status,2,2..3,UDINT,"32 bit, low word first",inspection_id' in csv
-    assert "command,100,bit 8,BOOL,1 bit,trigger" in csv
+    assert 'status,2,40003,2..3,,UDINT,"32 bit, low word first",inspection_id' in csv
+    assert "command,100,40101,bit 8,16#0100,BOOL,1 bit,trigger" in csv
+    assert "command,100,40101,bit 9,16#0200,BOOL,1 bit,result_ack" in csv
+    assert "command,100,40101,bit 10,16#0400,BOOL,1 bit,enable" in csv
+    assert 'command,101,40102,101..102,,UDINT,"32 bit, low word first",part_id' in csv
+    md = (tmp_path / "mb" / "modbus_registers.md").read_text()
+    assert "unit id 1" in md and "FC16" in md and "FC03" in md and "0-based" in md

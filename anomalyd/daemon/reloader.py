@@ -31,7 +31,9 @@ def reload_config(path: Path, current: AppConfig) -> Reload:
         log.error("reload.kept_old_config", thresholds=current.thresholds.model_dump())
         return Reload(current, applied=False)
     restart = [
-        name for name in AppConfig.model_fields if name not in RELOADABLE and getattr(new, name) != getattr(current, name)
+        name
+        for name in AppConfig.model_fields
+        if name not in RELOADABLE and getattr(new, name) != getattr(current, name)
     ]
     applied = current.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
     return Reload(applied, applied=True, needs_restart=restart)

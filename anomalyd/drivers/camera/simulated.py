@@ -2,7 +2,7 @@
 
 A first-class backend of the Camera interface: software trigger or a frame rate,
 sequential or shuffled order, an optional sensor size, and fault injection
-(timeouts, dropped frames, wrong-size frames) for reliability drills.
+(timeouts, dropped frames, wrong-size frames, grabs that hang) for reliability drills.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class SimulatedCamera:
             time.sleep(timeout_s)
             raise CameraTimeout(f"{self.name}: simulated timeout (every {faults.timeout_every} frames)")
         self._wait_for_exposure(timeout_s)
+        if self._every(faults.hang_every):
+            time.sleep(faults.hang_ms / 1000.0)  # a producer that blocks past its timeout (seen in the field)
         if self._every(faults.drop_every):
             self._position += 1  # the frame that would have come is lost
         path = self.files[self._position % len(self.files)]

@@ -73,15 +73,31 @@ def scl_source(status: StatusLayout, command: CommandLayout, status_db: int, com
     return out.getvalue()
 
 
-def register_map(layout: _Layout, first_register: int, word_order: str, block: str) -> list[dict[str, str]]:
-    """Rows of the Modbus register map (holding registers, bit 15 = MSB)."""
+# Function codes per block and side of the link: who reads and who writes it.
+_FUNCTIONS = {
+    ("status", "client"): "anomalyd writes FC16 (write multiple registers); the PLC reads its own registers",
+    ("command", "client"): "anomalyd reads FC03 (read holding registers); the PLC writes its own registers",
+    ("status", "server"): "the PLC reads FC03 (read holding registers); writes are refused",
+    ("command", "server"): "the PLC writes FC16 (or FC06 per register); anomalyd only reads",
+}
+
+
+def register_map(
+    layout: _Layout, first_register: int, word_order: str, block: str, side: str = "client"
+) -> list[dict[str, str]]:
+    """Rows of the Modbus register map (holding registers, bit 15 = MSB).
+
+    ``register`` is the 0-based protocol address (what goes on the wire), ``4xxxx``
+    the same register in the 1-based Modicon notation many PLC tools use.
+    """
     rows = []
     for name, kind, byte, bit, meaning in _cells(layout):
         register = first_register + byte // 2
+        mask = ""
         if kind == "BOOL":
             # Byte 2k is the high byte of register k: S7-style byte order.
             reg_bit = bit + (8 if byte % 2 == 0 else 0)
-            where, width = f"bit {reg_bit}", "1 bit"
+            where, width, mask = f"bit {reg_bit}", "1 bit", f"16#{1 << reg_bit:04X}"
         elif SIZES[kind] == 4:
             order = "high word first" if word_order == "big" else "low word first"
             where, width = f"{register}..{register + 1}", f"32 bit, {order}"
@@ -91,7 +107,9 @@ def register_map(layout: _Layout, first_register: int, word_order: str, block: s
             {
                 "block": block,
                 "register": str(register),
+                "4xxxx": str(40001 + register),
                 "bit": where,
+                "mask": mask,
                 "type": kind,
                 "width": width,
                 "name": name,
@@ -99,6 +117,26 @@ def register_map(layout: _Layout, first_register: int, word_order: str, block: s
             }
         )
     return rows
+
+
+def register_map_notes(config: object, side: str) -> str:
+    """What a PLC programmer needs besides the rows: addressing, unit id, function codes."""
+    unit = getattr(config, "unit", 1)
+    host, port = getattr(config, "host", "?"), getattr(config, "port", "?")
+    role = (
+        f"anomalyd is the Modbus TCP client of the PLC at {host}:{port}, unit id {unit}"
+        if side == "client"
+        else f"anomalyd is a Modbus TCP server on {host}:{port} (any unit id); the PLC is the client"
+    )
+    return (
+        f"{role}.\n\n"
+        "- Holding registers only. `register` is the 0-based address sent on the wire; "
+        "`4xxxx` is the same register in 1-based Modicon notation (40001 = register 0).\n"
+        f"- Status block: {_FUNCTIONS[('status', side)]}.\n"
+        f"- Command block: {_FUNCTIONS[('command', side)]}.\n"
+        "- A BOOL is one bit of a register: `mask` is the bit's value (AND the register with it).\n"
+        "- Read the whole status block in one request, so every field belongs to the same answer.\n\n"
+    )
 
 
 def register_map_csv(rows: list[dict[str, str]]) -> str:
@@ -109,8 +147,9 @@ def register_map_csv(rows: list[dict[str, str]]) -> str:
     return out.getvalue()
 
 
-def register_map_markdown(rows: list[dict[str, str]]) -> str:
+def register_map_markdown(rows: list[dict[str, str]], notes: str = "") -> str:
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = [notes.rstrip("\n")] if notes else []
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"

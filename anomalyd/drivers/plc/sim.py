@@ -124,7 +124,7 @@ class SimulatedPlc:
             self._server.write(self.command_register, words_from_bytes(raw))  # type: ignore[attr-defined]
 
     def set_command(self, **changes: bool | int) -> None:
-        self.write_command(replace(self._command, **changes))
+        self.write_command(replace(self._command, **changes))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ handshake
     def wait_for(self, predicate: Callable[[Status], bool], timeout_s: float) -> Status | None:
@@ -141,12 +141,15 @@ class SimulatedPlc:
     ) -> SimResult | None:
         """One part: trigger with its part_id, wait for its answer, drop trigger, acknowledge.
 
-        With ``interlock`` (as a PLC program must) the trigger is raised only once
-        ``trigger_ready`` = 1 and ``trigger_ack`` has fallen; without it the trigger
-        is raised at once (to test how a refused trigger is answered). None: no
+        With ``interlock`` (as a PLC program should) the trigger is raised only once
+        ``trigger_ready`` = 1 and ``trigger_ack`` has fallen; without it as soon as
+        ``trigger_ack`` has fallen (to test how a refused trigger is answered). None: no
         answer within ``timeout_s``, or ``ready`` fell while waiting (re-trigger).
         """
-        if interlock and self.wait_for(lambda s: s.trigger_ready and not s.trigger_ack, timeout_s) is None:
+        # trigger_ack must have fallen in any case: a trigger dropped and raised between two
+        # polls of the daemon is no edge at all.
+        ready = (lambda s: s.trigger_ready and not s.trigger_ack) if interlock else (lambda s: not s.trigger_ack)
+        if self.wait_for(ready, timeout_s) is None:
             return None
         if part_id is None:
             part_id, self.next_part_id = self.next_part_id, (self.next_part_id + 1) & 0xFFFFFFFF
