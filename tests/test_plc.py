@@ -275,3 +275,16 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
     assert 'command,101,40102,101..102,,UDINT,"32 bit, low word first",part_id' in csv
     md = (tmp_path / "mb" / "modbus_registers.md").read_text()
     assert "unit id 1" in md and "FC16" in md and "FC03" in md and "0-based" in md
+
+
+def test_readme_tables_are_the_code() -> None:
+    """The README's block and error tables are what the daemon writes (no drift)."""
+    from anomalyd.daemon.handshake import ERROR_MEANINGS
+    from anomalyd.drivers.plc import export
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for layout in (StatusLayout(), CommandLayout()):
+        for row in export.table(layout, "x").splitlines()[4:]:
+            assert row in readme, f"README lacks the row {row}"
+    for code, meaning in ERROR_MEANINGS.items():
+        assert f"| {int(code)} | {meaning} |" in readme
