@@ -23,7 +23,9 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(plc, S7Config):
-        scl = export.scl_source(plc.status_layout, plc.command_layout, plc.status_db, plc.command_db)
+        scl = export.scl_source(
+            plc.status_layout, plc.command_layout, plc.status_db, plc.command_db, plc.status_start, plc.command_start
+        )
         (out / "anomalyd_blocks.scl").write_text(scl, encoding="utf-8")
         print(
             f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)"

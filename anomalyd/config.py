@@ -27,21 +27,28 @@ def setting(default: Any, title: str, description: str, unit: str | None = None,
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` is never a threshold, a budget or a timeout.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- camera
 class Roi(Section):
-    x: int = setting(0, "ROI left", "Left edge of the crop in sensor pixels.", "px", ge=0)
-    y: int = setting(0, "ROI top", "Top edge of the crop in sensor pixels.", "px", ge=0)
-    width: int = setting(..., "ROI width", "Width of the crop in sensor pixels.", "px", gt=0)
-    height: int = setting(..., "ROI height", "Height of the crop in sensor pixels.", "px", gt=0)
+    x: int = setting(0, "ROI left", "Left edge of the crop in sensor pixels.", "px", ge=0, le=65535)
+    y: int = setting(0, "ROI top", "Top edge of the crop in sensor pixels.", "px", ge=0, le=65535)
+    width: int = setting(..., "ROI width", "Width of the crop in sensor pixels.", "px", gt=0, le=65535)
+    height: int = setting(..., "ROI height", "Height of the crop in sensor pixels.", "px", gt=0, le=65535)
 
 
 class CameraFaults(Section):
-    timeout_every: int = setting(0, "Timeout every N", "Simulate a grab timeout every N frames (0: never).", ge=0)
-    drop_every: int = setting(0, "Drop every N", "Silently skip a frame every N frames (0: never).", ge=0)
-    wrong_size_every: int = setting(0, "Wrong size every N", "Deliver a half-size frame every N (0: never).", ge=0)
+    timeout_every: int = setting(
+        0, "Timeout every N", "Simulate a grab timeout every N frames (0: never).", ge=0, le=1_000_000_000
+    )
+    drop_every: int = setting(
+        0, "Drop every N", "Silently skip a frame every N frames (0: never).", ge=0, le=1_000_000_000
+    )
+    wrong_size_every: int = setting(
+        0, "Wrong size every N", "Deliver a half-size frame every N (0: never).", ge=0, le=1_000_000_000
+    )
     hang_every: int = setting(
         0, "Hang every N", "Every N frames the driver hangs for hang_ms, ignoring the timeout (0: never).", ge=0
     )
@@ -54,8 +61,8 @@ class SimulatedCameraConfig(Section):
         Path("sample"), "Image source", "Folder of images or an MVTec-layout data set (test/* is replayed)."
     )
     order: Literal["sequential", "shuffle"] = setting("sequential", "Order", "Replay order of the images.")
-    seed: int = setting(0, "Shuffle seed", "Seed of the shuffled order.", ge=0)
-    fps: float = setting(0.0, "Frame rate", "Frames per second in free run (0: as fast as asked).", "Hz", ge=0)
+    seed: int = setting(0, "Shuffle seed", "Seed of the shuffled order.", ge=0, le=2**32 - 1)
+    fps: float = setting(0.0, "Frame rate", "Frames per second in free run (0: as fast as asked).", "Hz", ge=0, le=1000)
     sensor_size: tuple[int, int] | None = setting(
         None, "Sensor size", "Resize every image to [width, height] as a real sensor would deliver.", "px"
     )
@@ -69,11 +76,13 @@ class HarvestersCameraConfig(Section):
     serial_number: str | None = setting(None, "Serial number", "Select the device with this serial number.")
     model: str | None = setting(None, "Model", "Select the device of this model.")
     user_defined_name: str | None = setting(None, "User-defined name", "Select the device with this name.")
-    index: int = setting(0, "Index", "Among the devices that match, take this one.", ge=0)
+    index: int = setting(0, "Index", "Among the devices that match, take this one.", ge=0, le=255)
     nodes: dict[str, str | int | float | bool] = setting(
         {}, "GenICam nodes", "Node values applied at open, in order (ExposureTime, Gain, PixelFormat, …)."
     )
-    reopen_backoff_s: float = setting(1.0, "Reopen back-off", "First wait before reopening a lost device.", "s", gt=0)
+    reopen_backoff_s: float = setting(
+        1.0, "Reopen back-off", "First wait before reopening a lost device.", "s", gt=0, le=600
+    )
     roi: Roi | None = setting(None, "Region of interest", "Crop applied before the model.")
 
 
@@ -85,7 +94,9 @@ class _PlcCommon(Section):
     status_layout: StatusLayout = setting(StatusLayout(), "Status block", "Byte offsets of the daemon-owned block.")
     command_layout: CommandLayout = setting(CommandLayout(), "Command block", "Bit offsets of the PLC-owned block.")
     timeout_s: float = setting(1.0, "I/O timeout", "Timeout of one request to the PLC.", "s", gt=0, le=30)
-    reconnect_max_s: float = setting(5.0, "Reconnect back-off cap", "Longest wait between reconnects.", "s", gt=0)
+    reconnect_max_s: float = setting(
+        5.0, "Reconnect back-off cap", "Longest wait between reconnects.", "s", gt=0, le=600
+    )
 
 
 class S7Config(_PlcCommon):
@@ -95,9 +106,25 @@ class S7Config(_PlcCommon):
     rack: int = setting(0, "Rack", "Rack of the CPU.", ge=0, le=7)
     slot: int = setting(1, "Slot", "Slot of the CPU (1 for S7-1200/1500).", ge=0, le=31)
     status_db: int = setting(100, "Status DB", "DB number of the daemon-owned status block.", ge=1, le=65535)
-    status_start: int = setting(0, "Status start", "Byte offset of the status block in its DB.", ge=0)
+    status_start: int = setting(0, "Status start", "Byte offset of the status block in its DB.", ge=0, le=65000)
     command_db: int = setting(101, "Command DB", "DB number of the PLC-owned command block.", ge=1, le=65535)
-    command_start: int = setting(0, "Command start", "Byte offset of the command block in its DB.", ge=0)
+    command_start: int = setting(0, "Command start", "Byte offset of the command block in its DB.", ge=0, le=65000)
+
+    @model_validator(mode="after")
+    def _blocks_apart(self) -> S7Config:
+        for name, start in (("status_start", self.status_start), ("command_start", self.command_start)):
+            if start % 2:
+                raise ValueError(f"{name} {start} must be even (an S7 structure starts on an even byte)")
+        # One DB for both blocks is allowed, but our score bytes must never land on the PLC's command byte.
+        if self.status_db == self.command_db:
+            status = (self.status_start, self.status_start + self.status_layout.size())
+            command = (self.command_start, self.command_start + self.command_layout.size())
+            if status[0] < command[1] and command[0] < status[1]:
+                raise ValueError(
+                    f"status block (DB{self.status_db} bytes {status[0]}..{status[1] - 1}) overlaps the command block "
+                    f"(bytes {command[0]}..{command[1] - 1}) in the same DB; move status_start or command_start"
+                )
+        return self
 
 
 class ModbusConfig(_PlcCommon):
@@ -105,17 +132,38 @@ class ModbusConfig(_PlcCommon):
     host: str = setting("127.0.0.1", "Server address", "IP address of the Modbus TCP server (the PLC).")
     port: int = setting(502, "TCP port", "Modbus TCP port.", ge=1, le=65535)
     unit: int = setting(1, "Unit id", "Modbus unit/device id.", ge=0, le=255)
-    status_register: int = setting(0, "Status register", "First holding register of the status block.", ge=0)
-    command_register: int = setting(100, "Command register", "First holding register of the command block.", ge=0)
+    status_register: int = setting(0, "Status register", "First holding register of the status block.", ge=0, le=65000)
+    command_register: int = setting(
+        100, "Command register", "First holding register of the command block.", ge=0, le=65000
+    )
     word_order: Literal["big", "little"] = setting(
         "big", "Word order", "Order of the two registers of a 32-bit value (big: high word first)."
     )
+
+    @model_validator(mode="after")
+    def _blocks_apart(self) -> ModbusConfig:
+        status = (self.status_register, self.status_register + self.status_layout.size() // 2)
+        command = (self.command_register, self.command_register + self.command_layout.size() // 2)
+        if status[0] < command[1] and command[0] < status[1]:
+            raise ValueError(
+                f"status registers {status[0]}..{status[1] - 1} overlap the command registers "
+                f"{command[0]}..{command[1] - 1}; move status_register or command_register"
+            )
+        if max(status[1], command[1]) > 65536:
+            raise ValueError("the blocks must end at or before register 65535")
+        return self
 
 
 class ModbusServerConfig(ModbusConfig):
     type: Literal["modbus-server"] = "modbus-server"  # type: ignore[assignment]
     host: str = setting("127.0.0.1", "Listen address", "Address the daemon serves registers on.")
     port: int = setting(5020, "TCP port", "Port the daemon serves registers on.", ge=1, le=65535)
+    max_clients: int = setting(
+        4, "Most clients", "Connections served at once; more are refused (a PLC needs one).", ge=1, le=64
+    )
+    idle_timeout_s: float = setting(
+        60.0, "Idle timeout", "A client that sends nothing for this long is disconnected.", "s", gt=0, le=3600
+    )
 
 
 class NoPlcConfig(Section):
@@ -157,7 +205,7 @@ class TensorRtEngineConfig(_EngineCommon):
     type: Literal["tensorrt"] = "tensorrt"
     device: str = setting("cuda", "Device", "CUDA device, e.g. cuda or cuda:1.")
     fp16: bool = setting(True, "FP16", "Build the plan in FP16 where the GPU has fast FP16.")
-    workspace_mb: int = setting(1024, "Workspace", "Builder workspace limit.", "MiB", ge=16)
+    workspace_mb: int = setting(1024, "Workspace", "Builder workspace limit.", "MiB", ge=16, le=1_000_000)
 
 
 EngineConfig = Annotated[
@@ -176,13 +224,19 @@ class SearchConfig(Section):
 # ---------------------------------------------------------------- decision
 class ThresholdsConfig(Section):
     image: float | None = setting(
-        None, "Image threshold", "Fail at or above this normalised score (empty: the bundle's suggestion).", gt=0
+        None,
+        "Image threshold",
+        "Fail at or above this normalised score (empty: the bundle's suggestion).",
+        gt=0,
+        le=1000,
     )
-    warn: float | None = setting(None, "Warn threshold", "Warn at or above this score, below image.", gt=0)
+    warn: float | None = setting(None, "Warn threshold", "Warn at or above this score, below image.", gt=0, le=1000)
     pixel: float | None = setting(
-        None, "Pixel threshold", "Normalised map value that counts a pixel as defective (for min_area).", gt=0
+        None, "Pixel threshold", "Normalised map value that counts a pixel as defective (for min_area).", gt=0, le=1000
     )
-    min_area_px: int = setting(0, "Minimum defect area", "Fail only if this many pixels exceed pixel.", "px", ge=0)
+    min_area_px: int = setting(
+        0, "Minimum defect area", "Fail only if this many pixels exceed pixel.", "px", ge=0, le=1_000_000_000
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdsConfig:
@@ -200,20 +254,30 @@ class DaemonConfig(Section):
         "plc: rising edge of the PLC's trigger bit; hardware: the camera is wired to the "
         "line; free_run: inspect frames as they come.",
     )
-    budget_ms: float = setting(100.0, "Budget", "Frame-to-PLC-write deadline; late results are failed.", "ms", gt=0)
-    heartbeat_ms: int = setting(500, "Heartbeat period", "Heartbeat counter period, also when idle.", "ms", ge=50)
-    grab_timeout_ms: int = setting(1000, "Grab timeout", "Longest wait for a frame after a trigger.", "ms", gt=0)
+    budget_ms: float = setting(
+        100.0, "Budget", "Frame-to-PLC-write deadline; late results are failed.", "ms", gt=0, le=60000
+    )
+    heartbeat_ms: int = setting(
+        500, "Heartbeat period", "Heartbeat counter period, also when idle.", "ms", ge=50, le=60000
+    )
+    grab_timeout_ms: int = setting(
+        1000, "Grab timeout", "Longest wait for a frame after a trigger.", "ms", gt=0, le=60000
+    )
     poll_ms: int = setting(5, "PLC poll period", "How often the command block is read.", "ms", ge=1, le=1000)
-    max_inspections: int = setting(0, "Stop after", "Exit after this many inspections (0: never).", ge=0)
+    max_inspections: int = setting(0, "Stop after", "Exit after this many inspections (0: never).", ge=0, le=2**32)
     data_dir: Path = setting(Path("var"), "Data folder", "Records database and reject archive go here.")
-    records_retention_days: float = setting(90.0, "Keep records", "Delete records older than this.", "days", gt=0)
-    records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1)
+    records_retention_days: float = setting(
+        90.0, "Keep records", "Delete records older than this.", "days", gt=0, le=36500
+    )
+    records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1, le=10**10)
 
 
 class ArchiveConfig(Section):
     enabled: bool = setting(True, "Archive", "Save NG frames with a heatmap overlay.")
-    ok_sample_every: int = setting(0, "OK sample", "Also save every Nth OK frame (0: none).", ge=0)
-    quota_mb: float = setting(1024.0, "Disk quota", "Oldest images are deleted above this size.", "MiB", gt=0)
+    ok_sample_every: int = setting(0, "OK sample", "Also save every Nth OK frame (0: none).", ge=0, le=1_000_000_000)
+    quota_mb: float = setting(
+        1024.0, "Disk quota", "Oldest images are deleted above this size.", "MiB", gt=0, le=10_000_000
+    )
 
 
 class MetricsConfig(Section):

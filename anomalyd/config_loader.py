@@ -47,6 +47,23 @@ def _index_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ..
             _index_lines(value, (*path, str(i)), out)
 
 
+def _duplicates(node: yaml.Node, path: tuple[str, ...], filename: str, out: list[ConfigIssue]) -> None:
+    """A key written twice in one mapping: YAML keeps the last silently; we name both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen:
+                where = ".".join((*path, name))
+                out.append(ConfigIssue(filename, line, where, f"duplicate key (first at line {seen[name]})"))
+            else:
+                seen[name] = line
+            _duplicates(value, (*path, name), filename, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _duplicates(value, (*path, str(i)), filename, out)
+
+
 def _locate(loc: tuple[Any, ...], data: Any) -> tuple[str, ...]:
     """Pydantic's error location → the key path as written in the YAML.
 
@@ -110,12 +127,18 @@ def parse_config(text: str, filename: str = "<config>", base_dir: Path | None = 
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(filename, line, "", f"YAML syntax: {problem}")]) from None
     if data is None:
-        data = {}
-    if not isinstance(data, dict):
+        # An empty file would mean "all defaults": a truncated or unsaved file must not reset thresholds.
+        raise ConfigError(
+            [ConfigIssue(filename, None, "", "the file is empty (truncated?); write at least one section")]
+        )
+    if not isinstance(data, dict) or root is None:
         raise ConfigError([ConfigIssue(filename, 1, "", "the file must be a mapping of sections")])
+    duplicates: list[ConfigIssue] = []
+    _duplicates(root, (), filename, duplicates)
+    if duplicates:
+        raise ConfigError(duplicates)
     lines: dict[tuple[str, ...], int] = {}
-    if root is not None:
-        _index_lines(root, (), lines)
+    _index_lines(root, (), lines)
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:
@@ -153,8 +176,28 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
 def load_config(path: Path | str) -> AppConfig:
     """Read and validate a config file (the one loader used everywhere)."""
     path = Path(path)
+    return parse_config(read_config_text(path), str(path), path.parent.resolve())
+
+
+def read_config_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_config(text, str(path), path.parent.resolve())
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(path), line, "", f"not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x}); save as UTF-8"
+                )
+            ]
+        ) from None
+
+
+def config_sections(path: Path | str) -> set[str]:
+    """The top-level sections written in the file (not those left to their defaults)."""
+    data = yaml.safe_load(read_config_text(Path(path)))
+    return set(data) if isinstance(data, dict) else set()

@@ -137,3 +137,66 @@ def test_json_log_lines_parse() -> None:
 def test_plc_trigger_without_a_plc_is_rejected() -> None:
     (line,) = issues("plc:\n  type: none\n")
     assert "daemon.trigger plc needs a PLC" in line
+
+
+def test_duplicate_keys_name_both_lines() -> None:
+    text = "thresholds:\n  image: 1.2\n  warn: 1.0\n  image: 5\n"
+    assert issues(text) == ["line.yaml:4 thresholds.image: duplicate key (first at line 2)"]
+    assert issues("daemon: {budget_ms: 80}\nthresholds: {}\ndaemon: {}\n") == [
+        "line.yaml:3 daemon: duplicate key (first at line 1)"
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# thresholds:\n#   image: 1.2\n"])
+def test_empty_or_comment_only_file_is_refused(text: str) -> None:
+    assert issues(text) == ["line.yaml: the file is empty (truncated?); write at least one section"]
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("thresholds:\n  image: .inf\n", "line.yaml:2 thresholds.image: Input should be a finite number"),
+        ("thresholds:\n  image: .nan\n", "line.yaml:2 thresholds.image: Input should be a finite number"),
+        ("daemon:\n  budget_ms: 1e999\n", "line.yaml:2 daemon.budget_ms: Input should be a finite number"),
+        ("daemon:\n  heartbeat_ms: 1" + "0" * 40 + "\n", "line.yaml:2 daemon.heartbeat_ms: must be ≤ 60000"),
+        ("daemon:\n  records_retention_days: 200000\n", "line.yaml:2 daemon.records_retention_days: must be ≤ 36500"),
+        ("thresholds:\n  image: 1e9\n", "line.yaml:2 thresholds.image: must be ≤ 1000"),
+    ],
+)
+def test_non_finite_and_overflowing_numbers_are_refused(text: str, message: str) -> None:
+    found = issues(text)
+    assert len(found) == 1 and found[0].startswith(message), found
+
+
+def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("daemon:\n  budget_ms: 90\nthresholds:\n  image: 1.5  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert [str(i) for i in err.value.issues] == [f"{path}:4: not UTF-8 text (byte 53: 0xe9); save as UTF-8"]
+    out = subprocess.run([*ANOMALYD, "check-config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_s7_blocks_in_one_db_must_not_overlap() -> None:
+    text = "plc:\n  type: s7\n  status_db: 7\n  command_db: 7\n  command_start: 16\n"
+    found = issues(text)
+    assert len(found) == 1 and "line.yaml:1 plc: status block (DB7 bytes 0..31) overlaps" in found[0]
+    assert "odd" not in issues("plc:\n  type: s7\n  status_start: 3\n")[0]
+    assert "must be even" in issues("plc:\n  type: s7\n  status_start: 3\n")[0]
+
+
+def test_reload_refuses_a_truncated_file(tmp_path: Path) -> None:
+    from anomalyd.config_loader import config_sections
+    from anomalyd.daemon.reloader import reload_config
+
+    path = tmp_path / "a.yaml"
+    path.write_text("plc: {type: none}\ndaemon: {trigger: free_run}\nthresholds:\n  image: 1.7\n", encoding="utf-8")
+    current = load_config(path)
+    sections = frozenset(config_sections(path))
+    path.write_text("plc: {type: none}\ndaemon: {trigger: free_run}\n", encoding="utf-8")  # cut after line 2
+    kept = reload_config(path, current, sections)
+    assert not kept.applied and kept.config.thresholds.image == 1.7
+    path.write_text("plc: {type: none}\ndaemon: {trigger: free_run}\nthresholds:\n  image: 1.9\n", encoding="utf-8")
+    applied = reload_config(path, current, sections)
+    assert applied.applied and applied.config.thresholds.image == 1.9

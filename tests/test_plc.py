@@ -288,3 +288,70 @@ def test_readme_tables_are_the_code() -> None:
             assert row in readme, f"README lacks the row {row}"
     for code, meaning in ERROR_MEANINGS.items():
         assert f"| {int(code)} | {meaning} |" in readme
+
+
+def _s7_offsets(scl: str, db_name: str) -> dict[str, str]:
+    """Where TIA Portal puts each member of a non-optimised DB: Bools pack into bits of a byte,
+    Byte takes one byte, numbers and structures start on an even byte."""
+    import re
+
+    udts: dict[str, list[tuple[str, str]]] = {}
+    for name, body in re.findall(r'TYPE "(\w+)"\nVERSION : 0.1\n   STRUCT\n(.*?)   END_STRUCT;', scl, re.S):
+        udts[name] = re.findall(r"^\s+(\w+) : ([^;]+);", body, re.M)
+    db = re.search(rf'DATA_BLOCK "{db_name}".*?STRUCT\n(.*?)   END_STRUCT;', scl, re.S)
+    assert db is not None
+    members = re.findall(r"^\s+(\w+) : ([^;]+);", db.group(1), re.M)
+    offsets: dict[str, str] = {}
+    pos = [0, 0]  # byte, bit
+
+    def align() -> None:
+        if pos[1]:
+            pos[0], pos[1] = pos[0] + 1, 0
+        pos[0] += pos[0] % 2
+
+    def place(prefix: str, items: list[tuple[str, str]]) -> None:
+        for name, kind in items:
+            if kind == "Bool":
+                offsets[prefix + name] = f"{pos[0]}.{pos[1]}"
+                pos[0], pos[1] = (pos[0], pos[1] + 1) if pos[1] < 7 else (pos[0] + 1, 0)
+                continue
+            if pos[1]:
+                pos[0], pos[1] = pos[0] + 1, 0
+            if kind == "Byte":
+                pos[0] += 1
+            elif (m := re.match(r"Array\[0\.\.(\d+)\] of Byte", kind)) is not None:
+                align()
+                pos[0] += int(m.group(1)) + 1
+            elif kind.strip('"') in udts:
+                align()
+                place(prefix + name + ".", udts[kind.strip('"')])
+                align()
+            else:
+                align()
+                offsets[prefix + name] = str(pos[0])
+                pos[0] += {"UInt": 2, "UDInt": 4, "Real": 4}[kind]
+
+    place("", members)
+    return offsets
+
+
+def test_scl_honours_every_offset_of_the_yaml() -> None:
+    from anomalyd.drivers.plc import export
+
+    status = StatusLayout(heartbeat=32, part_id=40, ready="35.2")  # moved fields
+    scl = export.scl_source(status, CommandLayout(), 5, 5, status_start=8, command_start=60)
+    offsets = _s7_offsets(scl, "anomalyd_DB5")
+    for name, _kind, byte, bit in status.cells():
+        expected = f"{byte + 8}.{bit}" if bit >= 0 else str(byte + 8)
+        assert offsets[f"status.{name}"] == expected, name
+    for name, _kind, byte, bit in CommandLayout().cells():
+        expected = f"{byte + 60}.{bit}" if bit >= 0 else str(byte + 60)
+        assert offsets[f"command.{name}"] == expected, name
+
+
+def test_blocks_that_overlap_in_one_db_or_register_space_are_refused() -> None:
+    with pytest.raises(ValidationError, match="overlaps the command block"):
+        S7Config(status_db=9, command_db=9, command_start=20)
+    S7Config(status_db=9, command_db=9, command_start=32)  # right after the 32-byte status block
+    with pytest.raises(ValidationError, match="overlap the command registers"):
+        ModbusConfig(status_register=90, command_register=100)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from anomalyd.config import AppConfig, config_hash
-from anomalyd.config_loader import load_config
+from anomalyd.config_loader import config_sections, load_config
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Dispatcher
 from anomalyd.daemon.handshake import Answer, Handshake
@@ -43,6 +43,7 @@ class Daemon:
         self.config_path = config_path
         self.config = config
         self.config_id = config_hash(config)
+        self.config_sections = frozenset(config_sections(config_path))
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
@@ -178,8 +179,9 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the YAML; apply reloadable sections; keep everything on a bad edit."""
         self.notifier.reloading()
-        result = reload_config(self.config_path, self.config)
+        result = reload_config(self.config_path, self.config, self.config_sections)
         if result.applied:
+            self.config_sections = result.sections
             self.config = result.config
             self.config_id = config_hash(self.config)
             self.recorder.config_id = self.config_id

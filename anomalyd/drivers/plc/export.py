@@ -56,20 +56,55 @@ def _udt_members(layout: _Layout) -> list[str]:
     return members
 
 
-def scl_source(status: StatusLayout, command: CommandLayout, status_db: int, command_db: int) -> str:
-    """TIA Portal external source: two UDTs and two non-optimised DBs using them."""
+def scl_source(
+    status: StatusLayout,
+    command: CommandLayout,
+    status_db: int,
+    command_db: int,
+    status_start: int = 0,
+    command_start: int = 0,
+) -> str:
+    """TIA Portal external source: two UDTs and the non-optimised DBs holding them at their offsets.
+
+    A block at offset 0 of its own DB is a DB of the UDT's type (as before); a
+    block further in, or two blocks in one DB, becomes a DB with spare bytes
+    placed so every field lands on the byte the YAML names.
+    """
     out = io.StringIO()
     for udt, layout in (("anomalyd_Status", status), ("anomalyd_Command", command)):
         out.write(f'TYPE "{udt}"\nVERSION : 0.1\n   STRUCT\n')
         out.write("\n".join(_udt_members(layout)) + "\n")
         out.write("   END_STRUCT;\nEND_TYPE\n\n")
-    for db, udt, number, note in (
-        ("anomalyd_Status_DB", "anomalyd_Status", status_db, "written by anomalyd, read by the PLC"),
-        ("anomalyd_Command_DB", "anomalyd_Command", command_db, "written by the PLC, read by anomalyd"),
-    ):
-        out.write(f"// Give this DB the number {number} ({note}); keep 'Optimized block access' OFF.\n")
-        out.write(f"DATA_BLOCK \"{db}\"\n{{ S7_Optimized_Access := 'FALSE' }}\nVERSION : 0.1\nNON_RETAIN\n")
-        out.write(f'"{udt}"\n\nBEGIN\n\nEND_DATA_BLOCK\n\n')
+    blocks = [
+        ("status", "anomalyd_Status", status_db, status_start, status.size(), "written by anomalyd, read by the PLC"),
+        (
+            "command",
+            "anomalyd_Command",
+            command_db,
+            command_start,
+            command.size(),
+            "written by the PLC, read by anomalyd",
+        ),
+    ]
+    if status_db != command_db and status_start == 0 and command_start == 0:
+        for _role, udt, number, _start, _size, note in blocks:
+            out.write(f"// Give this DB the number {number} ({note}); keep 'Optimized block access' OFF.\n")
+            out.write(f"DATA_BLOCK \"{udt}_DB\"\n{{ S7_Optimized_Access := 'FALSE' }}\nVERSION : 0.1\nNON_RETAIN\n")
+            out.write(f'"{udt}"\n\nBEGIN\n\nEND_DATA_BLOCK\n\n')
+        return out.getvalue()
+    for number in sorted({status_db, command_db}):
+        inside = sorted((b for b in blocks if b[2] == number), key=lambda b: b[3])
+        notes = "; ".join(f"{role} block at byte {start} ({note})" for role, _, _, start, _, note in inside)
+        out.write(f"// Give this DB the number {number}: {notes}; keep 'Optimized block access' OFF.\n")
+        out.write(f"DATA_BLOCK \"anomalyd_DB{number}\"\n{{ S7_Optimized_Access := 'FALSE' }}\nVERSION : 0.1\n")
+        out.write("NON_RETAIN\n   STRUCT\n")
+        at = 0
+        for role, udt, _number, start, size, _note in inside:
+            if start > at:
+                out.write(f"      spare_{at} : Array[0..{start - at - 1}] of Byte;   // bytes {at}..{start - 1}\n")
+            out.write(f'      {role} : "{udt}";   // bytes {start}..{start + size - 1}\n')
+            at = start + size
+        out.write("   END_STRUCT;\n\nBEGIN\n\nEND_DATA_BLOCK\n\n")
     return out.getvalue()
 
 
