@@ -110,8 +110,66 @@ def test_pickled_memory_bank_is_not_loaded(bundle_dir: Path, tmp_path: Path) -> 
     target = _copy(bundle_dir, tmp_path)
     np.save(target / bundle_io.MEMORY_BANK, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     loaded = bundle_io.load_bundle(target, verify=False)
-    with pytest.raises(ValueError, match="allow_pickle"):
+    with pytest.raises(bundle_io.BundleError, match=r"not a plain \.npy array.*allow_pickle"):
         loaded.memory_bank()
+
+
+def _reseal(target: Path, **changes: object) -> None:
+    """What a hostile tester does: change the bundle, recompute every checksum and the id."""
+    manifest = json.loads((target / bundle_io.MANIFEST).read_text())
+    manifest.update(changes)
+    manifest["files"] = {n: bundle_io.sha256_file(target / n) for n in bundle_io.REQUIRED_FILES}
+    manifest["bundle_id"] = bundle_io.manifest_id(manifest)
+    (target / bundle_io.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_memory_bank_is_refused(bundle_dir: Path, tmp_path: Path, bad: float) -> None:
+    target = _copy(bundle_dir, tmp_path)
+    bank = np.load(target / bundle_io.MEMORY_BANK)
+    bank[3, 5] = bad
+    np.save(target / bundle_io.MEMORY_BANK, bank)
+    _reseal(target)
+    with pytest.raises(bundle_io.BundleError, match="1 non-finite values"):
+        bundle_io.load_bundle(target).memory_bank()
+
+
+def test_memory_bank_of_another_dtype_or_shape_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    target = _copy(bundle_dir, tmp_path)
+    bank = np.load(target / bundle_io.MEMORY_BANK)
+    np.save(target / bundle_io.MEMORY_BANK, bank.astype(np.float64))
+    _reseal(target)
+    with pytest.raises(bundle_io.BundleError, match="dtype float64, expected float32"):
+        bundle_io.load_bundle(target).memory_bank()
+    np.save(target / bundle_io.MEMORY_BANK, bank[:-1])
+    _reseal(target)
+    with pytest.raises(bundle_io.BundleError, match="the manifest says"):
+        bundle_io.load_bundle(target).memory_bank()
+
+
+def test_edited_manifest_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    target = _copy(bundle_dir, tmp_path)
+    manifest = json.loads((target / bundle_io.MANIFEST).read_text())
+    manifest["thresholds"]["suggested_image"] = 1e9  # checksums of the files are untouched
+    (target / bundle_io.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(bundle_io.BundleError, match="edited after fit"):
+        bundle_io.load_bundle(target)
+
+
+@pytest.mark.parametrize(
+    "changes,where",
+    [
+        ({"input_size": ["abc", 224]}, "input_size.0"),
+        ({"calibration": {"reference_raw": -1.0}}, "calibration.reference_raw"),
+        ({"thresholds": {"suggested_image": 1e9}}, "thresholds.suggested_image"),
+        ({"memory_bank_size": None}, "memory_bank_size"),
+    ],
+)
+def test_malformed_manifest_field_is_a_clear_refusal(bundle_dir: Path, tmp_path: Path, changes, where: str) -> None:
+    target = _copy(bundle_dir, tmp_path)
+    _reseal(target, **changes)  # even with a recomputed id the values are checked
+    with pytest.raises(bundle_io.BundleError, match=rf"manifest.json: {where}:"):
+        bundle_io.load_bundle(target)
 
 
 def test_onnxruntime_matches_torch(bundle_dir: Path, sample_dir: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from anomalyd.config import ThresholdsConfig
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
@@ -56,6 +59,9 @@ class Judge:
         except Exception as exc:  # any model failure fails this part, not the daemon
             log.exception("model.failed", frame_id=part.frame.frame_id)
             return self._answer(part, None, None, ErrorCode.MODEL_ERROR, str(exc))
+        if not (math.isfinite(inspection.score) and np.isfinite(inspection.anomaly_map).all()):
+            # nan >= threshold is False: a non-finite number would pass the part.
+            return self._answer(part, inspection, None, ErrorCode.MODEL_ERROR, "non-finite score or anomaly map")
         _x, _y, w, h = inspection.roi
         verdict = decide(inspection.score, inspection.anomaly_map, w * h, self.thresholds(), self.threshold())
         return self._answer(part, inspection, verdict, ErrorCode.OK, "")

@@ -9,6 +9,7 @@ the anomaly map, and nothing is copied to the host.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,24 @@ def _trt() -> Any:
 
 
 def plan_path(bundle: Bundle, device: torch.device, fp16: bool) -> Path:
-    """Where the plan for this GPU, TensorRT version and precision is cached."""
+    """Where the plan for this exact ONNX file, GPU, TensorRT version and precision is cached.
+
+    The ONNX file's checksum is in the name: a refit in place never reuses an old plan.
+    """
     trt = _trt()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
-    return bundle.path / "engines" / f"{gpu}_trt{trt.__version__}_{'fp16' if fp16 else 'fp32'}.plan"
+    onnx = str(bundle.manifest["files"][EXTRACTOR_ONNX])[:12]
+    return bundle.path / "engines" / f"{onnx}_{gpu}_trt{trt.__version__}_{'fp16' if fp16 else 'fp32'}.plan"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file and rename: a crash never leaves half a plan under the real name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspace_mb: int = 1024) -> Path:
@@ -72,8 +87,8 @@ def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspac
     if serialized is None:
         raise EngineError(f"TensorRT failed to build a plan from {onnx_path} (see the log above)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(bytes(serialized))
-    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_atomically(target, bytes(serialized))
+    write_atomically(cache_file, bytes(config.get_timing_cache().serialize()))
     log.info("tensorrt.plan_built", plan=str(target))
     return target
 

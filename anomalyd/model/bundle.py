@@ -14,15 +14,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from anomalyd.errors import AnomalydError
 
 FORMAT = "anomalyd-bundle"
-FORMAT_VERSION = 1
+# 2: bundle_id is a hash over the whole manifest body and every file (1: over the files only).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 EXTRACTOR_ONNX = "extractor.onnx"
 EXTRACTOR_WEIGHTS = "extractor.pt"
@@ -40,6 +42,49 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class _Finite(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class _Normalisation(_Finite):
+    mean: tuple[float, float, float]
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+
+
+class _Calibration(_Finite):
+    reference_raw: float = Field(gt=0)
+
+
+class _Thresholds(_Finite):
+    suggested_image: float = Field(gt=0, le=1000)
+
+
+class _Map(_Finite):
+    sigma: float = Field(ge=0, le=100)
+
+
+class ManifestFields(_Finite):
+    """The manifest fields the runtime uses, checked at load (a hand-edited manifest fails here)."""
+
+    backbone: str
+    taps: list[str]
+    input_size: tuple[Annotated[int, Field(ge=32, le=8192)], Annotated[int, Field(ge=32, le=8192)]]
+    normalisation: _Normalisation
+    feature_dim: int = Field(gt=0, le=65536)
+    feature_grid: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+    memory_bank_size: int = Field(gt=0)
+    calibration: _Calibration
+    thresholds: _Thresholds
+    map: _Map
+    roi: tuple[int, int, int, int] | None = None
+
+
+def manifest_id(manifest: dict[str, Any]) -> str:
+    """The bundle's identity: a hash over the manifest body (files' checksums included)."""
+    body = {k: v for k, v in manifest.items() if k != "bundle_id"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -84,12 +129,25 @@ class Bundle:
         return self.path / name
 
     def memory_bank(self) -> np.ndarray:
-        bank = np.load(self.file(MEMORY_BANK), allow_pickle=False)
-        if bank.ndim != 2 or bank.shape[1] != self.manifest["feature_dim"]:
-            raise BundleError(
-                f"{self.file(MEMORY_BANK)}: shape {bank.shape}, expected [N, {self.manifest['feature_dim']}]"
-            )
-        return np.ascontiguousarray(bank, dtype=np.float32)
+        """The bank, refused unless float32, of the manifest's shape and finite everywhere.
+
+        One non-finite value makes every distance to it non-finite, and a score
+        of nan never reaches a threshold: it would pass every part.
+        """
+        path = self.file(MEMORY_BANK)
+        try:
+            bank = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(f"{path}: not a plain .npy array ({exc})") from None
+        expected = (int(self.manifest["memory_bank_size"]), int(self.manifest["feature_dim"]))
+        if bank.dtype != np.float32:
+            raise BundleError(f"{path}: dtype {bank.dtype}, expected float32")
+        if bank.shape != expected:
+            raise BundleError(f"{path}: shape {bank.shape}, the manifest says {expected}")
+        bad = int(np.count_nonzero(~np.isfinite(bank)))
+        if bad:
+            raise BundleError(f"{path}: {bad} non-finite values (inf or nan); refit the model")
+        return np.ascontiguousarray(bank)
 
     def extractor_state(self) -> dict[str, torch.Tensor]:
         return torch.load(self.file(EXTRACTOR_WEIGHTS), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
@@ -99,7 +157,8 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add checksums of the bundle's files and a bundle id, then write manifest.json."""
     files = {name: sha256_file(path / name) for name in REQUIRED_FILES}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    manifest["bundle_id"] = hashlib.sha256("".join(files[n] for n in sorted(files)).encode()).hexdigest()[:12]
+    manifest.pop("bundle_id", None)
+    manifest["bundle_id"] = manifest_id(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -122,7 +181,20 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
             f"{manifest_path}: format version {version!r}, this anomalyd reads version {FORMAT_VERSION}; "
             "refit the model with this version"
         )
+    if manifest.get("bundle_id") != manifest_id(manifest):
+        raise BundleError(
+            f"{manifest_path}: the manifest was edited after fit (bundle_id {manifest.get('bundle_id')!r} "
+            "does not match its content); refit, or restore the manifest that fit wrote"
+        )
+    try:
+        ManifestFields.model_validate(manifest)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BundleError(f"{manifest_path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path}: files: not a mapping of checksums")
     for name in REQUIRED_FILES:
         target = path / name
         if name not in files:
