@@ -17,11 +17,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from anomalyd.daemon.service import run_daemon
     from anomalyd.drivers.camera.base import CameraError
     from anomalyd.engines.base import EngineError
+    from anomalyd.errors import StartupError
     from anomalyd.model.bundle import BundleError
 
     try:
         return run_daemon(args.config)
-    except (BundleError, CameraError, EngineError) as exc:
+    except (BundleError, CameraError, EngineError, StartupError) as exc:
+        # One line a person can act on; systemd does not restart on 2 (RestartPreventExitStatus=2).
         print(f"anomalyd run: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

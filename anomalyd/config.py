@@ -272,11 +272,31 @@ class DaemonConfig(Section):
     records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1, le=10**10)
 
 
+class RecordsConfig(Section):
+    required: bool = setting(
+        False,
+        "Records required",
+        "Fail every part (error 11) while records cannot be written; off: keep inspecting, "
+        "keep the records in memory and retry, and raise records_failing.",
+    )
+    max_pending: int = setting(
+        100_000, "Record buffer", "Records kept in memory while the database refuses them.", ge=100, le=10_000_000
+    )
+
+
 class ArchiveConfig(Section):
     enabled: bool = setting(True, "Archive", "Save NG frames with a heatmap overlay.")
     ok_sample_every: int = setting(0, "OK sample", "Also save every Nth OK frame (0: none).", ge=0, le=1_000_000_000)
     quota_mb: float = setting(
         1024.0, "Disk quota", "Oldest images are deleted above this size.", "MiB", gt=0, le=10_000_000
+    )
+    min_free_mb: float = setting(
+        512.0,
+        "Free-space reserve",
+        "No image is saved while the disk has less free space than this: it is kept for the records database.",
+        "MiB",
+        ge=0,
+        le=10_000_000,
     )
 
 
@@ -306,6 +326,7 @@ class AppConfig(Section):
     archive: ArchiveConfig = setting(ArchiveConfig(), "Archive", "Reject images on disk.")
     metrics: MetricsConfig = setting(MetricsConfig(), "Metrics", "Prometheus endpoint.")
     logging: LoggingConfig = setting(LoggingConfig(), "Logging", "Log level and format.")
+    records: RecordsConfig = setting(RecordsConfig(), "Records", "What to do when records cannot be written.")
 
     @model_validator(mode="after")
     def _trigger_needs_plc(self) -> AppConfig:

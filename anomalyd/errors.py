@@ -6,3 +6,7 @@ class AnomalydError(Exception):
 
 
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (AnomalydError, FileNotFoundError)
+
+
+class StartupError(AnomalydError):
+    """Something a person must fix before the daemon can start (a folder, a port, a file)."""

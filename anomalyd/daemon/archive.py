@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,9 +31,12 @@ class ArchiveItem:
 class RejectArchive:
     """Writes images in a background thread; deletes the oldest files above the quota."""
 
-    def __init__(self, folder: Path, quota_mb: float) -> None:
+    def __init__(self, folder: Path, quota_mb: float, min_free_mb: float = 512.0) -> None:
         self.folder = folder
         self.quota_bytes = int(quota_mb * 1024 * 1024)
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        self.skipped = 0
+        self._short_of_space = False
         folder.mkdir(parents=True, exist_ok=True)
         existing = sorted(folder.rglob("*.png"), key=lambda p: p.stat().st_mtime)
         self._files: deque[tuple[Path, int]] = deque((p, p.stat().st_size) for p in existing)
@@ -55,9 +59,24 @@ class RejectArchive:
             log.warning("archive.behind", dropped=str(item.frame_path))
             return False
 
+    def _room(self) -> bool:
+        """False while the disk is below the reserve kept for the records database (logged once)."""
+        free = shutil.disk_usage(self.folder).free
+        short = free < self.min_free_bytes
+        if short != self._short_of_space:
+            self._short_of_space = short
+            if short:
+                log.error("archive.paused", free_mb=round(free / 2**20, 1), reserve_mb=self.min_free_bytes >> 20)
+            else:
+                log.info("archive.resumed", free_mb=round(free / 2**20, 1))
+        return not short
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
+                if not self._room():
+                    self.skipped += 1
+                    continue
                 item.frame_path.parent.mkdir(parents=True, exist_ok=True)
                 write_rgb(str(item.frame_path), item.frame)
                 paths = [item.frame_path]

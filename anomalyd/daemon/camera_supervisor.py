@@ -7,7 +7,7 @@ from typing import Any
 
 from anomalyd.daemon.handshake import ErrorCode, Handshake
 from anomalyd.daemon.metrics import Metrics
-from anomalyd.drivers.camera.base import Camera, CameraDisconnected, Frame, open_camera
+from anomalyd.drivers.camera.base import Camera, CameraDisconnected, CameraError, Frame, open_camera
 from anomalyd.log import get_logger
 
 log = get_logger(__name__)
@@ -33,6 +33,7 @@ class CameraSupervisor:
         self._reported_down = False
         self._backoff_s = BACKOFF_FIRST_S
         self._next_attempt = 0.0
+        self._opened_once = False
 
     @property
     def name(self) -> str:
@@ -47,7 +48,9 @@ class CameraSupervisor:
             return False
         try:
             self.camera.open()
-        except CameraDisconnected as exc:
+        except CameraError as exc:
+            if not isinstance(exc, CameraDisconnected) and not self._opened_once:
+                raise  # refused settings at start-up: a person must fix them (exit 2)
             self.lost(str(exc))
             self._next_attempt = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
@@ -55,6 +58,7 @@ class CameraSupervisor:
         if self._reported_down:
             log.info("camera.recovered", camera=self.name)
         self.ok = True
+        self._opened_once = True
         self._reported_down = False
         self._backoff_s = BACKOFF_FIRST_S
         self.expected_shape = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake, Ticket
-from anomalyd.drivers.camera.base import CameraError, CameraTimeout, Frame
+from anomalyd.drivers.camera.base import BadFrame, CameraError, CameraTimeout, Frame
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Dispatcher:
             frame = cam.camera.grab(self.grab_timeout_s)
         except CameraTimeout as exc:
             return Part(ticket, error=ErrorCode.CAMERA_TIMEOUT, reason=str(exc))
+        except BadFrame as exc:
+            return Part(ticket, error=ErrorCode.BAD_FRAME, reason=str(exc))
         except CameraError as exc:
             cam.lost(str(exc))
             return Part(ticket, error=ErrorCode.CAMERA_DISCONNECTED, reason=str(exc))
@@ -83,6 +85,12 @@ class Dispatcher:
             frame = cam.camera.grab(min(self.grab_timeout_s, self.tick_s))
         except CameraTimeout:
             return None  # no part in front of the camera: not an error in these modes
+        except BadFrame as exc:
+            edge = self.handshake.begin(time.monotonic())  # a part passed; its frame is unusable: NG, code 5
+            if isinstance(edge, Answer):
+                self.on_refused(edge)
+                return None
+            return Part(edge, error=ErrorCode.BAD_FRAME, reason=str(exc))
         except CameraError as exc:
             cam.lost(str(exc))
             return None

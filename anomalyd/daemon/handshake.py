@@ -50,6 +50,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 8
     LATE_RUNNING = 9
     NOT_READY = 10
+    RECORDS_UNAVAILABLE = 11
 
 
 ERROR_MEANINGS: dict[ErrorCode, str] = {
@@ -64,6 +65,7 @@ ERROR_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.INTERNAL: "unexpected internal error (see the log; part failed)",
     ErrorCode.LATE_RUNNING: "trigger while a late inspection was still running: answered at once, not inspected",
     ErrorCode.NOT_READY: "trigger while ready = 0 (starting or stopping): answered at once, not inspected",
+    ErrorCode.RECORDS_UNAVAILABLE: "records cannot be written and records.required is on (part failed)",
 }
 
 # Faults that last until something recovers (cleared when ready returns).
@@ -323,6 +325,18 @@ class Handshake:
                 self._set(ready=True, error=False, error_code=0)
             else:
                 self._set(ready=True)
+
+    def set_records_failing(self, failing: bool) -> None:
+        with self._lock:
+            self._set(records_failing=failing)
+
+    def continue_from(self, inspection_id: int) -> bool:
+        """Numbering goes on after ``inspection_id`` if that is ahead (e.g. the id in the PLC's block)."""
+        with self._lock:
+            if inspection_id <= self._status.inspection_id:
+                return False
+            self._set(inspection_id=inspection_id & 0xFFFFFFFF)
+            return True
 
     def set_threshold(self, threshold: float) -> None:
         with self._lock:

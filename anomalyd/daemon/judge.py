@@ -72,6 +72,9 @@ class Judge:
         now = time.monotonic()
         start = part.frame_at or part.ticket.opened_at
         latency_ms = (now - start) * 1000.0
+        if code == ErrorCode.OK and self.recorder.required and self.recorder.failing:
+            # records.required: a part whose record cannot be written is not passed.
+            code, reason = ErrorCode.RECORDS_UNAVAILABLE, "records cannot be written"
         score = inspection.score if inspection is not None else 0.0
         threshold = verdict.threshold if verdict is not None else self.threshold()
         passed = verdict is not None and verdict.passed

@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from anomalyd.errors import StartupError
+
 _BUCKETS_MS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500)
 
 
@@ -28,6 +30,9 @@ class Metrics:
         self.ready = Gauge("anomalyd_ready", "1 while the daemon reports ready", registry=r)
         self.score = Gauge("anomalyd_last_score", "Normalised score of the last inspection", registry=r)
         self.reconnects = Counter("anomalyd_plc_reconnects", "PLC reconnections", registry=r)
+        self.records_ok = Gauge("anomalyd_records_ok", "1 while records are written, 0 while they fail", registry=r)
+        self.records_ok.set(1)
+        self.records_pending = Gauge("anomalyd_records_pending", "Records waiting to be written", registry=r)
         self.missed_triggers = Counter(
             "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
         )
@@ -40,10 +45,14 @@ class MetricsServer:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that connects and sends nothing is dropped, not kept forever.
+            timeout = 5.0
+
             def do_GET(self) -> None:
-                if self.path.startswith("/metrics"):
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
-                elif self.path.startswith("/healthz"):
+                elif path == "/healthz":
                     state = health()
                     body = json.dumps(state).encode()
                     ctype, code = "application/json", 200 if state.get("healthy") else 503
@@ -58,7 +67,13 @@ class MetricsServer:
             def log_message(self, *args: object) -> None:  # keep the journal for our own events
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise StartupError(
+                f"metrics.port {port} on {host}: cannot listen ({exc.strerror}); "
+                "another process has it, or choose another port (0: any free port)"
+            ) from None
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)

@@ -80,6 +80,14 @@ class PlcWorker:
             return False
         self._fatal = None
         self._last_written = None  # rewrite the whole block after every (re)connect
+        try:
+            in_plc = self.link.read_status()
+        except PlcError as exc:
+            log.debug("plc.status_unreadable", link=self.link.name, error=str(exc))
+            return False
+        # An id the PLC has already seen (our records lost, the counter file deleted) is never reissued.
+        if in_plc is not None and self.handshake.continue_from(in_plc.inspection_id):
+            log.warning("plc.ids_continued", link=self.link.name, inspection_id=in_plc.inspection_id)
         return True
 
     def _run(self) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomalyd.config import ArchiveConfig, DaemonConfig
+from anomalyd.config import ArchiveConfig, DaemonConfig, RecordsConfig
 from anomalyd.daemon.archive import ArchiveItem, RejectArchive
 from anomalyd.daemon.decision import Verdict
 from anomalyd.daemon.handshake import Answer, ErrorCode
+from anomalyd.daemon.id_counter import IdCounter
 from anomalyd.daemon.metrics import Metrics
 from anomalyd.daemon.records import Record, RecordStore
 from anomalyd.drivers.camera.base import Frame
@@ -53,12 +55,28 @@ class Outcome:
 class Recorder:
     """Owns the record store, the reject archive and the counters; the loop only hands it outcomes."""
 
-    def __init__(self, daemon: DaemonConfig, archive: ArchiveConfig, metrics: Metrics, bundle_id: str) -> None:
+    def __init__(
+        self,
+        daemon: DaemonConfig,
+        archive: ArchiveConfig,
+        metrics: Metrics,
+        bundle_id: str,
+        records: RecordsConfig | None = None,
+        on_failing: Callable[[bool], None] = lambda failing: None,
+    ) -> None:
         data: Path = daemon.data_dir
+        records = records or RecordsConfig()
+        self.required = records.required
+        self._on_failing = on_failing
         self.records = RecordStore(
-            data / "inspections.sqlite", daemon.records_retention_days, daemon.records_retention_count
+            data / "inspections.sqlite",
+            daemon.records_retention_days,
+            daemon.records_retention_count,
+            records.max_pending,
+            on_state=self._records_state,
         )
-        self.archive = RejectArchive(data / "archive", archive.quota_mb)
+        self.ids = IdCounter(data / "inspection_id")
+        self.archive = RejectArchive(data / "archive", archive.quota_mb, archive.min_free_mb)
         self.archive_config = archive
         self.metrics = metrics
         self.bundle_id = bundle_id
@@ -74,13 +92,25 @@ class Recorder:
         # The loop records inspections, the PLC worker refused triggers: one at a time.
         self._lock = threading.Lock()
 
+    def _records_state(self, failing: bool) -> None:
+        self.metrics.records_ok.set(0 if failing else 1)
+        self._on_failing(failing)
+
+    @property
+    def failing(self) -> bool:
+        """Records cannot be written right now (they wait in memory)."""
+        return self.records.failing
+
     def last_inspection_id(self) -> int:
-        return self.records.last_inspection_id()
+        """The last id that may have been issued: counter file and records, whichever is ahead."""
+        return self.ids.start(self.records.last_inspection_id())
 
     def add(self, outcome: Outcome) -> None:
+        self.ids.reserve(outcome.inspection_id)  # before anything else: an id the PLC saw is never reissued
         with self._lock:
             self._count(outcome)
             self._store(outcome)
+        self.metrics.records_pending.set(self.records.pending)
 
     def add_refused(self, answer: Answer) -> None:
         """A trigger answered without an inspection (from the PLC worker's thread)."""
@@ -156,6 +186,8 @@ class Recorder:
             late=o.answer.late,
         )
 
-    def close(self) -> None:
+    def close(self, last_issued: int | None = None) -> None:
         self.records.close()
         self.archive.close()
+        if last_issued is not None:
+            self.ids.finish(last_issued)  # a clean stop: numbering continues without a gap

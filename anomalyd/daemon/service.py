@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from anomalyd.config import AppConfig, config_hash
+from anomalyd.config import AppConfig, ModbusServerConfig, config_hash
 from anomalyd.config_loader import config_sections, load_config
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Dispatcher
@@ -30,8 +31,9 @@ from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.daemon.recorder import Recorder
 from anomalyd.daemon.reloader import reload_config
-from anomalyd.drivers.plc.base import open_plc_link
+from anomalyd.drivers.plc.base import PlcError, open_plc_link
 from anomalyd.engines.inspector import Inspector, open_inspector
+from anomalyd.errors import StartupError
 from anomalyd.log import configure_logging, get_logger
 from anomalyd.model.bundle import load_bundle
 
@@ -58,6 +60,7 @@ class Daemon:
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
         cfg = self.config
+        check_data_dir(cfg.daemon.data_dir)  # before the slow model load: a person must fix it
         bundle = load_bundle(cfg.model.bundle)
         roi = (
             (cfg.camera.roi.x, cfg.camera.roi.y, cfg.camera.roi.width, cfg.camera.roi.height)
@@ -73,16 +76,32 @@ class Daemon:
             threshold=self.threshold,
             input_size=bundle.input_size,
         )
-        self.recorder = Recorder(cfg.daemon, cfg.archive, self.metrics, bundle.bundle_id)
+        try:
+            self.recorder = Recorder(
+                cfg.daemon, cfg.archive, self.metrics, bundle.bundle_id, cfg.records, on_failing=self._records_failing
+            )
+            last_id = self.recorder.last_inspection_id()
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(
+                f"{cfg.daemon.data_dir / 'inspections.sqlite'}: cannot open the records ({exc}); "
+                "check the file and its folder (a corrupt database can be moved aside)"
+            ) from None
         self.recorder.config_id = self.config_id
         self.handshake = Handshake(
             self.threshold,
-            inspection_id=self.recorder.last_inspection_id(),
+            inspection_id=last_id,
             budget_ms=cfg.daemon.budget_ms,
             grab_timeout_ms=cfg.daemon.grab_timeout_ms,
         )
+        link = open_plc_link(cfg.plc)
+        if isinstance(cfg.plc, ModbusServerConfig):
+            # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
+            try:
+                link.open()
+            except PlcError as exc:
+                raise StartupError(f"plc.port {cfg.plc.port} on {cfg.plc.host}: {exc}") from None
         self.plc = PlcWorker(
-            open_plc_link(cfg.plc),
+            link,
             self.handshake,
             heartbeat_s=self.heartbeat_s,
             poll_s=cfg.daemon.poll_ms / 1000.0,
@@ -136,6 +155,14 @@ class Daemon:
         if up:
             self.metrics.reconnects.inc()
 
+    def _records_failing(self, failing: bool) -> None:
+        # Called from the records thread; the handshake may not exist yet at the first write.
+        handshake, plc = getattr(self, "handshake", None), getattr(self, "plc", None)
+        if handshake is not None:
+            handshake.set_records_failing(failing)
+        if plc is not None:
+            plc.wake()
+
     def _expired(self, answer: Answer) -> None:
         log.warning("inspection.deadline", id=answer.status.inspection_id, part_id=answer.part_id)
 
@@ -160,7 +187,12 @@ class Daemon:
             if not self.camera.ensure_open() and self.config.daemon.trigger != "plc":
                 self.stop_event.wait(self.tick_s)
                 continue
-            part = self.dispatcher.next_part()
+            try:
+                part = self.dispatcher.next_part()
+            except Exception as exc:  # a driver fault we did not foresee: reopen the camera, never crash
+                log.exception("camera.unexpected_error")
+                self.camera.lost(f"unexpected: {exc}")
+                continue
             if part is None:
                 continue
             self.judge.judge(part)
@@ -186,6 +218,8 @@ class Daemon:
             self.config_id = config_hash(self.config)
             self.recorder.config_id = self.config_id
             self.recorder.archive_config = self.config.archive
+            self.recorder.archive.quota_bytes = int(self.config.archive.quota_mb * 1024 * 1024)
+            self.recorder.archive.min_free_bytes = int(self.config.archive.min_free_mb * 1024 * 1024)
             self.handshake.set_threshold(self.threshold)
             configure_logging(self.config.logging.level, self.config.logging.format)
             log.info(
@@ -204,9 +238,11 @@ class Daemon:
             "camera": self.camera.ok,
             "plc": self.plc.connected,
             "loop_age_s": round(loop_age, 3),
+            "records_failing": self.recorder.failing,
+            "records_pending": self.recorder.records.pending,
             **self.recorder.counts,
         }
-        state["healthy"] = bool(state["ready"]) and loop_age < 5.0
+        state["healthy"] = bool(state["ready"]) and loop_age < 5.0 and not self.recorder.failing
         return state
 
     def _status_line(self) -> str:
@@ -214,6 +250,7 @@ class Daemon:
         return (
             f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
             f"late {c['deadline_misses']} missed {c['missed_triggers']} "
+            f"records {'FAILING' if self.recorder.failing else 'ok'} "
             f"plc {'up' if self.plc.connected else 'down'} camera {'up' if self.camera.ok else 'down'}"
         )
 
@@ -223,7 +260,7 @@ class Daemon:
         self.handshake.set_ready(False)
         self.plc.stop(final=self.handshake.status)
         self.camera.close()
-        self.recorder.close()
+        self.recorder.close(last_issued=self.handshake.status.inspection_id)
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.inspector is not None:
@@ -231,6 +268,19 @@ class Daemon:
         self.notifier.close()
         log.info("daemon.stopped")
         return 0
+
+
+def check_data_dir(path: Path) -> None:
+    """The data folder must exist (or be creatable) and take files, or nothing can be recorded."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            f"daemon.data_dir {path}: not writable ({exc.strerror}); create it and give the daemon's user write access"
+        ) from None
 
 
 def run_daemon(config_path: Path) -> int:

@@ -19,6 +19,10 @@ class CameraTimeout(CameraError):
     """No frame arrived within the timeout."""
 
 
+class BadFrame(CameraError):
+    """This frame cannot be used (unreadable, wrong format); the camera itself is fine."""
+
+
 class CameraDisconnected(CameraError):
     """The device was lost; the caller closes and reopens it."""
 

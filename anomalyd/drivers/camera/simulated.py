@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from anomalyd.config import SimulatedCameraConfig
-from anomalyd.drivers.camera.base import CameraError, CameraTimeout, Frame, check_roi, register_camera
+from anomalyd.drivers.camera.base import BadFrame, CameraError, CameraTimeout, Frame, check_roi, register_camera
 from anomalyd.model.images import IMAGE_SUFFIXES, list_images, read_rgb
 
 _CACHE_LIMIT = 512  # decoded frames kept in memory; larger sets are read per grab
@@ -54,8 +54,18 @@ class SimulatedCamera:
         files = replay_files(self.config.source)
         if self.config.order == "shuffle":
             random.Random(self.config.seed).shuffle(files)
+        # A file no decoder recognises is a set-up fault: name it now, not mid-shift.
+        unreadable = [f for f in files if not cv2.haveImageReader(str(f))]
+        if unreadable:
+            raise CameraError(
+                f"simulated camera source: {unreadable[0]} is not a readable image"
+                + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else "")
+            )
         self.files = files
-        first = self._load(files[0])
+        try:
+            first = self._load(files[0])
+        except ValueError as exc:
+            raise CameraError(f"simulated camera source: {exc}") from None
         check_roi(self.config.roi, first.shape[1], first.shape[0])
         self._position = 0
         self._next_due = time.monotonic()
@@ -64,7 +74,7 @@ class SimulatedCamera:
     def _load(self, path: Path) -> np.ndarray:
         image = self._cache.get(path)
         if image is None:
-            image = read_rgb(path)
+            image = read_rgb(path)  # ValueError for a file that is unreadable after all
             if self.config.sensor_size:
                 w, h = self.config.sensor_size
                 image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
@@ -94,10 +104,13 @@ class SimulatedCamera:
             self._position += 1  # the frame that would have come is lost
         path = self.files[self._position % len(self.files)]
         self._position += 1
-        image = self._load(path)
+        self._frame_id += 1
+        try:
+            image = self._load(path)
+        except ValueError as exc:
+            raise BadFrame(f"{self.name}: frame {self._frame_id}: {exc}") from None
         if self._every(faults.wrong_size_every):
             image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2))
-        self._frame_id += 1
         return Frame(image, self._frame_id, time.time_ns(), str(path))
 
     def _wait_for_exposure(self, timeout_s: float) -> None:

@@ -28,6 +28,10 @@ class PlcLink(Protocol):
 
     def write_status(self, status: Status) -> None: ...
 
+    def read_status(self) -> Status | None:
+        """The status block as it stands in the PLC (None where the PLC keeps none, e.g. server mode)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -52,6 +52,7 @@ STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
     "latency_ms": ("REAL", "frame-to-result time"),
     # Appended after the first version's fields: the offsets above keep their meaning.
     "trigger_ready": ("BOOL", "a trigger now would be inspected: ready, enable = 1, not busy"),
+    "records_failing": ("BOOL", "records cannot be written now (kept in memory, retried); traceability at risk"),
     "part_id": ("UDINT", "the PLC's part_id latched at the trigger this result answers"),
     "missed_triggers": ("UDINT", "+1 per trigger answered without an inspection (refused)"),
 }
@@ -118,6 +119,7 @@ class StatusLayout(_Layout):
     error_code: int = Field(16, ge=0)
     latency_ms: int = Field(18, ge=0)
     trigger_ready: str = "22.0"
+    records_failing: str = "22.1"
     part_id: int = Field(24, ge=0)
     missed_triggers: int = Field(28, ge=0)
 
@@ -149,6 +151,7 @@ class Status:
     error_code: int = 0
     latency_ms: float = 0.0
     trigger_ready: bool = False
+    records_failing: bool = False
     part_id: int = 0
     missed_triggers: int = 0
 

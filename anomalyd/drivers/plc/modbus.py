@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from anomalyd.config import ModbusConfig, ModbusServerConfig
 from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, bytes_from_words, register_plc, words_from_bytes
-from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command
+from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command, unpack_status
 
 
 def _ranges_overlap(a: int, n: int, b: int, m: int) -> bool:
@@ -72,6 +73,10 @@ class ModbusLink:
         words = self._read(self.config.command_register, self._command_words)
         return unpack_command(bytes_from_words(words), self.config.command_layout, self.config.word_order)
 
+    def read_status(self) -> Status | None:
+        words = self._read(self.config.status_register, self._status_words)
+        return unpack_status(bytes_from_words(words), self.config.status_layout, self.config.word_order)
+
     def write_status(self, status: Status) -> None:
         if self._client is None:
             raise PlcDisconnected(f"{self.name}: not connected")
@@ -98,8 +103,19 @@ class RegisterServer:
     server's own, so reads always see the latest values without copying.
     """
 
-    def __init__(self, host: str, port: int, size: int, owned: range) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        size: int,
+        owned: range,
+        max_clients: int = 16,
+        idle_timeout_s: float | None = None,
+    ) -> None:
         self.host, self.port, self.size, self.owned = host, port, size, owned
+        self.max_clients = max_clients
+        self.idle_timeout_s = idle_timeout_s
+        self.evicted = 0
         self._registers: list[int] | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -124,8 +140,64 @@ class RegisterServer:
         if not self._ready.wait(5.0) or self._error is not None:
             raise PlcError(f"modbus server on {self.host}:{self.port} did not start: {self._error}")
 
-    def _run(self) -> None:
+    def _server_class(self) -> Any:
+        """ModbusTcpServer with a bound on clients: each connection costs a file descriptor.
+
+        Over ``max_clients`` the connection to drop is one that never sent a request
+        (oldest first), else the one idle longest: a flood of idle sockets cannot
+        push out a PLC that is polling, and a PLC that reconnects after a pulled
+        cable pushes out its own dead connection.
+        """
         from pymodbus.server import ModbusTcpServer
+        from pymodbus.server.requesthandler import ServerRequestHandler
+
+        owner = self
+
+        class Client(ServerRequestHandler):  # type: ignore[misc]
+            connected_at = 0.0
+            last_request: float | None = None
+
+            def connection_made(self, transport: Any) -> None:
+                self.connected_at = time.monotonic()
+                super().connection_made(transport)
+                listener = self.listener
+                if listener is not None and len(listener.active_connections) > owner.max_clients:
+                    owner._evict(list(listener.active_connections.values()))
+
+            def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+                self.last_request = time.monotonic()
+                return int(super().callback_data(data, addr))
+
+        class Server(ModbusTcpServer):  # type: ignore[misc]
+            def callback_new_connection(self) -> Any:
+                return Client(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+        return Server
+
+    def _evict(self, clients: list[Any]) -> None:
+        def key(c: Any) -> tuple[int, float]:
+            return (0, c.connected_at) if c.last_request is None else (1, c.last_request)
+
+        while len(clients) > self.max_clients:
+            victim = min(clients, key=key)
+            clients.remove(victim)
+            self.evicted += 1
+            if victim.transport is not None:
+                victim.transport.close()
+
+    async def _reap_idle(self) -> None:
+        """Close clients that have sent nothing for ``idle_timeout_s``."""
+        assert self.idle_timeout_s is not None
+        while True:
+            await asyncio.sleep(min(1.0, self.idle_timeout_s / 2))
+            now = time.monotonic()
+            for client in list(self._server.active_connections.values()):
+                last = client.last_request if client.last_request is not None else client.connected_at
+                if now - last > self.idle_timeout_s and client.transport is not None:
+                    self.evicted += 1
+                    client.transport.close()
+
+    def _run(self) -> None:
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         async def serve() -> None:
@@ -134,13 +206,16 @@ class RegisterServer:
                 simdata=[SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)],
                 action=self._action,
             )
-            self._server = ModbusTcpServer(device, address=(self.host, self.port))
+            self._server = self._server_class()(device, address=(self.host, self.port))
             self._loop = asyncio.get_running_loop()
             # The simulator builds its register list lazily; capture it through one local read.
             await self._server.context.async_getValues(0, 3, 0, 1)
             await self._server.serve_forever(background=True)  # returns once listening
+            reaper = asyncio.create_task(self._reap_idle()) if self.idle_timeout_s else None
             self._ready.set()
             await self._server.serving
+            if reaper is not None:
+                reaper.cancel()
 
         try:
             asyncio.run(serve())
@@ -180,7 +255,14 @@ class ModbusServerLink:
 
     def open(self) -> None:
         if self._server is None:
-            server = RegisterServer(self.config.host, self.config.port, self._size, self._owned)
+            server = RegisterServer(
+                self.config.host,
+                self.config.port,
+                self._size,
+                self._owned,
+                max_clients=self.config.max_clients,
+                idle_timeout_s=self.config.idle_timeout_s,
+            )
             server.start()
             self._server = server
 
@@ -189,6 +271,9 @@ class ModbusServerLink:
             raise PlcDisconnected(f"{self.name}: not serving")
         words = self._server.read(self.config.command_register, self._command_words)
         return unpack_command(bytes_from_words(words), self.config.command_layout, self.config.word_order)
+
+    def read_status(self) -> Status | None:
+        return None  # our own registers: fresh at every start
 
     def write_status(self, status: Status) -> None:
         if self._server is None:

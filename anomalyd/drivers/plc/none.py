@@ -23,5 +23,8 @@ class NoPlcLink:
     def write_status(self, status: Status) -> None:
         self.last_status = status
 
+    def read_status(self) -> Status | None:
+        return None
+
     def close(self) -> None:
         pass

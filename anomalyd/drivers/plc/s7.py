@@ -7,7 +7,7 @@ from typing import Any
 
 from anomalyd.config import S7Config
 from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, register_plc
-from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command
+from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command, unpack_status
 
 
 @register_plc("s7")
@@ -71,6 +71,15 @@ class S7Link:
             self.close()
             raise PlcDisconnected(f"{self.name}: read of DB{self.config.command_db} failed ({exc})") from exc
         return unpack_command(bytes(raw), self.config.command_layout)
+
+    def read_status(self) -> Status | None:
+        client = self._require()
+        try:
+            raw = client.db_read(self.config.status_db, self.config.status_start, self._status_size)
+        except Exception as exc:
+            self.close()
+            raise PlcDisconnected(f"{self.name}: read of DB{self.config.status_db} failed ({exc})") from exc
+        return unpack_status(bytes(raw), self.config.status_layout)
 
     def write_status(self, status: Status) -> None:
         client = self._require()
