@@ -84,30 +84,69 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def score_targets(paths: list[Path]) -> list[tuple[Path, str]]:
+    """Every image under ``paths`` (folders walked recursively), with a heatmap name unique among them.
+
+    The name joins the image's path below the folder given (``crack/000.png`` →
+    ``crack__000``), so files from different folders never overwrite each other.
+    """
+    from anomalyd.errors import AnomalydError
+    from anomalyd.model.images import IMAGE_SUFFIXES
+
+    found: list[tuple[Path, str]] = []
+    taken: set[str] = set()
+    for root in paths:
+        if root.is_dir():
+            files = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not files:
+                raise AnomalydError(f"{root}: no images found in it or its subfolders ({', '.join(IMAGE_SUFFIXES)})")
+            named = [(q, "__".join(q.relative_to(root).with_suffix("").parts)) for q in files]
+        elif root.is_file():
+            named = [(root, root.stem)]
+        else:
+            raise AnomalydError(f"{root}: no such file or folder")
+        for path, name in named:
+            unique, n = name, 1
+            while unique in taken:
+                n += 1
+                unique = f"{name}-{n}"
+            taken.add(unique)
+            found.append((path, unique))
+    return found
+
+
 def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
+    import math
+
+    from anomalyd.config import ThresholdsConfig
+    from anomalyd.daemon.decision import decide
     from anomalyd.engines.inspector import open_inspector
     from anomalyd.model.bundle import load_bundle
-    from anomalyd.model.images import IMAGE_SUFFIXES, read_rgb
+    from anomalyd.model.images import read_rgb
     from anomalyd.overlay import overlay_heatmap, write_rgb
 
+    targets = score_targets(args.images)
     bundle = load_bundle(args.bundle)
     engine, search = _engine_configs(args)
     inspector = open_inspector(bundle, engine, search)
     threshold = args.threshold or bundle.suggested_threshold
-    files: list[Path] = []
-    for p in args.images:
-        files += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    rules = ThresholdsConfig(image=threshold)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     print(f"{'image':<50} {'score':>8}  verdict  (threshold {threshold:.3f}, engine {inspector.engine_name})")
-    for path in files:
+    for path, name in targets:
         frame = read_rgb(path)
         result = inspector.inspect(frame)
-        verdict = "NG" if result.score >= threshold else "OK"
+        _x, _y, w, h = result.roi
+        # The daemon's decision, so the tool and the line never disagree; non-finite fails.
+        passed = (
+            math.isfinite(result.score) and decide(result.score, result.anomaly_map, w * h, rules, threshold).passed
+        )
+        verdict = "OK" if passed else "NG"
         print(f"{path!s:<50} {result.score:8.3f}  {verdict}")
         if args.out:
             image = overlay_heatmap(frame, result.frame_map(frame.shape), vmax=2.0 * threshold)
-            write_rgb(str(args.out / f"{path.stem}_{verdict}.png"), image)
+            write_rgb(str(args.out / f"{name}_{verdict}.png"), image)
     inspector.close()
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,34 @@ def bundle_dir(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("bundle")
     fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02))
     return out
+
+
+@pytest.fixture(scope="session")
+def e2e_bundle(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with its threshold set on separate validation parts (as `fit --val` does)."""
+    from anomalyd.cli_model import _val_images
+
+    validation = write_sample(tmp_path_factory.mktemp("validation"), train=0, test_good=6, per_defect=2, seed=11)
+    out = tmp_path_factory.mktemp("e2e_bundle")
+    fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02), _val_images(validation))
+    return out
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[object]:
+    """Starts the real daemon (and its simulated S7 PLC); kills what is left at the end."""
+    from tests.harness import Running, start_daemon
+
+    started: list[Running] = []
+
+    def factory(*args: object, **kwargs: object) -> Running:
+        r = start_daemon(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(r)
+        return r
+
+    yield factory
+    for r in started:
+        if r.process.poll() is None:
+            r.process.kill()
+            r.process.wait()
+        r.plc.stop()

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,123 +17,10 @@ import yaml
 
 from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.drivers.plc.sim import SimulatedPlc
-from anomalyd.model.fit import FitSettings, fit
-from anomalyd.sample import write_sample
-from tests.conftest import ANOMALYD, free_port
+from tests.conftest import ANOMALYD
+from tests.harness import Running, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def e2e_bundle(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle with its threshold set on separate validation parts (as `fit --val` does)."""
-    from anomalyd.cli_model import _val_images
-
-    validation = write_sample(tmp_path_factory.mktemp("validation"), train=0, test_good=6, per_defect=2, seed=11)
-    out = tmp_path_factory.mktemp("e2e_bundle")
-    fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02), _val_images(validation))
-    return out
-
-
-@dataclass
-class Running:
-    process: subprocess.Popen[str]
-    config: Path
-    plc: SimulatedPlc
-    data: Path
-    metrics_port: int
-    notify: socket.socket | None = None
-    raw: dict[str, object] = field(default_factory=dict)
-
-    def rows(self) -> list[tuple[int, str, int, str]]:
-        with sqlite3.connect(self.data / "inspections.sqlite") as db:
-            return db.execute(
-                "SELECT inspection_id, verdict, error_code, source FROM inspections ORDER BY inspection_id"
-            ).fetchall()
-
-    def wait_rows(self, count: int, timeout: float = 10.0) -> list[tuple[int, str, int, str]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = self.rows() if (self.data / "inspections.sqlite").exists() else []
-            if len(rows) >= count:
-                return rows
-            time.sleep(0.05)
-        raise AssertionError(f"only {len(rows)} of {count} records")
-
-    def write_config(self, **changes: object) -> None:
-        data = json.loads(json.dumps(self.raw))
-        for key, value in changes.items():
-            section, name = key.split("__")
-            data.setdefault(section, {})[name] = value
-        self.config.write_text(yaml.safe_dump(data), encoding="utf-8")
-
-    def notifications(self) -> list[str]:
-        assert self.notify is not None
-        out = []
-        self.notify.settimeout(0.05)
-        try:
-            while True:
-                out += self.notify.recv(4096).decode().splitlines()
-        except (TimeoutError, BlockingIOError):
-            return out
-
-
-def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
-    plc_port, metrics_port = free_port(), free_port()
-    plc = SimulatedPlc("s7", port=plc_port)
-    plc.start()
-    raw: dict[str, dict[str, object]] = {
-        "camera": {"type": "simulated", "source": str(source)},
-        "plc": {"type": "s7", "port": plc_port, "timeout_s": 0.5, "reconnect_max_s": 0.5},
-        "model": {"bundle": str(bundle)},
-        "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
-        "metrics": {"port": metrics_port},
-        "logging": {"format": "json"},
-    }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        raw.setdefault(section, {})[name] = value
-    config = tmp_path / "anomalyd.yaml"
-    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    sock = None
-    if notify:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        path = str(tmp_path / "notify.sock")
-        sock.bind(path)
-        env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
-    log = (tmp_path / "daemon.log").open("w")
-    process = subprocess.Popen(
-        [*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw)
-    if plc.wait_for(lambda s: s.ready, 90.0) is None:
-        process.kill()
-        plc.stop()
-        raise AssertionError("daemon never became ready:\n" + (tmp_path / "daemon.log").read_text()[-3000:])
-    return running
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[object]:
-    started: list[Running] = []
-
-    def factory(*args: object, **kwargs: object) -> Running:
-        r = start_daemon(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
-        started.append(r)
-        return r
-
-    yield factory
-    for r in started:
-        if r.process.poll() is None:
-            r.process.kill()
-            r.process.wait()
-        r.plc.stop()
-
-
-def stop(r: Running) -> int:
-    r.process.send_signal(signal.SIGTERM)
-    return r.process.wait(timeout=5.0)
 
 
 def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:

@@ -1,0 +1,102 @@
+"""The real daemon as a subprocess beside a simulated S7 PLC, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from anomalyd.drivers.plc.sim import SimulatedPlc
+from tests.conftest import ANOMALYD, free_port
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[str]
+    config: Path
+    plc: SimulatedPlc
+    data: Path
+    metrics_port: int
+    notify: socket.socket | None = None
+    raw: dict[str, object] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[int, str, int, str]]:
+        with sqlite3.connect(self.data / "inspections.sqlite") as db:
+            return db.execute(
+                "SELECT inspection_id, verdict, error_code, source FROM inspections ORDER BY inspection_id"
+            ).fetchall()
+
+    def wait_rows(self, count: int, timeout: float = 10.0) -> list[tuple[int, str, int, str]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.rows() if (self.data / "inspections.sqlite").exists() else []
+            if len(rows) >= count:
+                return rows
+            time.sleep(0.05)
+        raise AssertionError(f"only {len(rows)} of {count} records")
+
+    def write_config(self, **changes: object) -> None:
+        data = json.loads(json.dumps(self.raw))
+        for key, value in changes.items():
+            section, name = key.split("__")
+            data.setdefault(section, {})[name] = value
+        self.config.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    def notifications(self) -> list[str]:
+        assert self.notify is not None
+        out = []
+        self.notify.settimeout(0.05)
+        try:
+            while True:
+                out += self.notify.recv(4096).decode().splitlines()
+        except (TimeoutError, BlockingIOError):
+            return out
+
+
+def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
+    plc_port, metrics_port = free_port(), free_port()
+    plc = SimulatedPlc("s7", port=plc_port)
+    plc.start()
+    raw: dict[str, dict[str, object]] = {
+        "camera": {"type": "simulated", "source": str(source)},
+        "plc": {"type": "s7", "port": plc_port, "timeout_s": 0.5, "reconnect_max_s": 0.5},
+        "model": {"bundle": str(bundle)},
+        "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
+        "metrics": {"port": metrics_port},
+        "logging": {"format": "json"},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    config = tmp_path / "anomalyd.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sock = None
+    if notify:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = str(tmp_path / "notify.sock")
+        sock.bind(path)
+        env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+    log = (tmp_path / "daemon.log").open("w")
+    process = subprocess.Popen(
+        [*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw)
+    if plc.wait_for(lambda s: s.ready, 90.0) is None:
+        process.kill()
+        plc.stop()
+        raise AssertionError("daemon never became ready:\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+    return running
+
+
+def stop(r: Running) -> int:
+    r.process.send_signal(signal.SIGTERM)
+    return r.process.wait(timeout=5.0)
