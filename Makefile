@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; set TORCH=torch on a CUDA machine for the default wheel.
 TORCH ?= torch==2.13.0
+# faiss-cpu for the tests and `search: faiss`; on a CUDA box with faiss-gpu: make EXTRAS=dev,faiss-gpu
+EXTRAS ?= dev,faiss-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -187,13 +187,12 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace, progress: Progress) -> int:
-    import torch
-
+    from anomalyd.engines.base import resolve_device
     from anomalyd.engines.tensorrt_engine import build_plan
     from anomalyd.model.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    plan = build_plan(bundle, torch.device(args.device), args.fp16, args.workspace)
+    plan = build_plan(bundle, resolve_device(args.device), args.fp16, args.workspace)
     print(f"plan → {plan}")
     return 0
 

@@ -195,7 +195,9 @@ def main() -> int:
     while done < args.inspections:
         part_id += 1
         stall = bool(args.stall_every) and done % args.stall_every == args.stall_every - 1
-        disabled = bool(args.enable_toggle_every) and done % args.enable_toggle_every == args.enable_toggle_every // 2 + 1
+        disabled = (
+            bool(args.enable_toggle_every) and done % args.enable_toggle_every == args.enable_toggle_every // 2 + 1
+        )
         kind = "stall" if stall else "disabled" if disabled else "retrigger" if retrigger_now else "normal"
         if stall:
             status = stalled_inspection(plc, daemon, part_id, 1.5 * args.budget_ms / 1000.0)

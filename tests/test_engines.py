@@ -122,3 +122,103 @@ def test_torch_cuda_matches_cpu(bundle_dir: Path, sample_dir: Path) -> None:
     for frame in _frames(sample_dir):
         # Same resize weights as OpenCV on the CPU; cuDNN's TF32 convolutions leave ~1e-3.
         assert abs(reference.inspect(frame).score - gpu.inspect(frame).score) < 0.01
+
+
+# ------------------------------------------------------------------ the GPU path's seams (run here)
+def test_auto_moves_on_when_a_candidate_raises_anything(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that looks available but whose construction raises (as `set_device` did) is a skip reason."""
+    from anomalyd.engines.base import EXTRACTORS
+
+    class BrokenTensorRt:
+        name = "tensorrt"
+
+        @staticmethod
+        def unavailable(config: object) -> None:
+            return None
+
+        def __init__(self, bundle: object, config: object) -> None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+
+    monkeypatch.setitem(EXTRACTORS._entries, "tensorrt", BrokenTensorRt)
+    extractor = build_extractor(load_bundle(bundle_dir), AutoEngineConfig())
+    assert extractor.name == "onnxruntime"
+    extractor.close()
+
+
+def test_cuda_devices_always_carry_their_index() -> None:
+    from anomalyd.engines.base import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").index == torch.cuda.current_device()
+        assert resolve_device("auto").index is not None
+    else:
+        with pytest.raises(EngineError, match="sees no CUDA GPU"):
+            resolve_device("cuda:1")
+    with pytest.raises(EngineError, match="'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_plan_names_separate_onnx_gpus_and_versions(tmp_path: Path) -> None:
+    from anomalyd.engines.plan_cache import GpuIdentity, plan_file, timing_cache_file
+
+    nano, agx = GpuIdentity("Orin", 8, 7, 8), GpuIdentity("Orin", 8, 7, 16)  # same name on every Jetson Orin
+    a = plan_file(tmp_path, "a" * 64, nano, "10.3.0", True)
+    assert a.name == "aaaaaaaaaaaa_Orin-sm87-8mp_trt10.3.0_fp16.plan"
+    others = {
+        plan_file(tmp_path, "b" * 64, nano, "10.3.0", True),  # refitted in place
+        plan_file(tmp_path, "a" * 64, agx, "10.3.0", True),
+        plan_file(tmp_path, "a" * 64, nano, "8.6.2", True),  # JetPack 6.0
+        plan_file(tmp_path, "a" * 64, nano, "10.3.0", False),
+    }
+    assert a not in others and len(others) == 4
+    assert timing_cache_file(tmp_path, nano, "10.3.0") != timing_cache_file(tmp_path, agx, "10.3.0")
+    assert timing_cache_file(tmp_path, nano, "10.3.0") != timing_cache_file(tmp_path, nano, "8.6.2")
+    h200 = GpuIdentity("NVIDIA H200", 9, 0, 132)
+    assert h200.slug == "NVIDIA-H200-sm90-132mp"
+
+
+def test_plan_and_cache_files_are_written_atomically_and_bad_ones_set_aside(tmp_path: Path) -> None:
+    from anomalyd.engines.plan_cache import read_timing_cache, set_aside, write_atomically
+
+    target = tmp_path / "engines" / "x.plan"
+    write_atomically(target, b"first")
+    write_atomically(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["x.plan"]  # no temporary file left behind
+    # A write that fails half-way leaves the old file and no temporary file.
+    with pytest.raises(TypeError):
+        write_atomically(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"second" and [p.name for p in target.parent.iterdir()] == ["x.plan"]
+    assert read_timing_cache(tmp_path / "missing.cache") == b""
+    unreadable = tmp_path / "dir.cache"
+    unreadable.mkdir()  # reading a folder fails with an OSError: start afresh, do not stop
+    assert read_timing_cache(unreadable) == b""
+    set_aside(target, "could not deserialize")
+    assert not target.exists() and (target.parent / "x.plan.bad").read_bytes() == b"second"
+
+
+@pytest.mark.parametrize(
+    "version,fp16,problem",
+    [
+        ("8.4.1", False, "too old"),
+        ("8.5.2", True, None),  # JetPack 5.1
+        ("8.6.2", True, None),  # JetPack 6.0
+        ("10.3.0", True, None),
+        ("11.0.0", True, "strongly typed"),
+        ("11.0.0", False, None),
+    ],
+)
+def test_tensorrt_versions_are_checked_before_building(version: str, fp16: bool, problem: str | None) -> None:
+    from types import SimpleNamespace
+
+    from anomalyd.engines.tensorrt_engine import check_version
+
+    flags = SimpleNamespace() if version.startswith("11") else SimpleNamespace(FP16=1)
+    trt = SimpleNamespace(__version__=version, BuilderFlag=flags)
+    if problem is None:
+        check_version(trt, fp16)
+    else:
+        with pytest.raises(EngineError, match=problem):
+            check_version(trt, fp16)

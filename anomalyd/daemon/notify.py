@@ -47,6 +47,10 @@ class Notifier:
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Start-up takes longer (a TensorRT plan is being built): ask systemd for ``seconds`` more."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", "STATUS=building the TensorRT plan")
+
     def reloading(self) -> None:
         self.send("RELOADING=1")
 

@@ -32,6 +32,7 @@ from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.daemon.recorder import Recorder
 from anomalyd.daemon.reloader import reload_config
 from anomalyd.drivers.plc.base import PlcError, open_plc_link
+from anomalyd.engines import plan_cache
 from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.errors import StartupError
 from anomalyd.log import configure_logging, get_logger
@@ -67,6 +68,8 @@ class Daemon:
             if cfg.camera.roi
             else None
         )
+        # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
+        plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
         self.inspector = open_inspector(bundle, cfg.engine, cfg.search, roi)
         self.inspector.warm_up()
         log.info(

@@ -49,10 +49,22 @@ register_searcher = SEARCHERS.register
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when torch sees a GPU, else cpu; anything else as given."""
+    """``auto`` → cuda when torch sees a GPU, else cpu; a CUDA device always with its index.
+
+    ``torch.cuda.set_device``, faiss and CUDA-graph capture need the index: a bare
+    ``cuda`` would mean "whatever device is current", which is not always ours.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise EngineError(f"device {name!r}: {exc}") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise EngineError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
-    return device
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise EngineError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", index)

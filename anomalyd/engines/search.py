@@ -27,7 +27,9 @@ class FaissSearcher:
         try:
             import faiss
         except ImportError as exc:
-            raise EngineError("faiss is not installed (pip install faiss-cpu)") from exc
+            raise EngineError(
+                "faiss is not installed (pip install 'anomalyd[faiss-cpu]', or [faiss-gpu] on a CUDA box)"
+            ) from exc
         if threads:
             faiss.omp_set_num_threads(threads)
         index: Any = faiss.IndexFlatL2(bank.shape[1])
@@ -38,8 +40,9 @@ class FaissSearcher:
                 raise EngineError("faiss on cuda asked for, but the installed faiss has no GPU support")
             import faiss.contrib.torch_utils
 
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, device.index or 0, index)
+            with torch.cuda.device(device):
+                self._resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._resources, device.index or 0, index)
             self.name = "faiss-gpu"
         else:
             self.name = "faiss-cpu"
@@ -47,7 +50,8 @@ class FaissSearcher:
 
     def search(self, features: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            d2, _ = self.index.search(features.contiguous(), 1)
+            with torch.cuda.device(self.device):
+                d2, _ = self.index.search(features.to(self.device, torch.float32).contiguous(), 1)
             return d2[:, 0].clamp_min(0).sqrt()
         d2, _ = self.index.search(np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32), 1)
         return torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0)))

@@ -48,8 +48,9 @@ def build_extractor(bundle: Bundle, config: EngineConfig) -> Extractor:
         if reason is None:
             try:
                 extractor: Extractor = cls(bundle, candidate)
-            except EngineError as exc:
-                reason = str(exc)
+            except Exception as exc:  # any failure of one candidate is a reason to try the next
+                reason = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+                log.warning("engine.candidate_failed", engine=candidate.type, error=reason)
             else:
                 log.info("engine.chosen", engine=extractor.name, skipped=skipped)
                 return extractor

@@ -1,16 +1,15 @@
-"""TensorRT extractor: a plan built from the bundle's ONNX, run with the TensorRT 10 API.
+"""TensorRT extractor: a plan built from the bundle's ONNX, run with the I/O-tensor API (TensorRT 8.5–10).
 
-Plans are cached in the bundle under ``engines/`` with the GPU model, TensorRT
-version and precision in the name, so a bundle moved to another GPU or
-TensorRT release builds a fresh plan instead of failing to deserialize one.
+Plans are cached in the bundle under ``engines/`` (see ``plan_cache``): named by
+the ONNX checksum, GPU identity, TensorRT version and precision, so a bundle
+refitted, moved to another GPU or TensorRT release builds a fresh plan instead
+of loading a wrong one; a plan that fails to deserialize is set aside and rebuilt.
 Buffers are torch CUDA tensors: one CUDA context serves TensorRT, the search and
 the anomaly map, and nothing is copied to the host.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,15 @@ import torch
 
 from anomalyd.config import TensorRtEngineConfig
 from anomalyd.engines.base import EngineError, register_extractor, resolve_device
+from anomalyd.engines.plan_cache import (
+    announce_build,
+    gpu_identity,
+    plan_file,
+    read_timing_cache,
+    set_aside,
+    timing_cache_file,
+    write_atomically,
+)
 from anomalyd.log import get_logger
 from anomalyd.model.bundle import EXTRACTOR_ONNX, Bundle
 from anomalyd.model.export import INPUT_NAME, OUTPUT_NAME
@@ -34,36 +42,53 @@ def _trt() -> Any:
     return tensorrt
 
 
+def _major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def check_version(trt: Any, fp16: bool) -> None:
+    """TensorRT 8.5 to 10 are supported; 11 only in FP32 (it has no FP16 builder flag)."""
+    major = _major(trt)
+    if major < 8 or (major == 8 and int(str(trt.__version__).split(".")[1]) < 5):
+        raise EngineError(f"TensorRT {trt.__version__} is too old: 8.5 or newer is needed (JetPack 5.1+)")
+    if fp16 and not hasattr(trt.BuilderFlag, "FP16"):
+        raise EngineError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only (no FP16 flag): "
+            "set engine.fp16: false, or install tensorrt>=10,<11 (the tested range)"
+        )
+
+
 def plan_path(bundle: Bundle, device: torch.device, fp16: bool) -> Path:
-    """Where the plan for this exact ONNX file, GPU, TensorRT version and precision is cached.
-
-    The ONNX file's checksum is in the name: a refit in place never reuses an old plan.
-    """
+    """Where the plan for this exact ONNX file, GPU, TensorRT version and precision is cached."""
     trt = _trt()
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
-    onnx = str(bundle.manifest["files"][EXTRACTOR_ONNX])[:12]
-    return bundle.path / "engines" / f"{onnx}_{gpu}_trt{trt.__version__}_{'fp16' if fp16 else 'fp32'}.plan"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file and rename: a crash never leaves half a plan under the real name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    onnx_sha = str(bundle.manifest["files"][EXTRACTOR_ONNX])
+    return plan_file(bundle.path / "engines", onnx_sha, gpu_identity(device), str(trt.__version__), fp16)
 
 
 def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspace_mb: int = 1024) -> Path:
-    """Build (or reuse) the plan for this GPU; returns its path."""
+    """Build (or reuse) the plan for ``device``; returns its path. Builds on ``device`` itself."""
     trt = _trt()
+    check_version(trt, fp16)
     target = plan_path(bundle, device, fp16)
     if target.is_file():
         return target
+    announce_build()
+    log.info("tensorrt.plan_building", plan=str(target), device=str(device))
+    with torch.cuda.device(device):
+        serialized, cache = _build(trt, bundle, device, fp16, workspace_mb)
+    write_atomically(target, serialized)
+    if cache is not None:
+        write_atomically(timing_cache_file(target.parent, gpu_identity(device), str(trt.__version__)), cache)
+    log.info("tensorrt.plan_built", plan=str(target))
+    return target
+
+
+def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace_mb: int) -> tuple[bytes, bytes | None]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # TensorRT 8.x (JetPack 5, 6.0) needs the explicit-batch flag; from 10 it is the only mode.
+    flags = 0 if _major(trt) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     onnx_path = bundle.file(EXTRACTOR_ONNX)
     if not parser.parse_from_file(str(onnx_path)):
@@ -80,17 +105,19 @@ def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspac
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (1, 3, h, w), (1, 3, h, w), (MAX_BATCH, 3, h, w))
     config.add_optimization_profile(profile)
-    cache_file = target.parent / "timing.cache"
-    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = timing_cache_file(bundle.path / "engines", gpu_identity(device), str(trt.__version__))
+    cache = config.create_timing_cache(read_timing_cache(cache_path))
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another GPU or version, or damaged: build without it, write a fresh one.
+        if cache_path.is_file():
+            set_aside(cache_path, "TensorRT refused it")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build a plan from {onnx_path} (see the log above)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(target, bytes(serialized))
-    write_atomically(cache_file, bytes(config.get_timing_cache().serialize()))
-    log.info("tensorrt.plan_built", plan=str(target))
-    return target
+    timing = config.get_timing_cache()
+    return bytes(serialized), (bytes(timing.serialize()) if timing is not None else None)
 
 
 @register_extractor("tensorrt")
@@ -109,33 +136,60 @@ class TensorRtExtractor:
 
     def __init__(self, bundle: Bundle, config: TensorRtEngineConfig) -> None:
         trt = _trt()
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device)  # always with an index: cuda:N
         if self.device.type != "cuda":
             raise EngineError("the tensorrt engine needs a CUDA device")
-        torch.cuda.set_device(self.device)
-        plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self._engine is None:
-            raise EngineError(f"{plan}: TensorRT could not deserialize the plan; delete it to rebuild")
-        self._context = self._engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
+            self._engine = self._deserialize(plan)
+            if self._engine is None:  # a damaged plan (a crash of an old version, a bad disk): rebuild once
+                set_aside(plan, "TensorRT could not deserialize it")
+                plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
+                self._engine = self._deserialize(plan)
+            if self._engine is None:
+                raise EngineError(f"{plan}: TensorRT could not deserialize a freshly built plan")
+            self._context = self._engine.create_execution_context()
+            self._stream = torch.cuda.Stream(self.device)
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if INPUT_NAME not in names or OUTPUT_NAME not in names:
             raise EngineError(f"{plan}: expected tensors {INPUT_NAME}/{OUTPUT_NAME}, found {names}")
-        self._stream = torch.cuda.Stream(self.device)
+        for tensor in (INPUT_NAME, OUTPUT_NAME):
+            dtype = self._engine.get_tensor_dtype(tensor)
+            if dtype != trt.DataType.FLOAT:
+                raise EngineError(f"{plan}: tensor {tensor} is {dtype}, expected FLOAT (fp32 I/O)")
         self.name = f"tensorrt-{'fp16' if config.fp16 else 'fp32'}"
+
+    def _deserialize(self, plan: Path) -> Any:
+        try:
+            return self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        except Exception as exc:  # some versions raise instead of returning None
+            log.warning("tensorrt.deserialize_failed", plan=str(plan), error=str(exc))
+            return None
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, dtype=torch.float32).contiguous()
-        self._context.set_input_shape(INPUT_NAME, tuple(x.shape))
+        if x.shape[0] > MAX_BATCH:
+            return torch.cat([self.extract(chunk) for chunk in x.split(MAX_BATCH)])
+        if not self._context.set_input_shape(INPUT_NAME, tuple(x.shape)):
+            raise EngineError(f"TensorRT refused input shape {tuple(x.shape)} (profile: 1..{MAX_BATCH} images)")
         out_shape = tuple(self._context.get_tensor_shape(OUTPUT_NAME))
+        if any(d < 0 for d in out_shape):
+            raise EngineError(f"TensorRT output shape unresolved: {out_shape}")
         out = torch.empty(out_shape, device=self.device, dtype=torch.float32)
-        self._context.set_tensor_address(INPUT_NAME, x.data_ptr())
-        self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not (
+            self._context.set_tensor_address(INPUT_NAME, x.data_ptr())
+            and self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        ):
+            raise EngineError("TensorRT refused a tensor address")
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)  # the input is ready on the caller's stream
         if not self._context.execute_async_v3(self._stream.cuda_stream):
             raise EngineError("TensorRT execution failed")
-        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        caller.wait_stream(self._stream)
+        # The buffers belong to the caller's stream from here: keep them alive until used there.
+        x.record_stream(self._stream)
+        out.record_stream(self._stream)
         return out
 
     def close(self) -> None:

@@ -54,6 +54,11 @@ class TorchExtractor:
         return self.module(x).float()
 
     def _capture(self, input_size: tuple[int, int]) -> None:
+        # Capture on our device, not whatever device is current (cuda:1 on a two-GPU box).
+        with torch.cuda.device(self.device):
+            self._capture_here(input_size)
+
+    def _capture_here(self, input_size: tuple[int, int]) -> None:
         self._static_in = torch.zeros(1, 3, *input_size, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -69,9 +74,11 @@ class TorchExtractor:
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if self._graph is not None and images.shape[0] == 1:
-                self._static_in.copy_(images, non_blocking=True)
-                self._graph.replay()
-                return self._static_out.clone()
+                with torch.cuda.device(self.device):
+                    self._static_in.copy_(images, non_blocking=True)
+                    self._graph.replay()
+                    # A copy: the next replay overwrites _static_out, the caller's result must not change.
+                    return self._static_out.clone()
             return self._run(images)
 
     def close(self) -> None:
