@@ -222,3 +222,35 @@ def test_tensorrt_versions_are_checked_before_building(version: str, fp16: bool,
     else:
         with pytest.raises(EngineError, match=problem):
             check_version(trt, fp16)
+
+
+class _BuilderConfigSeam:
+    """Stands in for TensorRT's IBuilderConfig at the two timing-cache calls only (no TensorRT runs)."""
+
+    def __init__(self, accepts: set[bytes]) -> None:
+        self.accepts = accepts
+        self.attached: list[tuple[bytes, bool]] = []
+
+    def create_timing_cache(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        ok = cache == b"" or cache in self.accepts
+        if ok:
+            self.attached.append((cache, ignore_mismatch))
+        return ok
+
+
+def test_a_foreign_timing_cache_is_set_aside_and_the_build_goes_on(tmp_path: Path) -> None:
+    from anomalyd.engines.tensorrt_engine import attach_timing_cache
+
+    cache = tmp_path / "timing_x.cache"
+    cache.write_bytes(b"ours")
+    seam = _BuilderConfigSeam(accepts={b"ours"})
+    attach_timing_cache(seam, cache)
+    assert seam.attached == [(b"ours", False)] and cache.exists()
+    cache.write_bytes(b"from another GPU")
+    seam = _BuilderConfigSeam(accepts={b"ours"})
+    attach_timing_cache(seam, cache)
+    assert seam.attached == [(b"", True)]  # a fresh cache; the foreign one kept aside, not used
+    assert not cache.exists() and (tmp_path / "timing_x.cache.bad").read_bytes() == b"from another GPU"

@@ -83,6 +83,25 @@ def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspac
     return target
 
 
+def attach_timing_cache(config: Any, cache_path: Path) -> None:
+    """Give the builder config the cache at ``cache_path``; a foreign or damaged one is set aside.
+
+    ``config`` is TensorRT's ``IBuilderConfig`` (the only calls: ``create_timing_cache``,
+    ``set_timing_cache``): ``set_timing_cache`` returns False for a cache from another
+    GPU or version, and the build then goes on with a fresh, empty cache.
+    """
+    try:
+        cache = config.create_timing_cache(read_timing_cache(cache_path))
+        accepted = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception as exc:  # a damaged file can make TensorRT raise instead of returning None/False
+        log.warning("tensorrt.timing_cache_error", file=str(cache_path), error=str(exc))
+        accepted = False
+    if not accepted:
+        if cache_path.is_file():
+            set_aside(cache_path, "TensorRT refused it (another GPU or version, or damaged)")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=True)
+
+
 def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace_mb: int) -> tuple[bytes, bytes | None]:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -105,14 +124,7 @@ def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (1, 3, h, w), (1, 3, h, w), (MAX_BATCH, 3, h, w))
     config.add_optimization_profile(profile)
-    cache_path = timing_cache_file(bundle.path / "engines", gpu_identity(device), str(trt.__version__))
-    cache = config.create_timing_cache(read_timing_cache(cache_path))
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another GPU or version, or damaged: build without it, write a fresh one.
-        if cache_path.is_file():
-            set_aside(cache_path, "TensorRT refused it")
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=True)
+    attach_timing_cache(config, timing_cache_file(bundle.path / "engines", gpu_identity(device), str(trt.__version__)))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build a plan from {onnx_path} (see the log above)")
