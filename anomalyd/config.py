@@ -175,7 +175,13 @@ PlcConfig = Annotated[S7Config | ModbusConfig | ModbusServerConfig | NoPlcConfig
 
 # ---------------------------------------------------------------- model, engine
 class ModelConfig(Section):
-    bundle: Path = setting(Path("bundle"), "Model bundle", "Folder written by `anomalyd fit`.")
+    bundle: Path = setting(
+        Path("bundle"), "Model bundle", "Folder written by `anomalyd fit` (recipe 0 when there are no recipes)."
+    )
+    default_recipe: int = setting(
+        0, "Default recipe", "Recipe used while the PLC's recipe_request is 0 (with recipes: one of them).", ge=0,
+        le=65535,
+    )
 
 
 class _EngineCommon(Section):
@@ -272,6 +278,20 @@ class DaemonConfig(Section):
     records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1, le=10**10)
 
 
+class PageConfig(Section):
+    enabled: bool = setting(True, "Operator page", "Serve the operator page (verdicts, images, counts, state).")
+    host: str = setting(
+        "127.0.0.1", "Listen address", "Loopback by default; any other address needs a token (see token_file)."
+    )
+    port: int = setting(8080, "Port", "HTTP port of the page (0: any free port).", ge=0, le=65535)
+    token_file: Path | None = setting(
+        None,
+        "Token file",
+        "File holding the access token (or set ANOMALYD_PAGE_TOKEN); required when host is not loopback.",
+    )
+    filmstrip: int = setting(24, "Filmstrip", "How many recent results the page keeps (with images).", ge=1, le=200)
+
+
 class RecordsConfig(Section):
     required: bool = setting(
         False,
@@ -313,6 +333,15 @@ class LoggingConfig(Section):
     )
 
 
+class RecipeConfig(Section):
+    """One product variant: its bundle and, optionally, its own thresholds and ROI."""
+
+    name: str = setting("", "Name", "Shown on the operator page and in the log.", max_length=64)
+    bundle: Path = setting(..., "Bundle", "Folder written by `anomalyd fit` for this variant.")
+    thresholds: ThresholdsConfig | None = setting(None, "Thresholds", "This recipe's rules (empty: `thresholds`).")
+    roi: Roi | None = setting(None, "Region of interest", "This recipe's crop (empty: `camera.roi`).")
+
+
 class AppConfig(Section):
     """The whole configuration file."""
 
@@ -327,6 +356,21 @@ class AppConfig(Section):
     metrics: MetricsConfig = setting(MetricsConfig(), "Metrics", "Prometheus endpoint.")
     logging: LoggingConfig = setting(LoggingConfig(), "Logging", "Log level and format.")
     records: RecordsConfig = setting(RecordsConfig(), "Records", "What to do when records cannot be written.")
+    recipes: dict[Annotated[int, Field(ge=1, le=65535)], RecipeConfig] = setting(
+        {}, "Recipes", "Product variants by number; the PLC picks one with recipe_request (reloadable)."
+    )
+    page: PageConfig = setting(PageConfig(), "Operator page", "The screen beside the line.")
+
+    @model_validator(mode="after")
+    def _default_recipe_exists(self) -> AppConfig:
+        if self.recipes and self.model.default_recipe not in self.recipes:
+            raise ValueError(
+                f"model.default_recipe {self.model.default_recipe} is not one of the recipes "
+                f"({', '.join(str(n) for n in sorted(self.recipes))})"
+            )
+        if not self.recipes and self.model.default_recipe != 0:
+            raise ValueError("model.default_recipe needs a `recipes:` section")
+        return self
 
     @model_validator(mode="after")
     def _trigger_needs_plc(self) -> AppConfig:
@@ -336,7 +380,7 @@ class AppConfig(Section):
 
 
 # Sections a SIGHUP may change; any other change needs a restart.
-RELOADABLE = ("thresholds", "logging", "archive")
+RELOADABLE = ("thresholds", "logging", "archive", "recipes")
 
 
 def config_hash(config: AppConfig) -> str:

@@ -164,11 +164,15 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
         camera = camera.model_copy(update={"source": rel(camera.source)})
     else:
         camera = camera.model_copy(update={"cti": [rel(p) for p in camera.cti]})
+    recipes = {n: r.model_copy(update={"bundle": rel(r.bundle)}) for n, r in config.recipes.items()}
+    token = config.page.token_file
     return config.model_copy(
         update={
             "camera": camera,
             "model": config.model.model_copy(update={"bundle": rel(config.model.bundle)}),
             "daemon": config.daemon.model_copy(update={"data_dir": rel(config.daemon.data_dir)}),
+            "recipes": recipes,
+            "page": config.page.model_copy(update={"token_file": rel(token) if token else None}),
         }
     )
 

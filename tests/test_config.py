@@ -181,7 +181,7 @@ def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
 def test_s7_blocks_in_one_db_must_not_overlap() -> None:
     text = "plc:\n  type: s7\n  status_db: 7\n  command_db: 7\n  command_start: 16\n"
     found = issues(text)
-    assert len(found) == 1 and "line.yaml:1 plc: status block (DB7 bytes 0..31) overlaps" in found[0]
+    assert len(found) == 1 and "line.yaml:1 plc: status block (DB7 bytes 0..33) overlaps" in found[0]
     assert "odd" not in issues("plc:\n  type: s7\n  status_start: 3\n")[0]
     assert "must be even" in issues("plc:\n  type: s7\n  status_start: 3\n")[0]
 

@@ -243,7 +243,7 @@ def test_modbus_server_survives_a_connection_flood(e2e_bundle: Path, sample_dir:
             time.sleep(0.2)
 
         def status() -> object:
-            reply = plc.read_holding_registers(0, count=16, device_id=1)
+            reply = plc.read_holding_registers(0, count=17, device_id=1)
             assert not reply.isError()
             return unpack_status(bytes_from_words(reply.registers), StatusLayout())
 
@@ -258,7 +258,7 @@ def test_modbus_server_survives_a_connection_flood(e2e_bundle: Path, sample_dir:
         assert fds < 60, f"{fds} file descriptors: idle clients are not bounded"
         # The PLC that polls keeps its connection and completes a handshake: trigger with part 77.
         before = status()
-        assert not plc.write_registers(100, [0x0500, 0, 77], device_id=1).isError()
+        assert not plc.write_registers(100, [0x0500, 0, 77, 0], device_id=1).isError()
         while status().result_toggle == before.result_toggle:  # type: ignore[attr-defined]
             assert time.monotonic() < deadline
             time.sleep(0.01)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from anomalyd.config import (
+    AppConfig,
     ArchiveConfig,
-    AutoEngineConfig,
     DaemonConfig,
-    SearchConfig,
+    ModelConfig,
+    NoPlcConfig,
     SimulatedCameraConfig,
     ThresholdsConfig,
 )
@@ -22,22 +23,28 @@ from anomalyd.daemon.dispatch import Part
 from anomalyd.daemon.handshake import ErrorCode, Handshake, Ticket
 from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics
+from anomalyd.daemon.recipes import RecipeBook
 from anomalyd.daemon.recorder import Recorder
 from anomalyd.drivers.plc.layout import Command
-from anomalyd.engines.inspector import open_inspector
 from anomalyd.model.bundle import Bundle, load_bundle
 
 
-def _station(bundle: Bundle, sample_dir: Path, tmp_path: Path, thresholds: object = None):  # type: ignore[no-untyped-def]
+def _station(bundle_dir: Path, sample_dir: Path, tmp_path: Path, image_threshold: float | None = None):  # type: ignore[no-untyped-def]
     metrics = Metrics()
     hs = Handshake(1.0, budget_ms=5000, grab_timeout_ms=1000)
-    camera = CameraSupervisor(SimulatedCameraConfig(source=sample_dir), hs, metrics)
+    config = AppConfig(
+        camera=SimulatedCameraConfig(source=sample_dir),
+        model=ModelConfig(bundle=bundle_dir),
+        thresholds=ThresholdsConfig(image=image_threshold),
+        plc=NoPlcConfig(),
+        daemon=DaemonConfig(trigger="free_run", data_dir=tmp_path),
+    )
+    book = RecipeBook(config, hs, RecipeBook.opener(config))
+    book.load_all()
+    camera = CameraSupervisor(config.camera, hs, metrics)
     assert camera.ensure_open()
-    recorder = Recorder(DaemonConfig(data_dir=tmp_path), ArchiveConfig(enabled=False), metrics, bundle.bundle_id)
-    inspector = open_inspector(bundle, AutoEngineConfig(), SearchConfig())
-    provider = thresholds if thresholds is not None else (lambda: ThresholdsConfig())
-    judge = Judge(inspector, hs, camera, recorder, provider, lambda: 1.0)  # type: ignore[arg-type]
-    return hs, camera, recorder, judge
+    recorder = Recorder(config.daemon, ArchiveConfig(enabled=False), metrics, "b")
+    return hs, camera, recorder, Judge(book, hs, camera, recorder)
 
 
 def _part(hs: Handshake, camera: CameraSupervisor, part_id: int) -> Part:
@@ -59,12 +66,10 @@ def _rows(tmp_path: Path) -> list[tuple[int, int, str, int]]:
 def test_a_non_finite_score_fails_the_part_with_code_3(
     bundle_dir: Path, sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundle = load_bundle(bundle_dir)
-    clean = bundle.memory_bank()
-    poisoned = clean.copy()
+    poisoned = load_bundle(bundle_dir).memory_bank().copy()
     poisoned[0, 0] = np.inf  # as if the bank were corrupted after the load-time check
     monkeypatch.setattr(Bundle, "memory_bank", lambda self: poisoned)
-    hs, camera, recorder, judge = _station(bundle, sample_dir, tmp_path)
+    hs, camera, recorder, judge = _station(bundle_dir, sample_dir, tmp_path)
     try:
         hs.set_ready(True)
         answer = judge.judge(_part(hs, camera, 31))
@@ -77,17 +82,21 @@ def test_a_non_finite_score_fails_the_part_with_code_3(
 
 
 def test_an_unexpected_fault_fails_the_part_with_code_8_and_the_next_part_is_judged(
-    bundle_dir: Path, sample_dir: Path, tmp_path: Path
+    bundle_dir: Path, sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = {"n": 0}
+    from anomalyd.daemon import judge as judge_module
 
-    def thresholds() -> ThresholdsConfig:
+    calls = {"n": 0}
+    real_decide = judge_module.decide
+
+    def decide_with_a_bug(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("a bug in the decision")
-        return ThresholdsConfig(image=100.0)
+        return real_decide(*args, **kwargs)
 
-    hs, camera, recorder, judge = _station(load_bundle(bundle_dir), sample_dir, tmp_path, thresholds)
+    monkeypatch.setattr(judge_module, "decide", decide_with_a_bug)
+    hs, camera, recorder, judge = _station(bundle_dir, sample_dir, tmp_path, image_threshold=100.0)
     try:
         hs.set_ready(True)
         first = judge.judge(_part(hs, camera, 1))

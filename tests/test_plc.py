@@ -49,13 +49,15 @@ FULL = Status(
     trigger_ready=True,
     part_id=4_000_000_007,
     missed_triggers=70_000,
+    recipe=65_535,
+    recipe_changing=True,
 )
 
 
 # ------------------------------------------------------------------ layout
 def test_default_block_is_the_documented_one() -> None:
     raw = pack_status(FULL, StatusLayout())
-    assert len(raw) == 32
+    assert len(raw) == 34
     assert raw[0] == 0b11110101  # ready, result_valid, fail, error, trigger_ack, toggle
     assert struct.unpack(">H", raw[2:4])[0] == 65535
     assert struct.unpack(">I", raw[4:8])[0] == 4_000_000_001
@@ -64,16 +66,17 @@ def test_default_block_is_the_documented_one() -> None:
     assert struct.unpack(">H", raw[16:18])[0] == 2
     assert struct.unpack(">f", raw[18:22])[0] == 42.5
     # Appended in the second version; the offsets above kept their meaning.
-    assert raw[22] == 0b1  # trigger_ready
+    assert raw[22] == 0b101  # trigger_ready, recipe_changing
     assert struct.unpack(">I", raw[24:28])[0] == 4_000_000_007
     assert struct.unpack(">I", raw[28:32])[0] == 70_000
+    assert struct.unpack(">H", raw[32:34])[0] == 65_535
 
 
 @pytest.mark.parametrize("order", ["big", "little"])
 def test_command_block_carries_the_part_id(order: str) -> None:
-    command = Command(trigger=True, result_ack=False, enable=True, part_id=3_000_000_123)
+    command = Command(trigger=True, result_ack=False, enable=True, part_id=3_000_000_123, recipe_request=7)
     raw = pack_command(command, CommandLayout(), order)
-    assert len(raw) == 6 and raw[0] == 0b101
+    assert len(raw) == 8 and raw[0] == 0b101 and raw[6:8] == b"\x00\x07"
     assert unpack_command(raw, CommandLayout(), order) == command
 
 
@@ -125,10 +128,10 @@ def test_s7_missing_and_short_db_are_clear_errors() -> None:
 
     port = free_port()
     server = snap7.server.Server(log=False)
-    server.register_area(SrvArea.DB, 100, bytearray(10))  # status block needs 32 bytes
+    server.register_area(SrvArea.DB, 100, bytearray(10))  # status block needs 34 bytes
     server.start_to("127.0.0.1", port)
     try:
-        with pytest.raises(PlcError, match=r"DB100 \(status block\) is too small.*32 bytes"):
+        with pytest.raises(PlcError, match=r"DB100 \(status block\) is too small.*34 bytes"):
             S7Link(S7Config(port=port)).open()
         with pytest.raises(PlcError, match=r"DB7 \(status block\) does not exist"):
             S7Link(S7Config(port=port, status_db=7)).open()
@@ -232,7 +235,7 @@ def test_modbus_server_mode_polled_by_a_plc_client() -> None:
     try:
         assert client.connect()
         link.write_status(FULL)
-        reply = client.read_holding_registers(0, count=16, device_id=1)
+        reply = client.read_holding_registers(0, count=17, device_id=1)
         assert unpack_status(bytes_from_words(reply.registers), StatusLayout()) == FULL
         # The PLC sets trigger (byte 0 bit 0 = register 100 bit 8) and enable (bit 10).
         # part_id 70000 = 0x00011170 in registers 101 (high word) and 102 (low word).
@@ -338,7 +341,7 @@ def _s7_offsets(scl: str, db_name: str) -> dict[str, str]:
 def test_scl_honours_every_offset_of_the_yaml() -> None:
     from anomalyd.drivers.plc import export
 
-    status = StatusLayout(heartbeat=32, part_id=40, ready="35.2")  # moved fields
+    status = StatusLayout(heartbeat=34, part_id=40, ready="37.2")  # moved fields
     scl = export.scl_source(status, CommandLayout(), 5, 5, status_start=8, command_start=60)
     offsets = _s7_offsets(scl, "anomalyd_DB5")
     for name, _kind, byte, bit in status.cells():
@@ -352,6 +355,6 @@ def test_scl_honours_every_offset_of_the_yaml() -> None:
 def test_blocks_that_overlap_in_one_db_or_register_space_are_refused() -> None:
     with pytest.raises(ValidationError, match="overlaps the command block"):
         S7Config(status_db=9, command_db=9, command_start=20)
-    S7Config(status_db=9, command_db=9, command_start=32)  # right after the 32-byte status block
+    S7Config(status_db=9, command_db=9, command_start=34)  # right after the 34-byte status block
     with pytest.raises(ValidationError, match="overlap the command registers"):
         ModbusConfig(status_register=90, command_register=100)

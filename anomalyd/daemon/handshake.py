@@ -51,6 +51,8 @@ class ErrorCode(IntEnum):
     LATE_RUNNING = 9
     NOT_READY = 10
     RECORDS_UNAVAILABLE = 11
+    RECIPE_UNAVAILABLE = 12
+    RECIPE_LOADING = 13
 
 
 ERROR_MEANINGS: dict[ErrorCode, str] = {
@@ -66,6 +68,8 @@ ERROR_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.LATE_RUNNING: "trigger while a late inspection was still running: answered at once, not inspected",
     ErrorCode.NOT_READY: "trigger while ready = 0 (starting or stopping): answered at once, not inspected",
     ErrorCode.RECORDS_UNAVAILABLE: "records cannot be written and records.required is on (part failed)",
+    ErrorCode.RECIPE_UNAVAILABLE: "requested recipe not configured, or its bundle failed to load (part failed)",
+    ErrorCode.RECIPE_LOADING: "trigger while the requested recipe was loading (recipe_changing = 1): not inspected",
 }
 
 # Faults that last until something recovers (cleared when ready returns).
@@ -79,6 +83,7 @@ class Ticket:
     window: int
     part_id: int
     opened_at: float  # monotonic seconds
+    recipe: int = 0  # the recipe latched with the trigger (0 resolved to the default)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,12 @@ class Handshake:
         self._deadline: float | None = None
         self._running: Ticket | None = None  # the inspection the loop is doing (open or late)
         self._expired: dict[int, Answer] = {}  # window → the fail-safe answer the deadline gave
+        # Recipes: what the PLC asks for, and what the daemon can serve.
+        self._recipe_request = 0
+        self._default_recipe = 0
+        self._known: frozenset[int] = frozenset({0})
+        self._loaded: frozenset[int] = frozenset({0})
+        self._failed: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------ reading
     @property
@@ -144,11 +155,28 @@ class Handshake:
             return self._open is not None and self._open.window == ticket.window
 
     # ------------------------------------------------------------ internals
+    def _recipe(self) -> int:
+        return self._recipe_request or self._default_recipe
+
+    def _recipe_problem(self) -> ErrorCode | None:
+        recipe = self._recipe()
+        if recipe not in self._known or recipe in self._failed:
+            return ErrorCode.RECIPE_UNAVAILABLE
+        if recipe not in self._loaded:
+            return ErrorCode.RECIPE_LOADING
+        return None
+
     def _set(self, **changes: object) -> Status:
         s = replace(self._status, **changes)  # type: ignore[arg-type]
-        ready_now = s.ready and self._enable and not s.busy and self._running is None
-        if s.trigger_ready != ready_now:
-            s = replace(s, trigger_ready=ready_now)
+        problem = self._recipe_problem()
+        ready_now = s.ready and self._enable and not s.busy and self._running is None and problem is None
+        derived = {
+            "trigger_ready": ready_now,
+            "recipe": self._recipe() & 0xFFFF,
+            "recipe_changing": problem == ErrorCode.RECIPE_LOADING,
+        }
+        if any(getattr(s, k) != v for k, v in derived.items()):
+            s = replace(s, **derived)  # type: ignore[arg-type]
         self._status = s
         return s
 
@@ -192,7 +220,7 @@ class Handshake:
 
     def _accept(self, part_id: int, now: float, first_frame_s: float) -> Ticket:
         self._windows += 1
-        ticket = Ticket(self._windows, int(part_id), now)
+        ticket = Ticket(self._windows, int(part_id), now, self._recipe())
         self._open = self._running = ticket
         self._deadline = now + first_frame_s + self.budget_s  # provisional: also covers a grab that hangs
         self._set(busy=True, result_valid=False)
@@ -204,6 +232,8 @@ class Handshake:
         if not self._status.ready:
             code = self._status.error_code
             return ErrorCode(code) if code in STANDING_FAULTS else ErrorCode.NOT_READY
+        if (problem := self._recipe_problem()) is not None:
+            return problem
         if self._open is not None:
             return ErrorCode.TRIGGER_OVERRUN
         if self._running is not None:
@@ -223,6 +253,7 @@ class Handshake:
             self._last_trigger, self._last_ack = command.trigger, command.result_ack
             self._enable = command.enable
             self._command_part_id = command.part_id
+            self._recipe_request = command.recipe_request
             changes: dict[str, object] = {"trigger_ack": command.trigger}
             if ack_rising:
                 changes["result_valid"] = False
@@ -325,6 +356,15 @@ class Handshake:
                 self._set(ready=True, error=False, error_code=0)
             else:
                 self._set(ready=True)
+
+    def set_recipes(self, default: int, known: set[int], loaded: set[int], failed: set[int] | None = None) -> None:
+        """The recipes configured, loaded and unloadable (0 always means the default one)."""
+        with self._lock:
+            self._default_recipe = default
+            self._known = frozenset(known)
+            self._loaded = frozenset(loaded)
+            self._failed = frozenset(failed or ())
+            self._set()
 
     def set_records_failing(self, failing: bool) -> None:
         with self._lock:

@@ -31,6 +31,8 @@ class Outcome:
     verdict: Verdict | None = None  # the model's verdict (for a late answer: what it would have said)
     inspection: Inspection | None = None
     frame: Frame | None = None
+    recipe: int = 0
+    bundle_id: str | None = None  # the recipe's bundle (None: the recorder's default)
 
     @property
     def inspection_id(self) -> int:
@@ -115,7 +117,7 @@ class Recorder:
     def add_refused(self, answer: Answer) -> None:
         """A trigger answered without an inspection (from the PLC worker's thread)."""
         log.warning("trigger.refused", id=answer.status.inspection_id, part_id=answer.part_id, code=int(answer.code))
-        self.add(Outcome(answer, 0.0))
+        self.add(Outcome(answer, 0.0, recipe=answer.status.recipe))
 
     def _count(self, o: Outcome) -> None:
         self.counts[o.label] += 1
@@ -167,8 +169,9 @@ class Recorder:
                 archive_path=archive_path,
                 source=o.frame.source if o.frame else None,
                 frame_id=o.frame.frame_id if o.frame else None,
-                bundle_id=self.bundle_id,
+                bundle_id=o.bundle_id or self.bundle_id,
                 config_hash=self.config_id,
+                recipe=o.recipe,
                 part_id=o.answer.part_id,
                 late=int(o.answer.late),
                 refused=int(o.answer.refused),

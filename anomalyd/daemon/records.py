@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS inspections (
     part_id INTEGER,                -- the PLC's part number latched at the trigger
     late INTEGER NOT NULL DEFAULT 0,     -- 1: the deadline answered; the model's result came later
     refused INTEGER NOT NULL DEFAULT 0,  -- 1: the trigger was answered without an inspection
-    model_verdict TEXT              -- what the model said (differs from verdict when late)
+    model_verdict TEXT,             -- what the model said (differs from verdict when late)
+    recipe INTEGER                  -- the recipe that judged the part
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections(time_ns);
 """
@@ -63,6 +64,7 @@ class Record:
     late: int = 0
     refused: int = 0
     model_verdict: str | None = None
+    recipe: int | None = None
 
 
 # Columns added after the first version: added in place to an older database.
@@ -71,6 +73,7 @@ ADDED_COLUMNS = {
     "late": "INTEGER NOT NULL DEFAULT 0",
     "refused": "INTEGER NOT NULL DEFAULT 0",
     "model_verdict": "TEXT",
+    "recipe": "INTEGER",
 }
 
 

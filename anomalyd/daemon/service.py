@@ -29,14 +29,13 @@ from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics, MetricsServer
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.plc_worker import PlcWorker
+from anomalyd.daemon.recipes import RecipeBook
 from anomalyd.daemon.recorder import Recorder
 from anomalyd.daemon.reloader import reload_config
 from anomalyd.drivers.plc.base import PlcError, open_plc_link
 from anomalyd.engines import plan_cache
-from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.errors import StartupError
 from anomalyd.log import configure_logging, get_logger
-from anomalyd.model.bundle import load_bundle
 
 log = get_logger(__name__)
 
@@ -51,7 +50,6 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
         self.metrics = Metrics()
-        self.inspector: Inspector | None = None
         self.metrics_server: MetricsServer | None = None
         self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
@@ -62,26 +60,25 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         check_data_dir(cfg.daemon.data_dir)  # before the slow model load: a person must fix it
-        bundle = load_bundle(cfg.model.bundle)
-        roi = (
-            (cfg.camera.roi.x, cfg.camera.roi.y, cfg.camera.roi.width, cfg.camera.roi.height)
-            if cfg.camera.roi
-            else None
-        )
+        self.handshake = Handshake(budget_ms=cfg.daemon.budget_ms, grab_timeout_ms=cfg.daemon.grab_timeout_ms)
         # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
         plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
-        self.inspector = open_inspector(bundle, cfg.engine, cfg.search, roi)
-        self.inspector.warm_up()
+        self.recipes = RecipeBook(cfg, self.handshake, RecipeBook.opener(cfg))
+        self.recipes.load_all()  # every recipe loaded and warmed up before READY
+        default = self.recipes.get(0)
+        assert default is not None
         log.info(
             "model.loaded",
-            bundle=bundle.bundle_id,
-            engine=self.inspector.engine_name,
-            threshold=self.threshold,
-            input_size=bundle.input_size,
+            recipes=sorted(self.recipes.specs),
+            default_recipe=self.recipes.default,
+            bundle=default.bundle_id,
+            engine=default.inspector.engine_name,
+            threshold=default.threshold,
+            input_size=default.inspector.bundle.input_size,
         )
         try:
             self.recorder = Recorder(
-                cfg.daemon, cfg.archive, self.metrics, bundle.bundle_id, cfg.records, on_failing=self._records_failing
+                cfg.daemon, cfg.archive, self.metrics, default.bundle_id, cfg.records, on_failing=self._records_failing
             )
             last_id = self.recorder.last_inspection_id()
         except (sqlite3.Error, OSError) as exc:
@@ -90,12 +87,8 @@ class Daemon:
                 "check the file and its folder (a corrupt database can be moved aside)"
             ) from None
         self.recorder.config_id = self.config_id
-        self.handshake = Handshake(
-            self.threshold,
-            inspection_id=last_id,
-            budget_ms=cfg.daemon.budget_ms,
-            grab_timeout_ms=cfg.daemon.grab_timeout_ms,
-        )
+        self.handshake.continue_from(last_id)
+        self.handshake.set_threshold(self.threshold)
         link = open_plc_link(cfg.plc)
         if isinstance(cfg.plc, ModbusServerConfig):
             # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
@@ -124,15 +117,7 @@ class Daemon:
             self.tick_s,
             on_refused=self.recorder.add_refused,
         )
-        self.judge = Judge(
-            self.inspector,
-            self.handshake,
-            self.camera,
-            self.recorder,
-            thresholds=lambda: self.config.thresholds,
-            threshold=lambda: self.threshold,
-            on_answer=self.plc.wake,
-        )
+        self.judge = Judge(self.recipes, self.handshake, self.camera, self.recorder, on_answer=self.plc.wake)
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
@@ -149,9 +134,9 @@ class Daemon:
 
     @property
     def threshold(self) -> float:
-        assert self.inspector is not None
-        t = self.config.thresholds.image
-        return t if t is not None else self.inspector.bundle.suggested_threshold
+        """The default recipe's image threshold (each answer carries its own recipe's)."""
+        default = self.recipes.get(0)
+        return default.threshold if default is not None else 0.0
 
     def _plc_connection(self, up: bool) -> None:
         self.metrics.plc_connected.set(1 if up else 0)
@@ -199,6 +184,7 @@ class Daemon:
             if part is None:
                 continue
             self.judge.judge(part)
+            self.recipes.collect()  # between parts: close inspectors a reload replaced
             done += 1
             if limit and done >= limit:
                 log.info("daemon.limit_reached", inspections=done)
@@ -223,12 +209,14 @@ class Daemon:
             self.recorder.archive_config = self.config.archive
             self.recorder.archive.quota_bytes = int(self.config.archive.quota_mb * 1024 * 1024)
             self.recorder.archive.min_free_bytes = int(self.config.archive.min_free_mb * 1024 * 1024)
+            loading = self.recipes.apply(self.config)
             self.handshake.set_threshold(self.threshold)
             configure_logging(self.config.logging.level, self.config.logging.format)
             log.info(
                 "reload.applied",
                 thresholds=self.config.thresholds.model_dump(),
                 threshold=self.threshold,
+                recipes_loading=loading,
                 needs_restart=result.needs_restart,
             )
         self.notifier.ready(self._status_line())
@@ -266,8 +254,8 @@ class Daemon:
         self.recorder.close(last_issued=self.handshake.status.inspection_id)
         if self.metrics_server is not None:
             self.metrics_server.close()
-        if self.inspector is not None:
-            self.inspector.close()
+        if getattr(self, "recipes", None) is not None:
+            self.recipes.close()
         self.notifier.close()
         log.info("daemon.stopped")
         return 0

@@ -53,14 +53,17 @@ STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
     # Appended after the first version's fields: the offsets above keep their meaning.
     "trigger_ready": ("BOOL", "a trigger now would be inspected: ready, enable = 1, not busy"),
     "records_failing": ("BOOL", "records cannot be written now (kept in memory, retried); traceability at risk"),
+    "recipe_changing": ("BOOL", "the requested recipe is being loaded; triggers wait for it (code 13)"),
     "part_id": ("UDINT", "the PLC's part_id latched at the trigger this result answers"),
     "missed_triggers": ("UDINT", "+1 per trigger answered without an inspection (refused)"),
+    "recipe": ("UINT", "the recipe the next result uses (recipe_request, 0 = the default recipe)"),
 }
 COMMAND_FIELDS: dict[str, tuple[FieldType, str]] = {
     "trigger": ("BOOL", "rising edge starts an inspection"),
     "result_ack": ("BOOL", "PLC has read the result; clears result_valid"),
     "enable": ("BOOL", "inspections allowed (0: daemon answers triggers with error 7)"),
     "part_id": ("UDINT", "the part's number; write it before or with the trigger, it is echoed with the result"),
+    "recipe_request": ("UINT", "recipe for the next parts (0: the default); latched with each trigger"),
 }
 
 
@@ -120,8 +123,10 @@ class StatusLayout(_Layout):
     latency_ms: int = Field(18, ge=0)
     trigger_ready: str = "22.0"
     records_failing: str = "22.1"
+    recipe_changing: str = "22.2"
     part_id: int = Field(24, ge=0)
     missed_triggers: int = Field(28, ge=0)
+    recipe: int = Field(32, ge=0)
 
 
 class CommandLayout(_Layout):
@@ -130,6 +135,7 @@ class CommandLayout(_Layout):
     result_ack: str = "0.1"
     enable: str = "0.2"
     part_id: int = Field(2, ge=0)
+    recipe_request: int = Field(6, ge=0)
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,10 @@ class Status:
     latency_ms: float = 0.0
     trigger_ready: bool = False
     records_failing: bool = False
+    recipe_changing: bool = False
     part_id: int = 0
     missed_triggers: int = 0
+    recipe: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class Command:
     result_ack: bool = False
     enable: bool = True
     part_id: int = 0
+    recipe_request: int = 0
 
 
 _STRUCT = {"UINT": ">H", "UDINT": ">I", "REAL": ">f"}

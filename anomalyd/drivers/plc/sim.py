@@ -137,7 +137,7 @@ class SimulatedPlc:
         return None
 
     def inspect_once(
-        self, timeout_s: float = 5.0, part_id: int | None = None, interlock: bool = True
+        self, timeout_s: float = 5.0, part_id: int | None = None, interlock: bool = True, recipe: int | None = None
     ) -> SimResult | None:
         """One part: trigger with its part_id, wait for its answer, drop trigger, acknowledge.
 
@@ -153,6 +153,16 @@ class SimulatedPlc:
             return None
         if part_id is None:
             part_id, self.next_part_id = self.next_part_id, (self.next_part_id + 1) & 0xFFFFFFFF
+        if recipe is not None and recipe != self._command.recipe_request:
+            # A recipe switch: write the request, wait until the daemon can serve it.
+            self.set_command(recipe_request=recipe)
+            if (
+                self.wait_for(
+                    lambda s: (recipe == 0 or s.recipe == recipe) and s.trigger_ready and not s.trigger_ack, timeout_s
+                )
+                is None
+            ):
+                return None
         before = self.read_status()
         started = time.monotonic()
         self.set_command(trigger=True, result_ack=False, part_id=part_id)
