@@ -74,6 +74,9 @@ def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = Fals
         "logging": {"format": "json"},
     }
     for key, value in overrides.items():
+        if "__" not in key:  # a whole section, e.g. recipes={...}
+            raw[key] = value  # type: ignore[assignment]
+            continue
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
     config = tmp_path / "anomalyd.yaml"

@@ -146,13 +146,6 @@ class SimulatedPlc:
         ``trigger_ack`` has fallen (to test how a refused trigger is answered). None: no
         answer within ``timeout_s``, or ``ready`` fell while waiting (re-trigger).
         """
-        # trigger_ack must have fallen in any case: a trigger dropped and raised between two
-        # polls of the daemon is no edge at all.
-        ready = (lambda s: s.trigger_ready and not s.trigger_ack) if interlock else (lambda s: not s.trigger_ack)
-        if self.wait_for(ready, timeout_s) is None:
-            return None
-        if part_id is None:
-            part_id, self.next_part_id = self.next_part_id, (self.next_part_id + 1) & 0xFFFFFFFF
         if recipe is not None and recipe != self._command.recipe_request:
             # A recipe switch: write the request, wait until the daemon can serve it.
             self.set_command(recipe_request=recipe)
@@ -163,6 +156,13 @@ class SimulatedPlc:
                 is None
             ):
                 return None
+        # trigger_ack must have fallen in any case: a trigger dropped and raised between two
+        # polls of the daemon is no edge at all.
+        ready = (lambda s: s.trigger_ready and not s.trigger_ack) if interlock else (lambda s: not s.trigger_ack)
+        if self.wait_for(ready, timeout_s) is None:
+            return None
+        if part_id is None:
+            part_id, self.next_part_id = self.next_part_id, (self.next_part_id + 1) & 0xFFFFFFFF
         before = self.read_status()
         started = time.monotonic()
         self.set_command(trigger=True, result_ack=False, part_id=part_id)
