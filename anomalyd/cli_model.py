@@ -145,7 +145,7 @@ def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
         verdict = "OK" if passed else "NG"
         print(f"{path!s:<50} {result.score:8.3f}  {verdict}")
         if args.out:
-            image = overlay_heatmap(frame, result.frame_map(frame.shape), vmax=2.0 * threshold)
+            image = overlay_heatmap(frame, result.frame_map(frame.shape), threshold, result.score, verdict)
             write_rgb(str(args.out / f"{name}_{verdict}.png"), image)
     inspector.close()
     return 0

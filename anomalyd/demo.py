@@ -50,11 +50,24 @@ def prepare(root: Path) -> tuple[Path, Path]:
     return sample, bundle
 
 
-def write_config(root: Path, sample: Path, bundle: Path, plc_port: int) -> Path:
+def write_config(root: Path, sample: Path, bundle: Path, plc_port: int, page_port: int) -> Path:
+    """Two recipes of the sample part: 1 at the bundle's threshold, 2 stricter (10 % lower)."""
+    from anomalyd.model.bundle import load_bundle
+
+    suggested = load_bundle(bundle).suggested_threshold
     config = {
         "camera": {"type": "simulated", "source": str(sample.resolve()), "order": "sequential"},
         "plc": {"type": "s7", "host": "127.0.0.1", "port": plc_port},
-        "model": {"bundle": str(bundle.resolve())},
+        "model": {"bundle": str(bundle.resolve()), "default_recipe": 1},
+        "recipes": {
+            1: {"name": "washer, standard", "bundle": str(bundle.resolve())},
+            2: {
+                "name": "washer, strict",
+                "bundle": str(bundle.resolve()),
+                "thresholds": {"image": round(0.9 * suggested, 4)},
+            },
+        },
+        "page": {"host": "127.0.0.1", "port": page_port},
         "daemon": {"trigger": "plc", "data_dir": str((root / "data").resolve()), "heartbeat_ms": 250},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
         "logging": {"level": "warning", "format": "json"},
@@ -91,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     sample, bundle = prepare(root)
     parts = args.parts or 2 * sum(1 for _ in (sample / "test").rglob("*.png"))
-    plc_port = free_port()
-    config = write_config(root, sample, bundle, plc_port)
+    plc_port, page_port = free_port(), free_port()
+    config = write_config(root, sample, bundle, plc_port, page_port)
 
     plc = SimulatedPlc("s7", port=plc_port)
     plc.start()
     print(f"· simulated S7 PLC on 127.0.0.1:{plc_port}; starting the daemon: anomalyd run --config {config}")
+    print(f"· operator page: http://127.0.0.1:{page_port}/ (open it while the demo runs)")
+    print(f"· the PLC runs recipe 1 (standard) for the first {parts // 2} parts, then switches to recipe 2 (strict)")
     daemon = subprocess.Popen([sys.executable, "-m", "anomalyd", "run", "--config", str(config)])
     db = root / "data" / "inspections.sqlite"
     seen: dict[str, int] = {"right": 0, "wrong": 0, "misattributed": 0}
@@ -118,15 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         seen["right" if verdict == expected else "wrong"] += 1
         latencies.append(s.latency_ms)
         print(
-            f"{s.inspection_id:>5} {result.part_id:>6}  {verdict:<3} {mark}  {s.score:7.3f}  {s.latency_ms:7.1f} ms  "
+            f"{s.inspection_id:>5} {result.part_id:>6} {recipe_of(result.part_id):>6}  {verdict:<3} {mark}  "
+            f"{s.score:7.3f}  {s.latency_ms:7.1f} ms  "
             f"{truth:<8} {Path(source).name}",
             flush=True,
         )
 
+    def recipe_of(part_id: int) -> int:
+        return 1 if part_id <= parts // 2 else 2
+
     stop = threading.Event()
     try:
-        print(f"{'id':>5} {'part':>6}  verdict  {'score':>6}  {'latency':>10}  image")
-        received = plc.run(args.every_ms, show, stop, count=parts, wait_ready_s=120.0)
+        print(f"{'id':>5} {'part':>6} {'recipe':>6}  verdict  {'score':>6}  {'latency':>10}  image")
+        received = plc.run(args.every_ms, show, stop, count=parts, wait_ready_s=120.0, recipe_for=recipe_of)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:

@@ -168,6 +168,7 @@ def main() -> int:
         },
         "archive": {"quota_mb": 64},
         "metrics": {"port": 0},
+        "page": {"port": 0},
         "logging": {"format": "json", "level": "warning"},
     }
     config = work / "soak.yaml"

@@ -27,6 +27,7 @@ class Running:
     metrics_port: int
     notify: socket.socket | None = None
     raw: dict[str, object] = field(default_factory=dict)
+    page_port: int = 0
 
     def rows(self) -> list[tuple[int, str, int, str]]:
         with sqlite3.connect(self.data / "inspections.sqlite") as db:
@@ -62,7 +63,7 @@ class Running:
 
 
 def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
-    plc_port, metrics_port = free_port(), free_port()
+    plc_port, metrics_port, page_port = free_port(), free_port(), free_port()
     plc = SimulatedPlc("s7", port=plc_port)
     plc.start()
     raw: dict[str, dict[str, object]] = {
@@ -71,6 +72,7 @@ def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = Fals
         "model": {"bundle": str(bundle)},
         "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
         "metrics": {"port": metrics_port},
+        "page": {"port": page_port},
         "logging": {"format": "json"},
     }
     for key, value in overrides.items():
@@ -92,7 +94,7 @@ def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = Fals
     process = subprocess.Popen(
         [*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
     )
-    running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw)
+    running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw, page_port)
     if plc.wait_for(lambda s: s.ready, 90.0) is None:
         process.kill()
         plc.stop()

@@ -140,6 +140,7 @@ def test_corrupt_bundle_refuses_to_start(e2e_bundle: Path, tmp_path: Path, sampl
                 "plc": {"type": "none"},
                 "daemon": {"trigger": "free_run"},
                 "metrics": {"enabled": False},
+                "page": {"enabled": False},
             }
         )
     )

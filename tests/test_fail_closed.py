@@ -156,6 +156,7 @@ def _config(tmp_path: Path, bundle: Path, source: Path, **sections: dict[str, ob
         "model": {"bundle": str(bundle)},
         "daemon": {"trigger": "free_run", "data_dir": str(tmp_path / "data")},
         "metrics": {"port": free_port()},
+        "page": {"port": 0},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -25,7 +25,9 @@ class ArchiveItem:
     frame: np.ndarray
     # Builds the full-frame map; called in the archive thread so the resize stays off the loop.
     frame_map: Callable[[], np.ndarray] | None
-    vmax: float
+    threshold: float
+    score: float | None = None
+    label: str | None = None
 
 
 class RejectArchive:
@@ -81,7 +83,10 @@ class RejectArchive:
                 write_rgb(str(item.frame_path), item.frame)
                 paths = [item.frame_path]
                 if item.frame_map is not None:
-                    write_rgb(str(item.overlay_path), overlay_heatmap(item.frame, item.frame_map(), item.vmax))
+                    write_rgb(
+                        str(item.overlay_path),
+                        overlay_heatmap(item.frame, item.frame_map(), item.threshold, item.score, item.label),
+                    )
                     paths.append(item.overlay_path)
                 for p in paths:
                     size = p.stat().st_size

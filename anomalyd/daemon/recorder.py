@@ -14,6 +14,7 @@ from anomalyd.daemon.decision import Verdict
 from anomalyd.daemon.handshake import Answer, ErrorCode
 from anomalyd.daemon.id_counter import IdCounter
 from anomalyd.daemon.metrics import Metrics
+from anomalyd.daemon.page import PageFeed
 from anomalyd.daemon.records import Record, RecordStore
 from anomalyd.drivers.camera.base import Frame
 from anomalyd.engines.inspector import Inspection
@@ -93,6 +94,7 @@ class Recorder:
         }
         # The loop records inspections, the PLC worker refused triggers: one at a time.
         self._lock = threading.Lock()
+        self.page_feed: PageFeed | None = None  # the operator page, when served
 
     def _records_state(self, failing: bool) -> None:
         self.metrics.records_ok.set(0 if failing else 1)
@@ -113,6 +115,8 @@ class Recorder:
             self._count(outcome)
             self._store(outcome)
         self.metrics.records_pending.set(self.records.pending)
+        if self.page_feed is not None:
+            self.page_feed.offer(outcome)  # never blocks: rendering is the page's own thread
 
     def add_refused(self, answer: Answer) -> None:
         """A trigger answered without an inspection (from the PLC worker's thread)."""
@@ -147,7 +151,8 @@ class Recorder:
             frame_path, overlay_path = self.archive.paths_for(o.inspection_id, o.label, now)
             inspection, shape = o.inspection, o.frame.image.shape
             fmap = (lambda: inspection.frame_map(shape)) if inspection is not None else None
-            item = ArchiveItem(frame_path, overlay_path, o.frame.image, fmap, 2.0 * o.threshold)
+            score_now = inspection.score if inspection is not None else None
+            item = ArchiveItem(frame_path, overlay_path, o.frame.image, fmap, o.threshold, score_now, o.label)
             if self.archive.add(item):
                 archive_path = str(frame_path)
         t = o.inspection.timings_ms if o.inspection is not None else {}

@@ -28,6 +28,7 @@ from anomalyd.daemon.handshake import Answer, Handshake
 from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics, MetricsServer
 from anomalyd.daemon.notify import Notifier
+from anomalyd.daemon.page import PageFeed, PageServer, page_token
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.daemon.recipes import RecipeBook
 from anomalyd.daemon.recorder import Recorder
@@ -51,6 +52,8 @@ class Daemon:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.page_server: PageServer | None = None
+        self.page_feed: PageFeed | None = None
         self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
@@ -121,6 +124,11 @@ class Daemon:
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
+        if cfg.page.enabled:
+            self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state)
+            self.page_server = PageServer(self.page_feed, cfg.page.host, cfg.page.port, page_token(cfg.page.token_file))
+            self.recorder.page_feed = self.page_feed
+            log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
         self.plc.start()
         self.camera.ensure_open()
         self.notifier.ready(self._status_line())
@@ -142,6 +150,18 @@ class Daemon:
         self.metrics.plc_connected.set(1 if up else 0)
         if up:
             self.metrics.reconnects.inc()
+
+    def _page_state(self) -> dict[str, object]:
+        status = self.handshake.status
+        return {
+            "counts": dict(self.recorder.counts),
+            "camera": self.camera.ok,
+            "plc": self.plc.connected,
+            "records_failing": self.recorder.failing,
+            "ready": status.ready,
+            "recipe": status.recipe,
+            "recipes": self.recipes.state(),
+        }
 
     def _records_failing(self, failing: bool) -> None:
         # Called from the records thread; the handshake may not exist yet at the first write.
@@ -254,6 +274,10 @@ class Daemon:
         self.recorder.close(last_issued=self.handshake.status.inspection_id)
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.page_server is not None:
+            self.page_server.close()
+        if self.page_feed is not None:
+            self.page_feed.close()
         if getattr(self, "recipes", None) is not None:
             self.recipes.close()
         self.notifier.close()

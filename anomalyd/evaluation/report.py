@@ -57,10 +57,10 @@ def write_report(out: Path, metrics: dict, scored: list[Scored], threshold: floa
     fig.savefig(out / "scores.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    _heatmap_grid(out / "heatmaps.png", scored)
+    _heatmap_grid(out / "heatmaps.png", scored, threshold)
 
 
-def _heatmap_grid(path: Path, scored: list[Scored], per_kind: int = 3) -> None:
+def _heatmap_grid(path: Path, scored: list[Scored], threshold: float = 1.1, per_kind: int = 3) -> None:
     """A few images per defect type (and good), with their maps over them."""
     chosen: list[Scored] = []
     for kind in sorted({s.sample.defect_type for s in scored}):
@@ -73,7 +73,7 @@ def _heatmap_grid(path: Path, scored: list[Scored], per_kind: int = 3) -> None:
     for ax, s in zip(axes.ravel(), chosen, strict=False):
         frame = read_rgb(s.sample.path)
         if s.frame_map is not None:
-            ax.imshow(overlay_heatmap(frame, s.frame_map))
+            ax.imshow(overlay_heatmap(frame, s.frame_map, threshold, s.score))
         else:
             ax.imshow(frame)
         ax.set_title(f"{s.sample.defect_type} {s.score:.2f}", fontsize=8)

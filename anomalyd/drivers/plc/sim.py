@@ -186,6 +186,7 @@ class SimulatedPlc:
         stop: threading.Event,
         count: int = 0,
         wait_ready_s: float = 60.0,
+        recipe_for: Callable[[int], int] | None = None,
     ) -> int:
         """Trigger every ``trigger_every_ms`` once the daemon is ready; returns results received."""
         received = 0
@@ -193,7 +194,8 @@ class SimulatedPlc:
             return 0
         while not stop.is_set() and (count == 0 or received < count):
             cycle_start = time.monotonic()
-            result = self.inspect_once()
+            recipe = recipe_for(self.next_part_id) if recipe_for is not None else None
+            result = self.inspect_once(recipe=recipe)
             on_result(result)
             if result is not None:
                 received += 1

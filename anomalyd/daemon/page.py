@@ -1,0 +1,341 @@
+"""The operator page: the last verdict large, its image and heatmap, a filmstrip, counts and state.
+
+Two parts. ``PageFeed`` takes each answer from the recorder without blocking
+(a small queue; when the page falls behind an image is skipped, never a part)
+and renders JPEGs in its own thread, off the inspection loop. ``PageServer`` is
+an aiohttp application in its own thread and event loop: the page itself
+(``page.html``, no build step, no CDN), ``/api/state``, a Server-Sent-Events
+stream ``/api/events`` that pushes every new result, and the images.
+
+It binds 127.0.0.1 by default; bound to any other address it needs a token
+(``page.token_file`` or ``ANOMALYD_PAGE_TOKEN``), given once as ``?token=`` (then
+kept in a cookie) or as ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from anomalyd.errors import StartupError
+from anomalyd.log import get_logger
+from anomalyd.overlay import encode_jpeg, overlay_heatmap
+
+log = get_logger(__name__)
+
+TOKEN_ENV = "ANOMALYD_PAGE_TOKEN"
+_FULL_MAX = 1280  # longest side of the images sent to the page
+_THUMB = 160
+
+
+@dataclass
+class PageItem:
+    """One result as the page shows it."""
+
+    inspection_id: int
+    part_id: int
+    recipe: int
+    verdict: str
+    score: float | None
+    threshold: float
+    error_code: int
+    late: bool
+    latency_ms: float
+    time: float
+    images: dict[str, bytes] = field(default_factory=dict, repr=False)  # frame, overlay, thumb
+
+    def public(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["images"]
+        out["has_image"] = "overlay" in self.images
+        return out
+
+
+def _fit(image: np.ndarray, longest: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = longest / max(h, w)
+    if scale >= 1.0:
+        return image
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+class PageFeed:
+    """Answers in, rendered page items out, in a thread of its own."""
+
+    def __init__(self, size: int, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+        self.items: deque[PageItem] = deque(maxlen=size)
+        self.skipped_images = 0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[PageItem], None]] = []
+        self._latencies: deque[float] = deque(maxlen=500)
+        self._hours: dict[int, dict[str, int]] = {}
+        self._thread = threading.Thread(target=self._run, name="page-feed", daemon=True)
+        self._thread.start()
+
+    def offer(self, outcome: Any) -> None:
+        """From the recorder: never blocks; when the page is behind, this one's images are skipped."""
+        item = PageItem(
+            inspection_id=outcome.inspection_id,
+            part_id=outcome.answer.part_id,
+            recipe=outcome.recipe,
+            verdict=outcome.label,
+            score=outcome.inspection.score if outcome.inspection is not None else None,
+            threshold=outcome.threshold,
+            error_code=int(outcome.code),
+            late=outcome.answer.late,
+            latency_ms=round(outcome.latency_ms, 2),
+            time=time.time(),
+        )
+        with self._lock:
+            if not outcome.answer.refused:
+                self._latencies.append(outcome.latency_ms)
+            hour = self._hours.setdefault(int(item.time // 3600) * 3600, {"OK": 0, "WARN": 0, "NG": 0})
+            hour[item.verdict] = hour.get(item.verdict, 0) + 1
+            for old in sorted(self._hours)[:-24]:
+                del self._hours[old]
+        try:
+            self._queue.put_nowait((item, outcome))
+        except queue.Full:
+            self.skipped_images += 1
+            self._publish(item)
+
+    def _run(self) -> None:
+        while (entry := self._queue.get()) is not None:
+            item, outcome = entry
+            try:
+                self._render(item, outcome)
+            except Exception as exc:  # a picture must never stop the feed
+                log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
+            self._publish(item)
+
+    def _render(self, item: PageItem, outcome: Any) -> None:
+        if outcome.frame is None:
+            return
+        frame = _fit(outcome.frame.image, _FULL_MAX)
+        if outcome.inspection is not None:
+            fmap = outcome.inspection.frame_map(outcome.frame.image.shape)
+            overlay = overlay_heatmap(frame, _fit(fmap, _FULL_MAX), item.threshold, item.score, item.verdict)
+        else:
+            overlay = frame
+        item.images = {
+            "frame": encode_jpeg(frame),
+            "overlay": encode_jpeg(overlay),
+            "thumb": encode_jpeg(_fit(overlay, _THUMB), quality=75),
+        }
+
+    def _publish(self, item: PageItem) -> None:
+        with self._lock:
+            self.items.append(item)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(item)
+
+    def listen(self, listener: Callable[[PageItem], None]) -> Callable[[], None]:
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    def find(self, inspection_id: int) -> PageItem | None:
+        with self._lock:
+            return next((i for i in self.items if i.inspection_id == inspection_id), None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows except images."""
+        with self._lock:
+            lat = list(self._latencies)
+            hours = [{"hour": h, **c} for h, c in sorted(self._hours.items())]
+            items = [i.public() for i in self.items]
+        latency = (
+            {"p50": round(float(np.percentile(lat, 50)), 1), "p99": round(float(np.percentile(lat, 99)), 1)}
+            if lat
+            else None
+        )
+        return {"items": items, "per_hour": hours, "latency_ms": latency, **self.state()}
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
+
+
+def page_token(token_file: Path | None) -> str | None:
+    """The token from ``token_file`` or the environment (None: no token configured)."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StartupError(f"page.token_file {token_file}: cannot read ({exc.strerror})") from None
+        if len(token) < 16:
+            raise StartupError(f"page.token_file {token_file}: the token must have at least 16 characters")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PageServer:
+    """The aiohttp application, served from its own thread."""
+
+    def __init__(self, feed: PageFeed, host: str, port: int, token: str | None) -> None:
+        if not is_loopback(host) and token is None:
+            raise StartupError(
+                f"page.host {host} is not loopback: set page.token_file or {TOKEN_ENV} (the page shows "
+                "production images and counts), or bind 127.0.0.1"
+            )
+        self.feed, self.host, self.token = feed, host, token
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._html = resources.files("anomalyd.daemon").joinpath("page.html").read_bytes()
+        self._thread = threading.Thread(target=self._run, name="page", daemon=True)
+        self._thread.start()
+        self._ready.wait(10.0)
+        if self._error is not None:
+            raise StartupError(f"page.port {port} on {host}: cannot listen ({self._error})")
+
+    # ------------------------------------------------------------ server thread
+    def _run(self) -> None:
+        from aiohttp import web
+
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self._page)
+        app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/events", self._events)
+        app.router.add_get(r"/api/image/{id:\d+}/{kind:frame|overlay|thumb}.jpg", self._image)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=1.0)
+            loop.run_until_complete(site.start())
+            server: Any = site._server  # the bound socket tells the real port when 0 was asked for
+            self.port = server.sockets[0].getsockname()[1]
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._runner = runner
+        self._ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    def _allowed(self, request: Any) -> bool:
+        if self.token is None:
+            return True
+        offered = [
+            request.query.get("token", ""),
+            request.cookies.get("anomalyd_token", ""),
+            request.headers.get("Authorization", "").removeprefix("Bearer ").strip(),
+        ]
+        return any(o and hmac.compare_digest(o, self.token) for o in offered)
+
+    async def _auth_impl(self, request: Any, handler: Any) -> Any:
+        from aiohttp import web
+
+        if not self._allowed(request):
+            return web.Response(status=401, text="token required: open the page with ?token=…\n")
+        response = await handler(request)
+        if self.token is not None and request.query.get("token") and hasattr(response, "set_cookie"):
+            response.set_cookie("anomalyd_token", self.token, httponly=True, samesite="Strict")
+        return response
+
+    @property
+    def _auth(self) -> Any:
+        from aiohttp import web
+
+        @web.middleware
+        async def auth(request: Any, handler: Any) -> Any:
+            return await self._auth_impl(request, handler)
+
+        return auth
+
+    async def _page(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(body=self._html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def _state(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.feed.snapshot())
+
+    async def _image(self, request: Any) -> Any:
+        from aiohttp import web
+
+        item = self.feed.find(int(request.match_info["id"]))
+        data = item.images.get(request.match_info["kind"]) if item is not None else None
+        if data is None:
+            raise web.HTTPNotFound(text="no such image (only the last results are kept)\n")
+        return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    async def _events(self, request: Any) -> Any:
+        """Server-Sent Events: a `result` per answer, a `state` every second."""
+        from aiohttp import web
+
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[PageItem] = asyncio.Queue(maxsize=100)
+
+        def put(item: PageItem) -> None:
+            if not inbox.full():  # a slow browser misses results, the feed never waits for it
+                inbox.put_nowait(item)
+
+        def deliver(item: PageItem) -> None:
+            loop.call_soon_threadsafe(put, item)
+
+        remove = self.feed.listen(deliver)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        try:
+            await response.write(f"event: state\ndata: {json.dumps(self.feed.snapshot())}\n\n".encode())
+            while True:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    await response.write(f"event: result\ndata: {json.dumps(item.public())}\n\n".encode())
+                except asyncio.TimeoutError:
+                    state = self.feed.snapshot()
+                    state.pop("items")
+                    await response.write(f"event: state\ndata: {json.dumps(state)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            remove()
+        return response
+
+    def close(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
