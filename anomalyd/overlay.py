@@ -73,9 +73,12 @@ def _caption(image: np.ndarray, score: float, threshold: float, label: str | Non
 
 
 def _text(image: np.ndarray, text: str, org: tuple[int, int], scale: float) -> None:
-    """White text with a dark outline: readable on any part."""
-    thick = max(1, round(scale * 2))
-    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    """White text on a dark box: readable on any part."""
+    thick = max(1, round(scale * 1.5))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    x, y = org
+    x0, y0, x1, y1 = max(0, x - 3), max(0, y - th - 3), min(image.shape[1], x + tw + 3), min(image.shape[0], y + base)
+    image[y0:y1, x0:x1] = (image[y0:y1, x0:x1] * 0.35).astype(image.dtype)
     cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
 
 

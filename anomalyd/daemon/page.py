@@ -326,9 +326,11 @@ class PageServer:
                     item = await asyncio.wait_for(inbox.get(), timeout=1.0)
                     await response.write(f"event: result\ndata: {json.dumps(item.public())}\n\n".encode())
                 except asyncio.TimeoutError:
-                    state = self.feed.snapshot()
-                    state.pop("items")
-                    await response.write(f"event: state\ndata: {json.dumps(state)}\n\n".encode())
+                    pass
+                # Counts and state after every result, and every second while idle.
+                state = self.feed.snapshot()
+                state.pop("items")
+                await response.write(f"event: state\ndata: {json.dumps(state)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
