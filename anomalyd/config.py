@@ -292,6 +292,19 @@ class PageConfig(Section):
     filmstrip: int = setting(24, "Filmstrip", "How many recent results the page keeps (with images).", ge=1, le=200)
 
 
+class DriftConfig(Section):
+    enabled: bool = setting(True, "Drift alarm", "Watch the parts' scores against the bundle's calibration.")
+    window: int = setting(200, "Window", "Parts in the rolling median.", ge=10, le=100_000)
+    min_parts: int = setting(50, "Minimum parts", "No alarm before this many parts of a recipe.", ge=5, le=100_000)
+    margin: float = setting(
+        0.25,
+        "Margin",
+        "Alarm when the rolling median moves this far from the held-back good parts' median (score units).",
+        gt=0,
+        le=100,
+    )
+
+
 class RecordsConfig(Section):
     required: bool = setting(
         False,
@@ -360,6 +373,7 @@ class AppConfig(Section):
         {}, "Recipes", "Product variants by number; the PLC picks one with recipe_request (reloadable)."
     )
     page: PageConfig = setting(PageConfig(), "Operator page", "The screen beside the line.")
+    drift: DriftConfig = setting(DriftConfig(), "Drift alarm", "Warn before a drifting camera rejects parts.")
 
     @model_validator(mode="after")
     def _default_recipe_exists(self) -> AppConfig:

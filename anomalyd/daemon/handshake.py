@@ -366,6 +366,11 @@ class Handshake:
             self._failed = frozenset(failed or ())
             self._set()
 
+    def set_drift(self, drifting: bool) -> None:
+        with self._lock:
+            if self._status.drift != drifting:
+                self._set(drift=drifting)
+
     def set_records_failing(self, failing: bool) -> None:
         with self._lock:
             self._set(records_failing=failing)

@@ -11,6 +11,7 @@ import numpy as np
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.decision import Verdict, decide
 from anomalyd.daemon.dispatch import Part
+from anomalyd.daemon.drift import DriftWatch
 from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake
 from anomalyd.daemon.recipes import Recipe, RecipeBook
 from anomalyd.daemon.recorder import Outcome, Recorder
@@ -30,7 +31,9 @@ class Judge:
         camera: CameraSupervisor,
         recorder: Recorder,
         on_answer: Callable[[], None] = lambda: None,
+        drift: DriftWatch | None = None,
     ) -> None:
+        self.drift = drift
         self.recipes = recipes
         self.handshake = handshake
         self.camera = camera
@@ -65,7 +68,13 @@ class Judge:
             )
         _x, _y, w, h = inspection.roi
         verdict = decide(inspection.score, inspection.anomaly_map, w * h, recipe.spec.thresholds, recipe.threshold)
-        return self._answer(part, recipe, inspection, verdict, ErrorCode.OK, "")
+        answer = self._answer(part, recipe, inspection, verdict, ErrorCode.OK, "")
+        if self.drift is not None:  # after the answer: the watch never delays or changes it
+            try:
+                self.drift.observe(recipe.number, recipe.bundle_id, recipe.calibration_median, inspection.score)
+            except Exception as exc:
+                log.error("drift.failed", error=str(exc))
+        return answer
 
     def _answer(
         self,

@@ -33,6 +33,12 @@ class Metrics:
         self.records_ok = Gauge("anomalyd_records_ok", "1 while records are written, 0 while they fail", registry=r)
         self.records_ok.set(1)
         self.records_pending = Gauge("anomalyd_records_pending", "Records waiting to be written", registry=r)
+        self.drift = Gauge(
+            "anomalyd_drift", "1 while a recipe's scores drift from its calibration", ["recipe"], registry=r
+        )
+        self.score_median = Gauge(
+            "anomalyd_score_median", "Rolling median of the parts' scores", ["recipe"], registry=r
+        )
         self.missed_triggers = Counter(
             "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
         )

@@ -43,6 +43,7 @@ class Recipe:
     spec: RecipeSpec
     inspector: Inspector
     load_s: float
+    resolved: Path = Path()  # where spec.bundle pointed when loaded (a promotion moves a symlink)
 
     @property
     def number(self) -> int:
@@ -51,6 +52,12 @@ class Recipe:
     @property
     def bundle_id(self) -> str:
         return self.inspector.bundle.bundle_id
+
+    @property
+    def calibration_median(self) -> float:
+        """Median normalised score of the good images held back at fit (the drift reference)."""
+        calib = self.inspector.bundle.manifest.get("calibration", {})
+        return float(calib.get("holdout_normalised", {}).get("p50", 0.8))
 
     @property
     def threshold(self) -> float:
@@ -105,8 +112,9 @@ class RecipeBook:
 
     def _load(self, spec: RecipeSpec) -> Recipe:
         started = time.perf_counter()
+        resolved = spec.bundle.resolve()
         inspector = self._open(spec)
-        recipe = Recipe(spec, inspector, time.perf_counter() - started)
+        recipe = Recipe(spec, inspector, time.perf_counter() - started, resolved)
         log.info(
             "recipe.loaded",
             recipe=spec.number,
@@ -134,7 +142,8 @@ class RecipeBook:
                     self._retired.append(self._recipes.pop(n).inspector)
             for n, spec in specs.items():
                 current = self._recipes.get(n)
-                if current is not None and current.spec.bundle == spec.bundle and current.spec.roi == spec.roi:
+                same_bundle = current is not None and current.resolved == spec.bundle.resolve()
+                if current is not None and same_bundle and current.spec.roi == spec.roi:
                     self._recipes[n] = replace(current, spec=spec)  # thresholds or name only
                 elif n not in self._loading:
                     to_load.append(spec)

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from anomalyd.config import AppConfig, ModbusServerConfig, config_hash
 from anomalyd.config_loader import config_sections, load_config
+from anomalyd.daemon.audit import AuditLog
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Dispatcher
+from anomalyd.daemon.drift import DriftTracker, DriftWatch
 from anomalyd.daemon.handshake import Answer, Handshake
 from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics, MetricsServer
@@ -63,6 +65,14 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         check_data_dir(cfg.daemon.data_dir)  # before the slow model load: a person must fix it
+        try:
+            self.audit = AuditLog(cfg.daemon.data_dir / "inspections.sqlite")
+        except sqlite3.Error as exc:
+            raise StartupError(
+                f"{cfg.daemon.data_dir / 'inspections.sqlite'}: cannot open the audit log ({exc})"
+            ) from None
+        # Where `anomalyd promote` and `rollback` find the daemon to reload.
+        (cfg.daemon.data_dir / "anomalyd.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
         self.handshake = Handshake(budget_ms=cfg.daemon.budget_ms, grab_timeout_ms=cfg.daemon.grab_timeout_ms)
         # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
         plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
@@ -120,7 +130,13 @@ class Daemon:
             self.tick_s,
             on_refused=self.recorder.add_refused,
         )
-        self.judge = Judge(self.recipes, self.handshake, self.camera, self.recorder, on_answer=self.plc.wake)
+        self.drift: DriftWatch | None = None
+        if cfg.drift.enabled:
+            tracker = DriftTracker(cfg.drift.window, cfg.drift.margin, cfg.drift.min_parts)
+            self.drift = DriftWatch(tracker, self._drift_changed, self.metrics)
+        self.judge = Judge(
+            self.recipes, self.handshake, self.camera, self.recorder, on_answer=self.plc.wake, drift=self.drift
+        )
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
@@ -131,6 +147,15 @@ class Daemon:
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
         self.plc.start()
         self.camera.ensure_open()
+        self.audit.append(
+            "start",
+            {
+                "config_hash": self.config_id,
+                "pid": os.getpid(),
+                "recipes": {n: r["bundle"] for n, r in self.recipes.state()["loaded"].items()},  # type: ignore[attr-defined]
+            },
+            actor="daemon",
+        )
         self.notifier.ready(self._status_line())
         log.info(
             "daemon.ready",
@@ -161,7 +186,14 @@ class Daemon:
             "ready": status.ready,
             "recipe": status.recipe,
             "recipes": self.recipes.state(),
+            "drift": self.drift.tracker.states() if self.drift is not None else {},
+            "drifting": status.drift,
+            "audit": self.audit.recent(5),
         }
+
+    def _drift_changed(self, drifting: bool) -> None:
+        self.handshake.set_drift(drifting)
+        self.plc.wake()
 
     def _records_failing(self, failing: bool) -> None:
         # Called from the records thread; the handshake may not exist yet at the first write.
@@ -223,6 +255,9 @@ class Daemon:
         result = reload_config(self.config_path, self.config, self.config_sections)
         if result.applied:
             self.config_sections = result.sections
+            before_thresholds = self.config.thresholds.model_dump()
+            before_recipes = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
+            before_bundles = {n: str(r.bundle.resolve()) for n, r in self.recipes.specs.items()}
             self.config = result.config
             self.config_id = config_hash(self.config)
             self.recorder.config_id = self.config_id
@@ -231,6 +266,7 @@ class Daemon:
             self.recorder.archive.min_free_bytes = int(self.config.archive.min_free_mb * 1024 * 1024)
             loading = self.recipes.apply(self.config)
             self.handshake.set_threshold(self.threshold)
+            self._audit_reload(before_thresholds, before_recipes, before_bundles, loading)
             configure_logging(self.config.logging.level, self.config.logging.format)
             log.info(
                 "reload.applied",
@@ -241,6 +277,39 @@ class Daemon:
             )
         self.notifier.ready(self._status_line())
         return result.applied
+
+    def _audit_reload(
+        self,
+        thresholds: dict[str, object],
+        recipes: dict[int, dict[str, object]],
+        bundles: dict[int, str],
+        loading: list[int],
+    ) -> None:
+        """What this reload changed, old → new, into the audit log."""
+        now = self.config.thresholds.model_dump()
+        if now != thresholds:
+            changed = {k: {"old": thresholds[k], "new": now[k]} for k in now if now[k] != thresholds.get(k)}
+            self.audit.append(
+                "thresholds", {"changed": changed, "config_hash": self.config_id}, actor="daemon (reload)"
+            )
+        after = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
+        moved = {
+            n: {"old": bundles[n], "new": str(s.bundle.resolve())}
+            for n, s in self.recipes.specs.items()
+            if n in bundles and bundles[n] != str(s.bundle.resolve())
+        }
+        if after != recipes or moved:
+            detail = {
+                "added": sorted(set(after) - set(recipes)),
+                "removed": sorted(set(recipes) - set(after)),
+                "changed": {
+                    n: {"old": recipes[n], "new": after[n]} for n in after if n in recipes and after[n] != recipes[n]
+                },
+                "bundles_moved": moved,
+                "loading": loading,
+                "config_hash": self.config_id,
+            }
+            self.audit.append("recipes", detail, actor="daemon (reload)")
 
     def health(self) -> dict[str, object]:
         loop_age = time.monotonic() - self._last_loop
@@ -267,6 +336,7 @@ class Daemon:
 
     def shutdown(self) -> int:
         log.info("daemon.stopping", **self.recorder.counts)
+        self.audit.append("stop", {"counts": dict(self.recorder.counts)}, actor="daemon")
         self.notifier.stopping()
         self.handshake.set_ready(False)
         self.plc.stop(final=self.handshake.status)

@@ -54,6 +54,7 @@ STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
     "trigger_ready": ("BOOL", "a trigger now would be inspected: ready, enable = 1, not busy"),
     "records_failing": ("BOOL", "records cannot be written now (kept in memory, retried); traceability at risk"),
     "recipe_changing": ("BOOL", "the requested recipe is being loaded; triggers wait for it (code 13)"),
+    "drift": ("BOOL", "warning: the parts' scores drift from the calibration (lens, lamp); verdicts unchanged"),
     "part_id": ("UDINT", "the PLC's part_id latched at the trigger this result answers"),
     "missed_triggers": ("UDINT", "+1 per trigger answered without an inspection (refused)"),
     "recipe": ("UINT", "the recipe the next result uses (recipe_request, 0 = the default recipe)"),
@@ -124,6 +125,7 @@ class StatusLayout(_Layout):
     trigger_ready: str = "22.0"
     records_failing: str = "22.1"
     recipe_changing: str = "22.2"
+    drift: str = "22.3"
     part_id: int = Field(24, ge=0)
     missed_triggers: int = Field(28, ge=0)
     recipe: int = Field(32, ge=0)
@@ -159,6 +161,7 @@ class Status:
     trigger_ready: bool = False
     records_failing: bool = False
     recipe_changing: bool = False
+    drift: bool = False
     part_id: int = 0
     missed_triggers: int = 0
     recipe: int = 0
