@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyd.cli_daemon import add_daemon_commands
 
     add_daemon_commands(sub)
+    from anomalyd.cli_lifecycle import add_lifecycle_commands
+
+    add_lifecycle_commands(sub)
     return parser
 
 

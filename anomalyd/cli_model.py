@@ -71,13 +71,35 @@ def _fit_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
+    import datetime as dt
+    import os
+    import shutil
+
+    from anomalyd.errors import AnomalydError
     from anomalyd.model.fit import fit
 
+    if (args.out is None) == (args.into is None):
+        raise AnomalydError("fit needs --out FOLDER or --into BUNDLES_FOLDER (a new versioned bundle)")
+    target: Path = args.out if args.out is not None else args.into / f".fitting-{os.getpid()}"
+    if args.out is not None and (args.out / "manifest.json").exists():
+        # Bundles are immutable: the records name a bundle_id, and it must stay what it was.
+        raise AnomalydError(f"{args.out} already holds a bundle; bundles are never overwritten: choose a new folder")
     settings = _fit_settings(args)
     val = _val_images(args.val) if args.val else None
-    manifest = fit(args.good, args.out, settings, val, progress)
+    manifest = fit(args.good, target, settings, val, progress)
+    if args.into is not None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        final = args.into / f"{stamp}-{manifest['bundle_id']}"
+        target.rename(final)
+        target = final
+    for f in target.iterdir():  # read-only files; engines/ stays writable for TensorRT plans
+        if f.is_file():
+            f.chmod(0o444)
+    if args.into is not None:
+        shutil.rmtree(args.into / f".fitting-{os.getpid()}", ignore_errors=True)
+    print(target)
     print(
-        f"bundle {manifest['bundle_id']} → {args.out}: {manifest['training_images']} images, "
+        f"bundle {manifest['bundle_id']} → {target}: {manifest['training_images']} images, "
         f"bank {manifest['memory_bank_size']} patches, fit {manifest['fit_seconds']} s, "
         f"suggested threshold {manifest['thresholds']['suggested_image']:.3f}"  # type: ignore[index]
     )
@@ -208,8 +230,11 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
         return lambda args: fn(args, progress)
 
     p = sub.add_parser("fit", help="fit a model on good images and write a bundle")
-    p.add_argument("--good", type=Path, required=True, help="folder of defect-free images")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument(
+        "--good", type=Path, required=True, action="append", help="folder of defect-free images (repeatable)"
+    )
+    p.add_argument("--out", type=Path, help="bundle folder to write (must not hold a bundle)")
+    p.add_argument("--into", type=Path, help="write a new versioned bundle DATE-ID into this folder")
     p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
     _fit_options(p)
     p.set_defaults(func=run(cmd_fit))

@@ -52,6 +52,16 @@ class CameraFaults(Section):
     hang_every: int = setting(
         0, "Hang every N", "Every N frames the driver hangs for hang_ms, ignoring the timeout (0: never).", ge=0
     )
+    lamp_after: int = setting(
+        0,
+        "Lamp change after N",
+        "After N frames every frame is scaled by lamp_gain (0: never).",
+        ge=0,
+        le=1_000_000_000,
+    )
+    lamp_gain: float = setting(
+        1.5, "Lamp gain", "Brightness factor after lamp_after (a new, brighter lamp).", gt=0, le=4
+    )
     hang_ms: float = setting(300.0, "Hang", "How long a hanging grab blocks before it delivers.", "ms", ge=0, le=60000)
 
 
@@ -179,7 +189,10 @@ class ModelConfig(Section):
         Path("bundle"), "Model bundle", "Folder written by `anomalyd fit` (recipe 0 when there are no recipes)."
     )
     default_recipe: int = setting(
-        0, "Default recipe", "Recipe used while the PLC's recipe_request is 0 (with recipes: one of them).", ge=0,
+        0,
+        "Default recipe",
+        "Recipe used while the PLC's recipe_request is 0 (with recipes: one of them).",
+        ge=0,
         le=65535,
     )
 

@@ -190,6 +190,11 @@ class RecipeBook:
         with self._lock:
             return self._recipes.get(number or self.default)
 
+    def resolved(self) -> dict[int, str]:
+        """Where each loaded recipe's bundle path pointed when it was loaded."""
+        with self._lock:
+            return {n: str(r.resolved) for n, r in self._recipes.items()}
+
     def state(self) -> dict[str, object]:
         with self._lock:
             return {

@@ -257,7 +257,7 @@ class Daemon:
             self.config_sections = result.sections
             before_thresholds = self.config.thresholds.model_dump()
             before_recipes = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
-            before_bundles = {n: str(r.bundle.resolve()) for n, r in self.recipes.specs.items()}
+            before_bundles = self.recipes.resolved()
             self.config = result.config
             self.config_id = config_hash(self.config)
             self.recorder.config_id = self.config_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +104,16 @@ def score_files(
     return mapper(dist).amax(dim=(1, 2)).numpy()
 
 
+def _taught(folder: Path) -> int:
+    """Images an `anomalyd teach` put in ``folder`` (its sources.jsonl), 0 for a plain folder."""
+    sources = folder / "sources.jsonl"
+    if not sources.is_file():
+        return 0
+    return sum(1 for line in sources.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def fit(
-    good_dir: Path,
+    good_dir: Path | Sequence[Path],
     out_dir: Path,
     settings: FitSettings = FitSettings(),
     val: tuple[list[Path], np.ndarray] | None = None,
@@ -117,7 +125,9 @@ def fit(
     h, w = settings.input_size
     if h % 32 or w % 32:
         raise ValueError(f"input size {h}x{w}: height and width must be multiples of 32")
-    files = list_images(good_dir)
+    folders = [good_dir] if isinstance(good_dir, Path) else list(good_dir)
+    files = sorted({f for folder in folders for f in list_images(folder)})
+    sources = [{"folder": str(f), "images": len(list_images(f)), "taught": _taught(f)} for f in folders]
     train, holdout = split_holdout(files, settings.holdout_fraction, settings.seed)
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights)
     feats = extract_features(model, train, settings, progress("features", len(train)))
@@ -157,6 +167,7 @@ def fit(
         "coreset_projection": settings.coreset_projection,
         "memory_bank_size": int(bank.shape[0]),
         "training_images": len(train),
+        "training_sources": sources,
         "training_patches": int(n * gh * gw),
         "map": {"sigma": settings.sigma, "image_score": "max"},
         "calibration": calib,

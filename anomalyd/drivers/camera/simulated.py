@@ -2,7 +2,7 @@
 
 A first-class backend of the Camera interface: software trigger or a frame rate,
 sequential or shuffled order, an optional sensor size, and fault injection
-(timeouts, dropped frames, wrong-size frames, grabs that hang) for reliability drills.
+(timeouts, dropped frames, wrong-size frames, grabs that hang, a lamp change) for reliability drills.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ class SimulatedCamera:
             raise BadFrame(f"{self.name}: frame {self._frame_id}: {exc}") from None
         if self._every(faults.wrong_size_every):
             image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2))
+        if faults.lamp_after and self._grabs > faults.lamp_after:  # a new lamp: every frame brighter
+            image = cv2.convertScaleAbs(image, alpha=faults.lamp_gain)
         return Frame(image, self._frame_id, time.time_ns(), str(path))
 
     def _wait_for_exposure(self, timeout_s: float) -> None:
