@@ -56,6 +56,7 @@ def test_the_page_updates_by_itself_in_a_real_browser(
             await page.wait_for("document.querySelector('#view img') && document.querySelector('#view img').complete")
             await page.wait_for("document.querySelector('#strip .thumb img').naturalWidth > 0")
             verdict = await page.evaluate("document.getElementById('verdict').textContent")
+            await page.wait_for("document.getElementById('audit').textContent.includes('start')")  # the audit log
             # The counts follow too: five answers since start.
             await page.wait_for(
                 "[...document.querySelectorAll('#counts tbody tr')[0].children].slice(1)"
