@@ -26,8 +26,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check anomalyd tests bench
 	$(BIN)/mypy anomalyd
 
+# DEMO_PLC=opcua: the daemon serves OPC UA and the simulated PLC is its client.
+DEMO_PLC ?= s7
+
 demo: $(STAMP)
-	$(BIN)/python -m anomalyd.demo
+	$(BIN)/python -m anomalyd.demo --plc $(DEMO_PLC)
 
 bench-latency: $(STAMP)
 	test -d var/bottle || $(BIN)/anomalyd fit --good ../shared/data/mvtec_bottle/train/good --out var/bottle

@@ -16,11 +16,13 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else AppConfig()
     plc: Any = config.plc
+    out: Path = args.out
+    if plc.type == "opcua-server":
+        return _opcua_layout(out)
     if not isinstance(plc, S7Config | ModbusConfig):
         plc = S7Config()
     print(export.table(plc.status_layout, "Status block, written by anomalyd"))
     print(export.table(plc.command_layout, "Command block, written by the PLC"))
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(plc, S7Config):
         scl = export.scl_source(
@@ -42,16 +44,48 @@ def cmd_plc_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opcua_layout(out: Path) -> int:
+    """The OPC UA nodes: a table on stdout, CSV and Markdown for the PLC programmer."""
+    import csv
+    import io
+
+    from anomalyd.drivers.plc.opcua import NAMESPACE, node_table
+
+    rows = node_table()
+    lines = [
+        f"OPC UA nodes (namespace {NAMESPACE}; string node ids, e.g. nsu={NAMESPACE};s=anomalyd/Status/part_id)",
+        "",
+        "| node | type | access | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['node']} | {r['type']} | {r['access']} | {r['meaning']} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / "opcua_nodes.csv").write_text(buf.getvalue(), encoding="utf-8")
+    (out / "opcua_nodes.md").write_text(text, encoding="utf-8")
+    print(f"OPC UA node table → {out / 'opcua_nodes.csv'} and .md")
+    return 0
+
+
 def cmd_plc_sim(args: argparse.Namespace) -> int:
     from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
 
-    port = args.port or (1102 if args.protocol == "s7" else 1502)
+    port = args.port or {"s7": 1102, "modbus": 1502, "opcua": 4840}[args.protocol]
     plc = SimulatedPlc(args.protocol, port=port)
     plc.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    where = f"DB{plc.status_db}/DB{plc.command_db}" if args.protocol == "s7" else "registers 0/100"
+    where = {
+        "s7": f"DB{plc.status_db}/DB{plc.command_db}",
+        "modbus": "registers 0/100",
+        "opcua": "client of the daemon's OPC UA server",
+    }[args.protocol]
     print(
         f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready", flush=True
     )
@@ -90,9 +124,40 @@ def add_plc_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_plc_layout)
 
     p = sub.add_parser("plc-sim", help="a simulated PLC on loopback that triggers and prints results")
-    p.add_argument("--protocol", choices=["s7", "modbus"], default="s7")
+    p.add_argument("--protocol", choices=["s7", "modbus", "opcua"], default="s7")
     p.add_argument("--port", type=int, default=0, help="TCP port (default 1102 for s7, 1502 for modbus)")
     p.add_argument("--trigger-every", type=float, default=500.0, help="ms between triggers (0: serve only)")
     p.add_argument("--count", type=int, default=0, help="stop after this many results (0: run until stopped)")
     p.add_argument("--wait-ready", type=float, default=300.0, help="seconds to wait for ready before giving up")
     p.set_defaults(func=cmd_plc_sim)
+
+    p = sub.add_parser("opcua-cert", help="make a self-signed OPC UA certificate and key (server, or --client URI)")
+    p.add_argument("--out", type=Path, required=True, help="folder for NAME.der and NAME.key.pem")
+    p.add_argument("--host", help="host name in the certificate (default: this machine's)")
+    p.add_argument("--client", metavar="URI", help="make a client certificate with this application URI instead")
+    p.set_defaults(func=cmd_opcua_cert)
+
+
+def cmd_opcua_cert(args: argparse.Namespace) -> int:
+    """A self-signed certificate and key for the OPC UA server (or, with --client, for a client)."""
+    import asyncio
+    import socket
+
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from anomalyd.drivers.plc.opcua import APPLICATION_URI
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    role = "client" if args.client else "server"
+    uri = args.client or APPLICATION_URI
+    host = args.host or socket.gethostname()
+    key, cert = out / f"{role}.key.pem", out / f"{role}.der"
+    use = [ExtendedKeyUsageOID.CLIENT_AUTH] if args.client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    asyncio.run(setup_self_signed_certificate(key, cert, uri, host, use, {"commonName": f"anomalyd {role} {host}"}))
+    key.chmod(0o600)
+    print(f"{cert} (application URI {uri}, host {host}) and {key}")
+    if not args.client:
+        print("give the PLC/SCADA the .der to trust; put the clients' certificates in plc.trusted_clients")
+    return 0

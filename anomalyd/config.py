@@ -176,11 +176,53 @@ class ModbusServerConfig(ModbusConfig):
     )
 
 
+class OpcUaServerConfig(_PlcCommon):
+    """The daemon serves the blocks over OPC UA (for PLCs and SCADA that may not use S7 PUT/GET)."""
+
+    type: Literal["opcua-server"] = "opcua-server"
+    host: str = setting("127.0.0.1", "Listen address", "Loopback by default; elsewhere security is required.")
+    port: int = setting(4840, "TCP port", "OPC UA port (4840 is the registered one).", ge=1, le=65535)
+    security: Literal["none", "sign", "sign_and_encrypt"] = setting(
+        "none", "Security", "Basic256Sha256 Sign or SignAndEncrypt; none only on loopback (or allow_insecure_remote)."
+    )
+    certificate: Path | None = setting(None, "Server certificate", "DER or PEM file (anomalyd opcua-cert makes one).")
+    private_key: Path | None = setting(None, "Server private key", "PEM file of the server certificate's key.")
+    trusted_clients: Path | None = setting(
+        None, "Trusted clients", "Folder (or file) of client certificates allowed to connect (PLC, SCADA)."
+    )
+    username: str | None = setting(None, "User name", "Optional user name clients must log in with.")
+    password_file: Path | None = setting(None, "Password file", "File holding that user's password.")
+    allow_insecure_remote: bool = setting(
+        False, "Allow insecure remote", "Serve without security beyond loopback (an isolated machine network only)."
+    )
+
+    @model_validator(mode="after")
+    def _secure_beyond_loopback(self) -> OpcUaServerConfig:
+        import ipaddress
+
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and self.security == "none" and not self.allow_insecure_remote:
+            raise ValueError(
+                f"host {self.host} is not loopback and security is none: set security sign_and_encrypt with "
+                "certificate, private_key and trusted_clients (or allow_insecure_remote: true, not recommended)"
+            )
+        if self.security != "none" and not (self.certificate and self.private_key and self.trusted_clients):
+            raise ValueError(f"security {self.security} needs certificate, private_key and trusted_clients")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
 class NoPlcConfig(Section):
     type: Literal["none"] = "none"
 
 
-PlcConfig = Annotated[S7Config | ModbusConfig | ModbusServerConfig | NoPlcConfig, Field(discriminator="type")]
+PlcConfig = Annotated[
+    S7Config | ModbusConfig | ModbusServerConfig | OpcUaServerConfig | NoPlcConfig, Field(discriminator="type")
+]
 
 
 # ---------------------------------------------------------------- model, engine

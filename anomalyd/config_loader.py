@@ -165,6 +165,15 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
     else:
         camera = camera.model_copy(update={"cti": [rel(p) for p in camera.cti]})
     recipes = {n: r.model_copy(update={"bundle": rel(r.bundle)}) for n, r in config.recipes.items()}
+    plc = config.plc
+    if plc.type == "opcua-server":
+        plc = plc.model_copy(
+            update={
+                k: rel(getattr(plc, k))
+                for k in ("certificate", "private_key", "trusted_clients", "password_file")
+                if getattr(plc, k) is not None
+            }
+        )
     token = config.page.token_file
     return config.model_copy(
         update={
@@ -172,6 +181,7 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
             "model": config.model.model_copy(update={"bundle": rel(config.model.bundle)}),
             "daemon": config.daemon.model_copy(update={"data_dir": rel(config.daemon.data_dir)}),
             "recipes": recipes,
+            "plc": plc,
             "page": config.page.model_copy(update={"token_file": rel(token) if token else None}),
         }
     )

@@ -8,6 +8,7 @@ simulated camera, shows every inspection as the PLC sees it, and stops by itself
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sqlite3
@@ -50,14 +51,14 @@ def prepare(root: Path) -> tuple[Path, Path]:
     return sample, bundle
 
 
-def write_config(root: Path, sample: Path, bundle: Path, plc_port: int, page_port: int) -> Path:
+def write_config(root: Path, sample: Path, bundle: Path, plc_port: int, page_port: int, protocol: str = "s7") -> Path:
     """Two recipes of the sample part: 1 at the bundle's threshold, 2 stricter (10 % lower)."""
     from anomalyd.model.bundle import load_bundle
 
     suggested = load_bundle(bundle).suggested_threshold
     config = {
         "camera": {"type": "simulated", "source": str(sample.resolve()), "order": "sequential"},
-        "plc": {"type": "s7", "host": "127.0.0.1", "port": plc_port},
+        "plc": {"type": "s7" if protocol == "s7" else "opcua-server", "host": "127.0.0.1", "port": plc_port},
         "model": {"bundle": str(bundle.resolve()), "default_recipe": 1},
         "recipes": {
             1: {"name": "washer, standard", "bundle": str(bundle.resolve())},
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("var/demo"))
     parser.add_argument("--parts", type=int, default=0, help="inspections to run (default: every sample image twice)")
     parser.add_argument("--every-ms", type=float, default=150.0, help="PLC trigger period")
+    parser.add_argument(
+        "--plc",
+        choices=["s7", "opcua"],
+        default=os.environ.get("DEMO_PLC", "s7"),
+        help="s7: a simulated S7 PLC serves the DBs; opcua: the daemon serves OPC UA and the PLC is its client",
+    )
     args = parser.parse_args(argv)
 
     root = args.root
@@ -105,11 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     sample, bundle = prepare(root)
     parts = args.parts or 2 * sum(1 for _ in (sample / "test").rglob("*.png"))
     plc_port, page_port = free_port(), free_port()
-    config = write_config(root, sample, bundle, plc_port, page_port)
+    config = write_config(root, sample, bundle, plc_port, page_port, args.plc)
 
-    plc = SimulatedPlc("s7", port=plc_port)
+    plc = SimulatedPlc(args.plc, port=plc_port)
     plc.start()
-    print(f"· simulated S7 PLC on 127.0.0.1:{plc_port}; starting the daemon: anomalyd run --config {config}")
+    where = (
+        f"simulated S7 PLC on 127.0.0.1:{plc_port}"
+        if args.plc == "s7"
+        else f"daemon serves OPC UA on opc.tcp://127.0.0.1:{plc_port}/anomalyd; the simulated PLC is its client"
+    )
+    print(f"· {where}; starting the daemon: anomalyd run --config {config}")
     print(f"· operator page: http://127.0.0.1:{page_port}/ (open it while the demo runs)")
     print(f"· the PLC runs recipe 1 (standard) for the first {parts // 2} parts, then switches to recipe 2 (strict)")
     daemon = subprocess.Popen([sys.executable, "-m", "anomalyd", "run", "--config", str(config)])

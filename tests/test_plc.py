@@ -291,6 +291,10 @@ def test_readme_tables_are_the_code() -> None:
             assert row in readme, f"README lacks the row {row}"
     for code, meaning in ERROR_MEANINGS.items():
         assert f"| {int(code)} | {meaning} |" in readme
+    from anomalyd.drivers.plc.opcua import node_table
+
+    for r in node_table():
+        assert f"| `{r['node']}` | {r['type']} | {r['access']} | {r['meaning']} |" in readme
 
 
 def _s7_offsets(scl: str, db_name: str) -> dict[str, str]:

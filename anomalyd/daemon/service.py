@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from anomalyd.config import AppConfig, ModbusServerConfig, config_hash
+from anomalyd.config import AppConfig, ModbusServerConfig, OpcUaServerConfig, config_hash
 from anomalyd.config_loader import config_sections, load_config
 from anomalyd.daemon.audit import AuditLog
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
@@ -103,7 +103,7 @@ class Daemon:
         self.handshake.continue_from(last_id)
         self.handshake.set_threshold(self.threshold)
         link = open_plc_link(cfg.plc)
-        if isinstance(cfg.plc, ModbusServerConfig):
+        if isinstance(cfg.plc, ModbusServerConfig | OpcUaServerConfig):
             # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
             try:
                 link.open()

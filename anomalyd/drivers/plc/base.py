@@ -52,6 +52,6 @@ def bytes_from_words(words: list[int]) -> bytes:
 
 def open_plc_link(config: Any) -> PlcLink:
     """The registered backend for ``config.type``, not yet opened."""
-    from anomalyd.drivers.plc import modbus, none, s7  # noqa: F401  (registers the backends)
+    from anomalyd.drivers.plc import modbus, none, opcua, s7  # noqa: F401  (registers the backends)
 
     return PLC_LINKS[config.type](config)  # type: ignore[no-any-return]

@@ -12,10 +12,11 @@ commissioning without a PLC.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from anomalyd.drivers.plc.base import bytes_from_words, words_from_bytes
@@ -58,9 +59,10 @@ class SimulatedPlc:
         status_register: int = 0,
         command_register: int = 100,
         word_order: str = "big",
+        opcua: OpcUaClientOptions | None = None,
     ) -> None:
-        if protocol not in ("s7", "modbus"):
-            raise ValueError(f"protocol must be s7 or modbus, not {protocol!r}")
+        if protocol not in ("s7", "modbus", "opcua"):
+            raise ValueError(f"protocol must be s7, modbus or opcua, not {protocol!r}")
         self.protocol, self.port, self.host = protocol, port, host
         self.status_layout = status_layout or StatusLayout()
         self.command_layout = command_layout or CommandLayout()
@@ -69,12 +71,18 @@ class SimulatedPlc:
         self.word_order = word_order
         self._command = Command(enable=True)
         self.next_part_id = 1
+        self.opcua_options = opcua or OpcUaClientOptions()
         self._server: Any = None
         self._status_area = bytearray(self.status_layout.size())
         self._command_area = bytearray(self.command_layout.size())
 
     # ------------------------------------------------------------ server
     def start(self) -> None:
+        if self.protocol == "opcua":
+            # The daemon is the OPC UA server; this PLC is its client (it connects when the server is up).
+            self._server = OpcUaPlcClient(f"opc.tcp://{self.host}:{self.port}/anomalyd", self.opcua_options)
+            self._server.start()
+            return
         if self.protocol == "s7":
             import snap7
             from snap7.type import SrvArea
@@ -108,6 +116,9 @@ class SimulatedPlc:
 
     # ------------------------------------------------------------ blocks
     def read_status(self) -> Status:
+        if self.protocol == "opcua":
+            raw = self._server.read_block()  # type: ignore[attr-defined]
+            return unpack_status(raw, self.status_layout) if raw else Status()
         if self.protocol == "s7":
             raw = bytes(self._status_area)
         else:
@@ -117,6 +128,10 @@ class SimulatedPlc:
 
     def write_command(self, command: Command) -> None:
         self._command = command
+        if self.protocol == "opcua":
+            if self._server is not None:
+                self._server.write_command(command)  # type: ignore[attr-defined]
+            return
         raw = pack_command(command, self.command_layout, self.word_order)
         if self.protocol == "s7":
             self._command_area[:] = raw
@@ -201,3 +216,123 @@ class SimulatedPlc:
                 received += 1
             stop.wait(max(0.0, trigger_every_ms / 1000.0 - (time.monotonic() - cycle_start)))
         return received
+
+
+@dataclass(frozen=True)
+class OpcUaClientOptions:
+    """How the simulated PLC connects to the daemon's OPC UA server."""
+
+    security: str = "none"  # none | sign | sign_and_encrypt
+    certificate: str | None = None  # the PLC's (client) certificate and key
+    private_key: str | None = None
+    server_certificate: str | None = None
+    application_uri: str = "urn:anomalyd:plc-sim"
+    username: str | None = None
+    password: str | None = None
+
+
+class OpcUaPlcClient:
+    """An asyncua client in its own thread: reads the status Block node, writes the command nodes in one request."""
+
+    def __init__(self, url: str, options: OpcUaClientOptions) -> None:
+        import asyncio
+
+        self.url, self.options = url, options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-plc", daemon=True)
+        self._client: Any = None
+        self._nodes: dict[str, Any] = {}
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _call(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10.0)
+
+    async def _ensure(self) -> Any:
+        if self._client is not None:
+            return self._client
+        from asyncua import Client, ua
+        from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+        from anomalyd.drivers.plc.opcua import NAMESPACE, node_id
+
+        o = self.options
+        client = Client(self.url, timeout=2)
+        client.application_uri = o.application_uri
+        if o.security != "none":
+            mode = (
+                ua.MessageSecurityMode.SignAndEncrypt
+                if o.security == "sign_and_encrypt"
+                else ua.MessageSecurityMode.Sign
+            )
+            if not (o.certificate and o.private_key):
+                raise ValueError("secure OPC UA needs the PLC's certificate and private key")
+            await client.set_security(
+                SecurityPolicyBasic256Sha256,
+                o.certificate,
+                o.private_key,
+                server_certificate=o.server_certificate,
+                mode=mode,
+            )
+        if o.username:
+            client.set_user(o.username)
+            client.set_password(o.password or "")
+        await client.connect()
+        ns = await client.get_namespace_index(NAMESPACE)
+        for name in [f.name for f in fields(Command)]:
+            self._nodes[name] = client.get_node(f"ns={ns};s={node_id('Command', name)}")
+        self._nodes["Block"] = client.get_node(f"ns={ns};s={node_id('Status', 'Block')}")
+        self._client = client
+        return client
+
+    async def _drop(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    def read_block(self) -> bytes:
+        async def read() -> bytes:
+            try:
+                await self._ensure()
+                return bytes(await self._nodes["Block"].read_value() or b"")
+            except Exception as exc:
+                await self._drop(exc)
+                return b""
+
+        return self._call(read())  # type: ignore[no-any-return]
+
+    def write_command(self, command: Command) -> None:
+        from asyncua import ua
+
+        from anomalyd.drivers.plc.layout import COMMAND_FIELDS
+
+        kinds = {"BOOL": ua.VariantType.Boolean, "UINT": ua.VariantType.UInt16, "UDINT": ua.VariantType.UInt32}
+
+        async def write() -> None:
+            try:
+                await self._ensure()
+                names = [f.name for f in fields(Command)]
+                values = [ua.DataValue(ua.Variant(getattr(command, n), kinds[COMMAND_FIELDS[n][0]])) for n in names]
+                await self._client.write_values([self._nodes[n] for n in names], values)  # one Write request
+            except Exception as exc:
+                await self._drop(exc)
+
+        self._call(write())
+
+    def stop(self) -> None:
+        async def close() -> None:
+            client, self._client = self._client, None
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+
+        with contextlib.suppress(Exception):
+            self._call(close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,254 @@
+"""OPC UA server link (asyncua): the blocks as an address space, for PLCs that may not use S7 PUT/GET.
+
+The address space (namespace ``urn:anomalyd``, string node ids, stable):
+
+* ``anomalyd/Status`` (object): one read-only variable per status field
+  (``anomalyd/Status/ready``, ``…/inspection_id``, …) and ``anomalyd/Status/Block``,
+  a ByteString holding the whole block packed as in S7 (big-endian, offsets of
+  the layout): reading that one node always gives one consistent answer.
+* ``anomalyd/Command`` (object): one writable variable per command field
+  (``trigger``, ``result_ack``, ``enable``, ``part_id``, ``recipe_request``).
+
+The handshake is the one of S7 and Modbus. The status is written in one step
+on the server's event loop (no client request is served in between); the
+commands are read in one step. Security: Basic256Sha256 Sign or SignAndEncrypt
+with the server certificate and the trusted client certificates from the YAML,
+optionally a user name and password; ``none`` only on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import fields
+from typing import Any
+
+from anomalyd.config import OpcUaServerConfig
+from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, register_plc
+from anomalyd.drivers.plc.layout import (
+    COMMAND_FIELDS,
+    STATUS_FIELDS,
+    Command,
+    Status,
+    pack_status,
+)
+from anomalyd.log import get_logger
+
+log = get_logger(__name__)
+
+NAMESPACE = "urn:anomalyd"
+APPLICATION_URI = "urn:anomalyd:server"
+_VARIANTS = {"BOOL": "Boolean", "UINT": "UInt16", "UDINT": "UInt32", "REAL": "Float"}
+
+
+def node_id(block: str, name: str) -> str:
+    """The string identifier of a field's node (``anomalyd/Status/ready``)."""
+    return f"anomalyd/{block}/{name}"
+
+
+def node_table() -> list[dict[str, str]]:
+    """Every node a client uses: identifier, type, access, meaning (for plc-layout and the README)."""
+    rows = [
+        {"node": node_id("Status", name), "type": _VARIANTS[kind], "access": "read", "meaning": meaning}
+        for name, (kind, meaning) in STATUS_FIELDS.items()
+    ]
+    rows.append(
+        {
+            "node": node_id("Status", "Block"),
+            "type": "ByteString",
+            "access": "read",
+            "meaning": "the whole status block as bytes (S7 layout): one read, one consistent answer",
+        }
+    )
+    rows += [
+        {"node": node_id("Command", name), "type": _VARIANTS[kind], "access": "read/write", "meaning": meaning}
+        for name, (kind, meaning) in COMMAND_FIELDS.items()
+    ]
+    return rows
+
+
+class _Users:
+    """One user name and password (asyncua's user manager interface)."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password = username, password
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None):  # type: ignore[no-untyped-def]
+        import hmac
+
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username == self.username and password is not None and hmac.compare_digest(password, self.password):
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+@register_plc("opcua-server")
+class OpcUaServerLink:
+    def __init__(self, config: OpcUaServerConfig) -> None:
+        self.config = config
+        self.name = f"opc.tcp://{config.host}:{config.port}/anomalyd"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._status_nodes: dict[str, Any] = {}
+        self._command_nodes: dict[str, Any] = {}
+        self._block_node: Any = None
+        self._ns = 0
+
+    # ------------------------------------------------------------ server thread
+    def open(self) -> None:
+        if self._server is not None:
+            return
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="opcua-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30.0) or self._error is not None:
+            raise PlcError(f"{self.name}: OPC UA server did not start: {self._error}")
+        log.info("opcua.serving", endpoint=self.name, security=self.config.security, namespace=NAMESPACE)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+        loop.run_until_complete(self._server.stop())
+        loop.close()
+
+    async def _start(self) -> None:
+        from asyncua import Server, ua
+
+        c = self.config
+        users = None
+        if c.username and c.password_file:
+            users = _Users(c.username, c.password_file.read_text(encoding="utf-8").strip())
+        server = Server(user_manager=users) if users else Server()  # type: ignore[arg-type]
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{c.host}:{c.port}/anomalyd")
+        server.set_server_name("anomalyd")
+        await server.set_application_uri(APPLICATION_URI)
+        if c.security == "none":
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            policy = (
+                ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt
+                if c.security == "sign_and_encrypt"
+                else ua.SecurityPolicyType.Basic256Sha256_Sign
+            )
+            server.set_security_policy([policy])
+            assert c.certificate and c.private_key and c.trusted_clients
+            await server.load_certificate(str(c.certificate))
+            await server.load_private_key(str(c.private_key))
+            store = TrustStore([c.trusted_clients], [])
+            await store.load()
+            options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+            server.set_certificate_validator(CertificateValidator(options, store))
+        if users is not None:
+            server.set_identity_tokens([ua.UserNameIdentityToken])
+        self._ns = await server.register_namespace(NAMESPACE)
+        root = await server.nodes.objects.add_object(self._nid("anomalyd"), "anomalyd")
+        status = await root.add_object(self._nid("anomalyd/Status"), "Status")
+        command = await root.add_object(self._nid("anomalyd/Command"), "Command")
+        defaults_status, defaults_command = Status(), Command(enable=True)
+        for name, (kind, _m) in STATUS_FIELDS.items():
+            value = getattr(defaults_status, "passed" if name == "pass" else name)
+            self._status_nodes[name] = await status.add_variable(
+                self._nid(node_id("Status", name)), name, _variant(value, kind)
+            )
+        self._block_node = await status.add_variable(
+            self._nid(node_id("Status", "Block")), "Block", ua.Variant(b"", ua.VariantType.ByteString)
+        )
+        for f in fields(Command):
+            kind = COMMAND_FIELDS[f.name][0]
+            node = await command.add_variable(
+                self._nid(node_id("Command", f.name)),
+                f.name,
+                _variant(getattr(defaults_command, f.name), kind),
+            )
+            await node.set_writable()
+            self._command_nodes[f.name] = node
+        await server.start()
+        self._server = server
+
+    def _nid(self, identifier: str) -> Any:
+        from asyncua import ua
+
+        return ua.NodeId(identifier, self._ns)  # type: ignore[arg-type]
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        if self._loop is None or self._server is None:
+            raise PlcDisconnected(f"{self.name}: not serving")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout or max(self.config.timeout_s, 1.0))
+        except TimeoutError as exc:
+            future.cancel()
+            raise PlcDisconnected(f"{self.name}: the OPC UA server did not answer") from exc
+
+    # ------------------------------------------------------------ PlcLink
+    def read_command(self) -> Command:
+        from asyncua import ua
+
+        async def read() -> Command:
+            aspace = self._server.iserver.aspace
+            values: dict[str, Any] = {}
+            for name, node in self._command_nodes.items():  # synchronous reads: one consistent snapshot
+                raw = aspace.read_attribute_value(node.nodeid, ua.AttributeIds.Value).Value.Value
+                values[name] = bool(raw) if COMMAND_FIELDS[name][0] == "BOOL" else int(raw or 0)
+            return Command(**values)
+
+        return self._call(read())  # type: ignore[no-any-return]
+
+    def write_status(self, status: Status) -> None:
+        from asyncua import ua
+
+        block = pack_status(status, self.config.status_layout)
+
+        async def write() -> None:
+            # One coroutine on the server's loop: a client's Read is served before or after it, and the
+            # Block node (written last) always holds one whole answer. Subscribers are notified.
+            for name, (kind, _m) in STATUS_FIELDS.items():
+                value = getattr(status, "passed" if name == "pass" else name)
+                await self._server.write_attribute_value(
+                    self._status_nodes[name].nodeid, ua.DataValue(_variant(value, kind))
+                )
+            await self._server.write_attribute_value(
+                self._block_node.nodeid, ua.DataValue(ua.Variant(block, ua.VariantType.ByteString))
+            )
+
+        self._call(write())
+
+    def read_status(self) -> Status | None:
+        return None  # our own address space: fresh at every start
+
+    def close(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        self._server = None
+        self._loop = None
+
+
+def _variant(value: Any, kind: str) -> Any:
+    from asyncua import ua
+
+    if kind == "BOOL":
+        return ua.Variant(bool(value), ua.VariantType.Boolean)
+    if kind == "UINT":
+        return ua.Variant(int(value) & 0xFFFF, ua.VariantType.UInt16)
+    if kind == "UDINT":
+        return ua.Variant(int(value) & 0xFFFFFFFF, ua.VariantType.UInt32)
+    return ua.Variant(float(value), ua.VariantType.Float)

@@ -1,0 +1,183 @@
+"""OPC UA with the real daemon and real asyncua clients on loopback: the handshake, security, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomalyd.daemon.handshake import ErrorCode
+from anomalyd.drivers.plc.sim import OpcUaClientOptions, SimulatedPlc
+from tests.conftest import ANOMALYD, free_port
+
+
+class OpcUaStation:
+    def __init__(self, tmp_path: Path, bundle: Path, source: Path, plc: dict[str, object]) -> None:
+        self.port = free_port()
+        self.config = tmp_path / "opcua.yaml"
+        raw = {
+            "camera": {"type": "simulated", "source": str(source)},
+            "plc": {"type": "opcua-server", "port": self.port, **plc},
+            "model": {"bundle": str(bundle)},
+            "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
+            "metrics": {"enabled": False},
+            "page": {"enabled": False},
+            "logging": {"format": "json"},
+        }
+        self.config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        self.log = tmp_path / "daemon.log"
+        self.process = subprocess.Popen(
+            [*ANOMALYD, "run", "--config", str(self.config)], stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
+
+    def plc(self, options: OpcUaClientOptions | None = None) -> SimulatedPlc:
+        plc = SimulatedPlc("opcua", port=self.port, opcua=options)
+        plc.start()
+        if plc.wait_for(lambda s: s.ready, 90.0) is None:
+            raise AssertionError(f"no ready over OPC UA: {plc._server.last_error}\n{self.log.read_text()[-2000:]}")  # type: ignore[union-attr]
+        return plc
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=15)
+
+
+@pytest.fixture
+def stations(tmp_path: Path) -> Iterator[list[OpcUaStation]]:
+    made: list[OpcUaStation] = []
+    yield made
+    for s in made:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait()
+
+
+def test_the_handshake_over_opcua(stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
+    station = OpcUaStation(tmp_path, e2e_bundle, sample_dir, {})
+    stations.append(station)
+    plc = station.plc()
+    try:
+        results = [plc.inspect_once(10.0, part_id=100 + i) for i in range(4)]
+        assert all(r is not None and r.attributed for r in results)
+        assert [r.status.inspection_id for r in results] == [1, 2, 3, 4]  # type: ignore[union-attr]
+        assert plc.wait_for(lambda s: not s.result_valid, 2.0)  # result_ack honoured
+        plc.set_command(enable=False)
+        assert plc.wait_for(lambda s: not s.trigger_ready, 2.0)
+        refused = plc.inspect_once(5.0, part_id=200, interlock=False)
+        assert refused is not None and refused.attributed
+        assert refused.status.fail and refused.status.error_code == ErrorCode.DISABLED
+        plc.set_command(enable=True)
+        # A PLC that disconnects and comes back (a new session): the daemon went on serving.
+        plc.stop()
+        plc = station.plc()
+        again = plc.inspect_once(10.0, part_id=300)
+        assert again is not None and again.attributed and again.status.inspection_id == 6
+    finally:
+        plc.stop()
+    assert station.stop() == 0
+
+
+def _cert(out: Path, *client: str) -> None:
+    subprocess.run(
+        [*ANOMALYD, "opcua-cert", "--out", str(out), "--host", "localhost", *client], check=True, capture_output=True
+    )
+
+
+def test_sign_and_encrypt_with_trusted_clients_only(
+    stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    server, trusted, stranger = tmp_path / "server", tmp_path / "trusted", tmp_path / "stranger"
+    _cert(server)
+    _cert(trusted, "--client", "urn:plant:line3:plc")
+    _cert(stranger, "--client", "urn:somewhere:else")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "plc.der").write_bytes((trusted / "client.der").read_bytes())
+    station = OpcUaStation(
+        tmp_path,
+        e2e_bundle,
+        sample_dir,
+        {
+            "security": "sign_and_encrypt",
+            "certificate": str(server / "server.der"),
+            "private_key": str(server / "server.key.pem"),
+            "trusted_clients": str(allowed),
+        },
+    )
+    stations.append(station)
+
+    def options(folder: Path, uri: str) -> OpcUaClientOptions:
+        return OpcUaClientOptions(
+            security="sign_and_encrypt",
+            certificate=str(folder / "client.der"),
+            private_key=str(folder / "client.key.pem"),
+            server_certificate=str(server / "server.der"),
+            application_uri=uri,
+        )
+
+    plc = station.plc(options(trusted, "urn:plant:line3:plc"))
+    try:
+        res = plc.inspect_once(10.0, part_id=7)
+        assert res is not None and res.attributed and res.status.inspection_id == 1
+    finally:
+        plc.stop()
+
+    # A client whose certificate is not in trusted_clients is refused; so is one without security.
+    from asyncua import Client, ua
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    async def stranger_connects() -> None:
+        client = Client(f"opc.tcp://127.0.0.1:{station.port}/anomalyd", timeout=3)
+        client.application_uri = "urn:somewhere:else"
+        await client.set_security(
+            SecurityPolicyBasic256Sha256,
+            str(stranger / "client.der"),
+            str(stranger / "client.key.pem"),
+            server_certificate=str(server / "server.der"),
+            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        )
+        await client.connect()
+        await client.disconnect()
+
+    async def plain_connects() -> None:
+        client = Client(f"opc.tcp://127.0.0.1:{station.port}/anomalyd", timeout=3)
+        await client.connect()
+        await client.disconnect()
+
+    for attempt in (stranger_connects, plain_connects):
+        with pytest.raises(Exception):  # noqa: B017  (asyncua raises several types for a refusal)
+            asyncio.run(attempt())
+    # The daemon kept running and serves the trusted PLC again.
+    plc = station.plc(options(trusted, "urn:plant:line3:plc"))
+    try:
+        res = plc.inspect_once(10.0, part_id=8)
+        assert res is not None and res.attributed and res.status.inspection_id == 2
+    finally:
+        plc.stop()
+    assert station.stop() == 0
+
+
+def test_no_security_beyond_loopback_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("plc:\n  type: opcua-server\n  host: 0.0.0.0\n")
+    out = subprocess.run([*ANOMALYD, "check-config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not loopback and security is none" in out.stderr
+
+
+def test_plc_layout_lists_the_opcua_nodes(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("plc:\n  type: opcua-server\n")
+    out = subprocess.run(
+        [*ANOMALYD, "plc-layout", "--config", str(config), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "nsu=urn:anomalyd;s=anomalyd/Status/part_id" in out.stdout
+    table = (tmp_path / "o" / "opcua_nodes.csv").read_text()
+    assert "anomalyd/Command/trigger,Boolean,read/write" in table and "anomalyd/Status/Block,ByteString,read" in table
