@@ -197,7 +197,7 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
     engine, search = _engine_configs(args)
     inspector = open_inspector(bundle, engine, search)
     scored = score_dataset(inspector, dataset, progress("eval", len(dataset.samples)))
-    metrics = compute_metrics(scored, dataset.has_masks)
+    metrics = compute_metrics(scored, dataset.has_masks, bundle.suggested_threshold)
     metrics.update({"dataset": str(args.dataset), "bundle_id": bundle.bundle_id, "engine": inspector.engine_name})
     print(markdown_table(metrics, args.dataset.name), end="")
     if args.report:

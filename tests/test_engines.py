@@ -254,3 +254,17 @@ def test_a_foreign_timing_cache_is_set_aside_and_the_build_goes_on(tmp_path: Pat
     attach_timing_cache(seam, cache)
     assert seam.attached == [(b"", True)]  # a fresh cache; the foreign one kept aside, not used
     assert not cache.exists() and (tmp_path / "timing_x.cache.bad").read_bytes() == b"from another GPU"
+
+
+def test_the_bundles_roi_applies_and_a_different_camera_roi_is_refused(sample_dir: Path, tmp_path: Path) -> None:
+    from anomalyd.model.fit import FitSettings, fit
+
+    out = tmp_path / "roi_bundle"
+    fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02, roi=(32, 32, 192, 192)))
+    bundle = load_bundle(out)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(), SearchConfig())  # no camera ROI: the bundle's
+    frame = _frames(sample_dir)[0]
+    assert inspector.inspect(frame).roi == (32, 32, 192, 192)
+    inspector.close()
+    with pytest.raises(EngineError, match="fitted with ROI"):
+        open_inspector(bundle, OnnxRuntimeEngineConfig(), SearchConfig(), roi=(0, 0, 192, 192))

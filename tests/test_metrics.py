@@ -70,3 +70,28 @@ def test_aupro_never_above_one(seed: int) -> None:
     maps = rng.random((2, 12, 12)) + masks * rng.random()
     value = aupro(masks, maps)
     assert 0.0 <= value <= 1.0 + 1e-12
+
+
+def test_false_rejects_and_escapes_at_the_threshold() -> None:
+    from pathlib import Path
+
+    from anomalyd.evaluation.dataset import Sample
+    from anomalyd.evaluation.evaluate import Scored, compute_metrics
+    from anomalyd.evaluation.report import markdown_table
+
+    def item(kind: str, score: float) -> Scored:
+        return Scored(Sample(Path(f"{kind}.png"), kind, None), score, None)
+
+    # 4 good (one over 1.1), 4 defects (one under 1.1, one exactly at it: at counts as NG).
+    scored = [item("good", s) for s in (0.8, 0.9, 1.0, 1.2)] + [
+        item("crack", 1.5),
+        item("crack", 1.05),
+        item("stain", 1.1),
+        item("stain", 2.0),
+    ]
+    m = compute_metrics(scored, with_pixels=False, threshold=1.1)
+    at = m["at_threshold"]
+    assert at == {"threshold": 1.1, "false_reject_rate": 0.25, "escape_rate": 0.25, "false_rejects": 1, "escapes": 1}
+    assert m["per_defect"]["crack"]["escape_rate"] == 0.5 and m["per_defect"]["stain"]["escape_rate"] == 0.0
+    table = markdown_table(m, "x")
+    assert "false rejects 25.0%" in table and "escapes 25.0%" in table

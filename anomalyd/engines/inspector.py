@@ -152,8 +152,24 @@ class Inspector:
 def open_inspector(
     bundle: Bundle, engine_config: Any, search_config: Any, roi: tuple[int, int, int, int] | None = None
 ) -> Inspector:
-    """Build extractor and searcher from config and wrap them in an Inspector."""
+    """Build extractor and searcher from config and wrap them in an Inspector.
+
+    The ROI the bundle was fitted with applies unless ``roi`` is given; a given
+    ROI that differs from the bundle's is refused (the model would see another
+    crop than it learned, and its scores would mean nothing).
+    """
+    from anomalyd.engines.base import EngineError
     from anomalyd.engines.select import build_extractor, build_searcher
+
+    fitted = bundle.manifest.get("roi")
+    fitted_roi = (int(fitted[0]), int(fitted[1]), int(fitted[2]), int(fitted[3])) if fitted else None
+    if roi is None:
+        roi = fitted_roi
+    elif fitted_roi is not None and tuple(roi) != fitted_roi:
+        raise EngineError(
+            f"{bundle.path}: fitted with ROI x,y,w,h = {fitted_roi}, but the camera's ROI is {tuple(roi)}; "
+            "set camera.roi to the bundle's (or leave it empty), or refit with --roi"
+        )
 
     extractor = build_extractor(bundle, engine_config)
     searcher = build_searcher(bundle, search_config, extractor.device, engine_config.threads)

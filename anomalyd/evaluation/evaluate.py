@@ -44,14 +44,37 @@ def _metrics(items: list[Scored], with_pixels: bool) -> dict[str, float | None]:
     return result
 
 
-def compute_metrics(scored: list[Scored], with_pixels: bool) -> dict[str, object]:
-    """Overall metrics and, per defect type, the same against the good parts."""
+def at_threshold(items: list[Scored], threshold: float) -> dict[str, float | int]:
+    """What a plant reads at the bundle's threshold: good parts rejected, defective parts let through."""
+    good = [s for s in items if not s.sample.is_defect]
+    bad = [s for s in items if s.sample.is_defect]
+    rejected = sum(s.score >= threshold for s in good)
+    escaped = sum(s.score < threshold for s in bad)
+    return {
+        "threshold": round(threshold, 4),
+        "false_reject_rate": round(rejected / len(good), 4) if good else float("nan"),
+        "escape_rate": round(escaped / len(bad), 4) if bad else float("nan"),
+        "false_rejects": int(rejected),
+        "escapes": int(escaped),
+    }
+
+
+def compute_metrics(scored: list[Scored], with_pixels: bool, threshold: float | None = None) -> dict[str, object]:
+    """Overall metrics and, per defect type, the same against the good parts.
+
+    With ``threshold`` (the bundle's suggestion): the false-reject and escape
+    rates at it, overall and per defect type.
+    """
     overall: dict[str, object] = dict(_metrics(scored, with_pixels))
+    if threshold is not None:
+        overall["at_threshold"] = at_threshold(scored, threshold)
     good = [s for s in scored if not s.sample.is_defect]
     per_defect = {}
     for kind in sorted({s.sample.defect_type for s in scored if s.sample.is_defect}):
         subset = good + [s for s in scored if s.sample.defect_type == kind]
-        per_defect[kind] = _metrics(subset, with_pixels)
+        per_defect[kind] = dict(_metrics(subset, with_pixels))
+        if threshold is not None:
+            per_defect[kind]["escape_rate"] = at_threshold(subset, threshold)["escape_rate"]
     overall["per_defect"] = per_defect
     overall["counts"] = {"good": len(good), "defect": len(scored) - len(good)}
     return overall

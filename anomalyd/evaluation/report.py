@@ -22,9 +22,19 @@ def _fmt(value: object) -> str:
 
 
 def markdown_table(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
-    rows = [f"| {name} | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|"]
+    rows = [f"| {name} | image AUROC | pixel AUROC | AUPRO | escapes at threshold |", "|---|---|---|---|---|"]
     for kind, m in [("**all**", metrics), *metrics["per_defect"].items()]:
-        rows.append(f"| {kind} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} |")
+        esc = m.get("escape_rate", (m.get("at_threshold") or {}).get("escape_rate"))
+        rows.append(
+            f"| {kind} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} | {_fmt(esc)} |"
+        )
+    at = metrics.get("at_threshold")
+    if at:
+        rows += [
+            "",
+            f"At the bundle's threshold {at['threshold']}: **false rejects {at['false_reject_rate']:.1%}** of good "
+            f"parts ({at['false_rejects']}), **escapes {at['escape_rate']:.1%}** of defective parts ({at['escapes']}).",
+        ]
     return "\n".join(rows) + "\n"
 
 
