@@ -57,10 +57,35 @@ def stations(tmp_path: Path) -> Iterator[list[OpcUaStation]]:
             s.process.wait()
 
 
-def test_the_handshake_over_opcua(stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
-    station = OpcUaStation(tmp_path, e2e_bundle, sample_dir, {})
+@pytest.mark.parametrize("secure", [False, True], ids=["loopback-none", "sign-and-encrypt-with-user"])
+def test_the_handshake_over_opcua(stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path, secure: bool) -> None:
+    plc_config: dict[str, object] = {}
+    options = None
+    if secure:
+        server, client = tmp_path / "server", tmp_path / "client"
+        _cert(server)
+        _cert(client, "--client", "urn:plant:line3:plc")
+        (tmp_path / "password").write_text("s3cret-line3\n")
+        plc_config = {
+            "security": "sign_and_encrypt",
+            "certificate": str(server / "server.der"),
+            "private_key": str(server / "server.key.pem"),
+            "trusted_clients": str(client / "client.der"),
+            "username": "line3",
+            "password_file": str(tmp_path / "password"),
+        }
+        options = OpcUaClientOptions(
+            security="sign_and_encrypt",
+            certificate=str(client / "client.der"),
+            private_key=str(client / "client.key.pem"),
+            server_certificate=str(server / "server.der"),
+            application_uri="urn:plant:line3:plc",
+            username="line3",
+            password="s3cret-line3",
+        )
+    station = OpcUaStation(tmp_path, e2e_bundle, sample_dir, plc_config)
     stations.append(station)
-    plc = station.plc()
+    plc = station.plc(options)
     try:
         results = [plc.inspect_once(10.0, part_id=100 + i) for i in range(4)]
         assert all(r is not None and r.attributed for r in results)
@@ -74,7 +99,7 @@ def test_the_handshake_over_opcua(stations, e2e_bundle: Path, sample_dir: Path, 
         plc.set_command(enable=True)
         # A PLC that disconnects and comes back (a new session): the daemon went on serving.
         plc.stop()
-        plc = station.plc()
+        plc = station.plc(options)
         again = plc.inspect_once(10.0, part_id=300)
         assert again is not None and again.attributed and again.status.inspection_id == 6
     finally:
