@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from anomalyd.config import OpcUaServerConfig
@@ -151,7 +152,15 @@ class OpcUaServerLink:
             assert c.certificate and c.private_key and c.trusted_clients
             await server.load_certificate(str(c.certificate))
             await server.load_private_key(str(c.private_key))
-            store = TrustStore([c.trusted_clients], [])
+            trusted = c.trusted_clients
+            if trusted.is_file():  # one certificate: asyncua's trust store reads folders
+                import shutil
+                import tempfile
+
+                folder = Path(tempfile.mkdtemp(prefix="anomalyd-opcua-trust-"))
+                shutil.copy(trusted, folder / trusted.name)
+                trusted = folder
+            store = TrustStore([trusted], [])
             await store.load()
             options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
             server.set_certificate_validator(CertificateValidator(options, store))
