@@ -73,7 +73,6 @@ def _fit_settings(args: argparse.Namespace) -> Any:
 def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
     import datetime as dt
     import os
-    import shutil
 
     from anomalyd.errors import AnomalydError
     from anomalyd.model.fit import fit
@@ -95,8 +94,6 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
     for f in target.iterdir():  # read-only files; engines/ stays writable for TensorRT plans
         if f.is_file():
             f.chmod(0o444)
-    if args.into is not None:
-        shutil.rmtree(args.into / f".fitting-{os.getpid()}", ignore_errors=True)
     print(target)
     print(
         f"bundle {manifest['bundle_id']} → {target}: {manifest['training_images']} images, "

@@ -100,6 +100,23 @@ CameraConfig = Annotated[SimulatedCameraConfig | HarvestersCameraConfig, Field(d
 
 
 # ---------------------------------------------------------------- PLC
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8, ::1: addresses no other machine can reach."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Half-open ranges [start, end) share an element."""
+    return a[0] < b[1] and b[0] < a[1]
+
+
 class _PlcCommon(Section):
     status_layout: StatusLayout = setting(StatusLayout(), "Status block", "Byte offsets of the daemon-owned block.")
     command_layout: CommandLayout = setting(CommandLayout(), "Command block", "Bit offsets of the PLC-owned block.")
@@ -129,7 +146,7 @@ class S7Config(_PlcCommon):
         if self.status_db == self.command_db:
             status = (self.status_start, self.status_start + self.status_layout.size())
             command = (self.command_start, self.command_start + self.command_layout.size())
-            if status[0] < command[1] and command[0] < status[1]:
+            if _overlap(status, command):
                 raise ValueError(
                     f"status block (DB{self.status_db} bytes {status[0]}..{status[1] - 1}) overlaps the command block "
                     f"(bytes {command[0]}..{command[1] - 1}) in the same DB; move status_start or command_start"
@@ -154,7 +171,7 @@ class ModbusConfig(_PlcCommon):
     def _blocks_apart(self) -> ModbusConfig:
         status = (self.status_register, self.status_register + self.status_layout.size() // 2)
         command = (self.command_register, self.command_register + self.command_layout.size() // 2)
-        if status[0] < command[1] and command[0] < status[1]:
+        if _overlap(status, command):
             raise ValueError(
                 f"status registers {status[0]}..{status[1] - 1} overlap the command registers "
                 f"{command[0]}..{command[1] - 1}; move status_register or command_register"
@@ -198,13 +215,7 @@ class OpcUaServerConfig(_PlcCommon):
 
     @model_validator(mode="after")
     def _secure_beyond_loopback(self) -> OpcUaServerConfig:
-        import ipaddress
-
-        try:
-            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback and self.security == "none" and not self.allow_insecure_remote:
+        if not is_loopback(self.host) and self.security == "none" and not self.allow_insecure_remote:
             raise ValueError(
                 f"host {self.host} is not loopback and security is none: set security sign_and_encrypt with "
                 "certificate, private_key and trusted_clients (or allow_insecure_remote: true, not recommended)"

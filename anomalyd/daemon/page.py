@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import os
 import queue
@@ -32,6 +31,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from anomalyd.config import is_loopback
 from anomalyd.errors import StartupError
 from anomalyd.log import get_logger
 from anomalyd.overlay import encode_jpeg, overlay_heatmap
@@ -194,15 +194,6 @@ def page_token(token_file: Path | None) -> str | None:
     return token or None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class PageServer:
     """The aiohttp application, served from its own thread."""
 
@@ -231,7 +222,17 @@ class PageServer:
 
         loop = asyncio.new_event_loop()
         self._loop = loop
-        app = web.Application(middlewares=[self._auth])
+
+        @web.middleware
+        async def auth(request: Any, handler: Any) -> Any:
+            if not self._allowed(request):
+                return web.Response(status=401, text="token required: open the page with ?token=…\n")
+            response = await handler(request)
+            if self.token is not None and request.query.get("token") and hasattr(response, "set_cookie"):
+                response.set_cookie("anomalyd_token", self.token, httponly=True, samesite="Strict")
+            return response
+
+        app = web.Application(middlewares=[auth])
         app.router.add_get("/", self._page)
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/events", self._events)
@@ -262,26 +263,6 @@ class PageServer:
             request.headers.get("Authorization", "").removeprefix("Bearer ").strip(),
         ]
         return any(o and hmac.compare_digest(o, self.token) for o in offered)
-
-    async def _auth_impl(self, request: Any, handler: Any) -> Any:
-        from aiohttp import web
-
-        if not self._allowed(request):
-            return web.Response(status=401, text="token required: open the page with ?token=…\n")
-        response = await handler(request)
-        if self.token is not None and request.query.get("token") and hasattr(response, "set_cookie"):
-            response.set_cookie("anomalyd_token", self.token, httponly=True, samesite="Strict")
-        return response
-
-    @property
-    def _auth(self) -> Any:
-        from aiohttp import web
-
-        @web.middleware
-        async def auth(request: Any, handler: Any) -> Any:
-            return await self._auth_impl(request, handler)
-
-        return auth
 
     async def _page(self, request: Any) -> Any:
         from aiohttp import web

@@ -56,6 +56,8 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.page_server: PageServer | None = None
         self.page_feed: PageFeed | None = None
+        self._audit_cache: list[dict[str, object]] = []
+        self._audit_read_at = -1e9
         self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
@@ -188,8 +190,16 @@ class Daemon:
             "recipes": self.recipes.state(),
             "drift": self.drift.tracker.states() if self.drift is not None else {},
             "drifting": status.drift,
-            "audit": self.audit.recent(5),
+            "audit": self._recent_audit(),
         }
+
+    def _recent_audit(self) -> list[dict[str, object]]:
+        """The last audit entries, read from the database at most every 5 s (not once per result)."""
+        now = time.monotonic()
+        if now - self._audit_read_at > 5.0:
+            self._audit_cache = self.audit.recent(5)
+            self._audit_read_at = now
+        return self._audit_cache
 
     def _drift_changed(self, drifting: bool) -> None:
         self.handshake.set_drift(drifting)
