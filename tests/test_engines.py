@@ -68,7 +68,7 @@ def test_gpu_resize_weights_equal_opencv_area_resize(sample_dir: Path) -> None:
     """The GPU path resizes with matrices; checked here on the CPU against cv2.INTER_AREA."""
     import cv2
 
-    from anomalyd.engines.inspector import area_matrix
+    from anomalyd.model.scoring import area_matrix
 
     frame = cv2.resize(read_rgb(next((sample_dir / "test" / "good").glob("*.png"))), (300, 270))
     expected = cv2.resize(frame, (224, 96), interpolation=cv2.INTER_AREA)

@@ -204,6 +204,23 @@ def test_enable_off_stops_inspection_in_stream_modes(mode: str, tmp_path: Path) 
         supervisor.close()
 
 
+def test_records_failing_after_the_judge_looked_still_fails_the_part() -> None:
+    """records.required: the bit and the verdict are decided under one lock (no pass beside records_failing)."""
+    hs = ready_handshake(records_required=True)
+    ticket = trigger(hs, 5, 0.0)
+    assert isinstance(ticket, Ticket)
+    hs.arm(ticket, 0.001)
+    hs.set_records_failing(True)  # the records thread, between the judge's check and the publish
+    answer = hs.finish(ticket, 0.02, 0.5, 1.1, True, 0, 18.0)
+    assert_answer_of(answer.status, 5, False, ErrorCode.RECORDS_UNAVAILABLE)
+    assert answer.status.records_failing
+    hs.set_records_failing(False)
+    ticket = trigger(hs, 6, 0.1)
+    assert isinstance(ticket, Ticket)
+    hs.arm(ticket, 0.101)
+    assert_answer_of(hs.finish(ticket, 0.12, 0.5, 1.1, True, 0, 18.0).status, 6, True, ErrorCode.OK)
+
+
 def test_finish_after_the_deadline_fails_even_before_the_worker_noticed() -> None:
     hs = ready_handshake()
     t = trigger(hs, 3, 0.0)

@@ -116,8 +116,10 @@ class Handshake:
         inspection_id: int = 0,
         budget_ms: float = 100.0,
         grab_timeout_ms: float = 1000.0,
+        records_required: bool = False,
     ) -> None:
         self._lock = threading.Lock()
+        self.records_required = records_required
         # A fresh start is recognisable: ready = 0 and result_valid = 0 until the first write.
         self._status = Status(threshold=threshold, inspection_id=inspection_id)
         self.budget_s = budget_ms / 1000.0
@@ -338,6 +340,10 @@ class Handshake:
                     ticket.part_id, score, threshold, False, int(ErrorCode.OVER_BUDGET), latency_ms, True
                 )
                 return Answer(status, late=True)
+            if passed and self.records_required and self._status.records_failing:
+                # Decided here, under the lock that sets the bit: the block never shows a pass beside
+                # records_failing, even when the records thread failed after the judge looked.
+                passed, error_code = False, int(ErrorCode.RECORDS_UNAVAILABLE)
             status = self._publish(ticket.part_id, score, threshold, passed, error_code, latency_ms, True)
             return Answer(status)
 

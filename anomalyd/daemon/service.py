@@ -75,7 +75,11 @@ class Daemon:
             ) from None
         # Where `anomalyd promote` and `rollback` find the daemon to reload.
         (cfg.daemon.data_dir / "anomalyd.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
-        self.handshake = Handshake(budget_ms=cfg.daemon.budget_ms, grab_timeout_ms=cfg.daemon.grab_timeout_ms)
+        self.handshake = Handshake(
+            budget_ms=cfg.daemon.budget_ms,
+            grab_timeout_ms=cfg.daemon.grab_timeout_ms,
+            records_required=cfg.records.required,
+        )
         # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
         plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
         self.recipes = RecipeBook(cfg, self.handshake, RecipeBook.opener(cfg))

@@ -19,6 +19,7 @@ from anomalyd.engines import onnxruntime_engine, search, tensorrt_engine, torch_
 from anomalyd.engines.base import EXTRACTORS, SEARCHERS, EngineError, Extractor, Searcher, resolve_device
 from anomalyd.log import get_logger
 from anomalyd.model.bundle import Bundle
+from anomalyd.model.scoring import LocalSearcher
 
 log = get_logger(__name__)
 
@@ -67,6 +68,15 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
     """
     bank = bundle.memory_bank()
     device = extractor_device if config.device == "auto" else resolve_device(config.device)
+    if bundle.spec.memory.kind == "local":
+        # A position-aware bank is searched cell by cell (one batched GEMM); faiss has no such index.
+        if config.type == "faiss":
+            raise EngineError(
+                f"{bundle.path}: a position-aware (local) memory is searched by torch; set search.type: auto"
+            )
+        local = LocalSearcher(bank, bundle.spec, device)
+        log.info("search.chosen", search=local.name, bank=int(bank.shape[0]))
+        return local
     if config.type != "auto":
         return SEARCHERS[config.type](bank, device, threads)  # type: ignore[no-any-return]
     if device.type == "cuda":

