@@ -95,3 +95,32 @@ def test_false_rejects_and_escapes_at_the_threshold() -> None:
     assert m["per_defect"]["crack"]["escape_rate"] == 0.5 and m["per_defect"]["stain"]["escape_rate"] == 0.0
     table = markdown_table(m, "x")
     assert "false rejects 25.0%" in table and "escapes 25.0%" in table
+
+
+def test_escapes_by_defect_area(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import cv2
+
+    from anomalyd.evaluation.dataset import Sample
+    from anomalyd.evaluation.evaluate import Scored, compute_metrics
+    from anomalyd.evaluation.report import markdown_table
+
+    def item(kind: str, score: float, area: int) -> Scored:
+        mask_path = None
+        if area:
+            mask = np.zeros((100, 100), np.uint8)
+            mask.flat[:area] = 255
+            mask_path = tmp_path / f"{kind}_{score}_mask.png"
+            cv2.imwrite(str(mask_path), mask)
+        return Scored(Sample(tmp_path / f"{kind}.png", kind, mask_path), score, np.zeros((100, 100), np.float32))
+
+    scored = [item("good", 0.5, 0), item("good", 0.6, 0)] + [
+        item("pit", 0.9, 50),  # small, let through
+        item("pit", 1.2, 200),  # small, caught
+        item("pit", 1.3, 2000),  # large, caught
+    ]
+    m = compute_metrics(scored, with_pixels=True, threshold=1.0)
+    assert m["escapes_by_area"] == [
+        {"area": "0–300 px", "parts": 2, "escapes": 1, "escape_rate": 0.5},
+        {"area": "1000–3000 px", "parts": 1, "escapes": 0, "escape_rate": 0.0},
+    ]
+    assert "| 0–300 px | 2 | 1 (50%) |" in markdown_table(m, "x")

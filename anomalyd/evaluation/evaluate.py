@@ -59,6 +59,35 @@ def at_threshold(items: list[Scored], threshold: float) -> dict[str, float | int
     }
 
 
+# Defect sizes in pixels of the frame (mask area): where a plant reads what size of defect is caught.
+AREA_BINS = (0, 300, 1000, 3000)
+
+
+def escapes_by_area(items: list[Scored], threshold: float) -> list[dict[str, object]]:
+    """Per defect-area bin (from the masks): defective parts and the share let through at ``threshold``."""
+    sized = [
+        (s, int(s.sample.mask(s.frame_map.shape).sum()))
+        for s in items
+        if s.sample.is_defect and s.frame_map is not None
+    ]
+    out: list[dict[str, object]] = []
+    for i, low in enumerate(AREA_BINS):
+        high = AREA_BINS[i + 1] if i + 1 < len(AREA_BINS) else None
+        members = [s for s, area in sized if area >= low and (high is None or area < high)]
+        if members:
+            escaped = sum(s.score < threshold for s in members)
+            label = f"{low}–{high} px" if high is not None else f"≥ {low} px"
+            out.append(
+                {
+                    "area": label,
+                    "parts": len(members),
+                    "escapes": escaped,
+                    "escape_rate": round(escaped / len(members), 4),
+                }
+            )
+    return out
+
+
 def compute_metrics(scored: list[Scored], with_pixels: bool, threshold: float | None = None) -> dict[str, object]:
     """Overall metrics and, per defect type, the same against the good parts.
 
@@ -68,6 +97,8 @@ def compute_metrics(scored: list[Scored], with_pixels: bool, threshold: float | 
     overall: dict[str, object] = dict(_metrics(scored, with_pixels))
     if threshold is not None:
         overall["at_threshold"] = at_threshold(scored, threshold)
+        if with_pixels:
+            overall["escapes_by_area"] = escapes_by_area(scored, threshold)
     good = [s for s in scored if not s.sample.is_defect]
     per_defect = {}
     for kind in sorted({s.sample.defect_type for s in scored if s.sample.is_defect}):

@@ -35,6 +35,10 @@ def markdown_table(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
             f"At the bundle's threshold {at['threshold']}: **false rejects {at['false_reject_rate']:.1%}** of good "
             f"parts ({at['false_rejects']}), **escapes {at['escape_rate']:.1%}** of defective parts ({at['escapes']}).",
         ]
+    by_area = metrics.get("escapes_by_area")
+    if by_area:
+        rows += ["", "| defect area (mask, frame pixels) | defective parts | escapes |", "|---|---|---|"]
+        rows += [f"| {b['area']} | {b['parts']} | {b['escapes']} ({b['escape_rate']:.0%}) |" for b in by_area]
     return "\n".join(rows) + "\n"
 
 

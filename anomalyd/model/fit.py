@@ -43,6 +43,9 @@ class FitSettings:
     proj_dim: int | None = None
     coreset_ratio: float = 0.01
     coreset_max: int = 16384
+    # A few dozen training images at 1 % leave a bank of a few hundred patches, too few to cover
+    # the part's ordinary variation (measured on the sample part: good parts up to 1.16 with 165 patches).
+    coreset_min: int = 1024
     coreset_projection: int = 64
     holdout_fraction: float = 0.1
     sigma: float = 4.0
@@ -212,7 +215,8 @@ def fit(
         memory = {"kind": "local", "radius": settings.local_radius, "per_cell": settings.local_per_cell}
     elif settings.memory == "global":
         flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
-        count = min(settings.coreset_max, max(1, round(flat.shape[0] * settings.coreset_ratio)))
+        wanted = max(round(flat.shape[0] * settings.coreset_ratio), settings.coreset_min)
+        count = min(settings.coreset_max, flat.shape[0], max(1, wanted))
         chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
         bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
         memory = {"kind": "global"}
