@@ -61,7 +61,7 @@ def good_part(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
 
 
 def _mark_centre(size: int, at: tuple[float, float]) -> tuple[int, int]:
-    return int(round(size / 2 + at[0] * size)), int(round(size / 2 + at[1] * size))
+    return round(size / 2 + at[0] * size), round(size / 2 + at[1] * size)
 
 
 def _mark(image: np.ndarray, size: int, at: tuple[float, float]) -> None:

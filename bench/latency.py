@@ -114,8 +114,10 @@ def extractor_flops(bundle: Bundle) -> float:
 
 
 def search_flops(bundle: Bundle) -> float:
-    gh, gw = bundle.manifest["feature_grid"]
-    return 2.0 * gh * gw * bundle.manifest["memory_bank_size"] * bundle.manifest["feature_dim"]
+    spec = bundle.spec
+    if spec.memory.kind == "local":  # each cell against its own per_cell rows only
+        return 2.0 * spec.memory_bank_size * spec.feature_dim
+    return 2.0 * spec.cells * spec.memory_bank_size * spec.feature_dim
 
 
 def table(results: dict[str, Any]) -> str:

@@ -113,7 +113,9 @@ def test_escapes_by_defect_area(tmp_path) -> None:  # type: ignore[no-untyped-de
             cv2.imwrite(str(mask_path), mask)
         return Scored(Sample(tmp_path / f"{kind}.png", kind, mask_path), score, np.zeros((100, 100), np.float32))
 
-    scored = [item("good", 0.5, 0), item("good", 0.6, 0)] + [
+    scored = [
+        item("good", 0.5, 0),
+        item("good", 0.6, 0),
         item("pit", 0.9, 50),  # small, let through
         item("pit", 1.2, 200),  # small, caught
         item("pit", 1.3, 2000),  # large, caught

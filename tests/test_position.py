@@ -12,7 +12,7 @@ from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
 from anomalyd.engines.inspector import open_inspector
 from anomalyd.evaluation.dataset import load_dataset
 from anomalyd.model.bundle import load_bundle
-from anomalyd.model.calibrate import calibration, robust_limit, suggest_thresholds
+from anomalyd.model.calibrate import calibration, reference_of, suggest_thresholds
 from anomalyd.model.fit import FitSettings, _greedy_per_cell, aspect_input_size, fit, local_bank
 from anomalyd.model.images import read_rgb
 from anomalyd.model.nearest import local_nearest_distances
@@ -82,6 +82,7 @@ def test_missing_or_moved_mark_fails_with_local_memory(
     for score, hot, mask in _frame_results(local_bundle, sample_dir, kind):
         assert score >= local.suggested_threshold, f"{kind}: local memory passed it ({score:.2f})"
         assert mask[hot], f"{kind}: the hottest pixel {hot} is not where the mark is (or should be)"
+
     # The global memory (PatchCore) sees it less clearly: plain metal, and a mark, are normal somewhere
     # (what it does see comes from the deeper tap's context, not from where the patch is).
     def margin(bundle: Path) -> float:
@@ -139,16 +140,24 @@ def test_top_k_image_score_is_the_mean_of_the_hottest_cells(sample_dir: Path, tm
     assert result.score < result.anomaly_map.max()
 
 
-def test_robust_limit_is_not_moved_by_one_outlier() -> None:
+def test_enough_held_back_parts_put_the_threshold_at_their_highest() -> None:
+    rng = np.random.default_rng(0)
+    good = rng.gumbel(10.0, 0.3, 40)
+    calib = calibration(good)
+    assert calib["reference_raw"] == good.max() and calib["reference_rule"] == "highest held-back part"
+    assert suggest_thresholds(good)["suggested_image"] == 1.0
+    # Fresh good parts from the same law land above it 1/(n+1) of the time, on average over hold-outs.
+    rates = [np.mean(rng.gumbel(10.0, 0.3, 2000) >= rng.gumbel(10.0, 0.3, 40).max()) for _ in range(300)]
+    assert 0.018 < np.mean(rates) < 0.032  # 1/41 = 0.024
+
+
+def test_one_far_outlier_among_the_held_back_parts_is_set_aside() -> None:
     rng = np.random.default_rng(0)
     good = rng.normal(10.0, 0.3, 40)
     with_outlier = np.r_[good, 20.0]  # an unlabelled defect in the "good" folder
-    assert abs(robust_limit(with_outlier) - robust_limit(good)) < 0.2
-    assert robust_limit(good) == pytest.approx(11.2, abs=0.4)  # median + 4 sigma
-    calib = calibration(with_outlier)
-    assert calib["reference_rule"].startswith("median")
-    assert calib["holdout_normalised"]["above_reference"] == 1  # type: ignore[index]
-    assert suggest_thresholds(with_outlier)["suggested_image"] == 1.0
+    assert reference_of(with_outlier) == (good.max(), True)
+    assert calibration(with_outlier)["reference_rule"].startswith("second-highest")
+    assert reference_of(good) == (good.max(), False)  # ordinary tails are kept
 
 
 def test_few_held_back_parts_keep_the_margin_rule() -> None:

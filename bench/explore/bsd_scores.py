@@ -68,7 +68,7 @@ def main() -> int:
     cache = Path("var/explore")
     ftr = cached_features(settings, train, cache / f"{tag}_train.npy")
     fte = cached_features(settings, test, cache / f"{tag}_test.npy")
-    n, c, gh, gw = ftr.shape
+    _n, c, gh, gw = ftr.shape
     flat = ftr.permute(0, 2, 3, 1).reshape(-1, c).numpy()
     count = max(1, round(flat.shape[0] * args.coreset))
     started = time.perf_counter()
