@@ -72,6 +72,7 @@ def _fit_settings(args: argparse.Namespace) -> Any:
         local_radius=args.local_radius,
         local_per_cell=args.local_per_cell,
         weights=args.weights,
+        device=args.device,
         roi=_roi(args.roi),
         seed=args.seed,
     )
@@ -301,5 +302,10 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
         help="max: the map's hottest pixel; top_k: mean of the --top-k hottest feature cells",
     )
     p.add_argument("--top-k", type=int, default=1, help="cells averaged by --image-score top_k")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where fit extracts and runs the coreset: auto (CUDA when there is a GPU), cpu, cuda, cuda:N",
+    )
     p.add_argument("--roi", help="crop X,Y,WIDTH,HEIGHT before resizing (as the camera's roi)")
     p.add_argument("--seed", type=int, default=0)

@@ -57,6 +57,16 @@ def test_pruned_coreset_equals_plain_greedy() -> None:
     assert np.array_equal(fast, _plain_greedy(features, 120, 16, 1))
 
 
+def test_torch_coreset_equals_the_cpu_selection() -> None:
+    """The loop fit runs on a GPU (``fit --device cuda``) picks what the CPU's pruned one picks; run here on the CPU."""
+    from anomalyd.model.coreset import greedy_coreset_torch
+
+    rng = np.random.default_rng(3)
+    features = (rng.standard_normal((5000, 40)) * rng.uniform(0.2, 3.0, (5000, 1))).astype(np.float32)
+    on_torch = greedy_coreset_torch(features, 100, projection_dim=16, seed=2, device="cpu")
+    assert np.array_equal(on_torch, greedy_coreset(features, 100, projection_dim=16, seed=2))
+
+
 def test_f1_threshold_separates_cleanly() -> None:
     thr, f1 = f1_optimal_threshold(np.array([0.8, 0.9, 1.0, 1.5, 1.7]), np.array([0, 0, 0, 1, 1]))
     assert f1 == 1.0 and 1.0 < thr < 1.5

@@ -19,7 +19,7 @@ from anomalyd.engines.search import TorchSearcher
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.calibrate import calibration, suggest_thresholds
-from anomalyd.model.coreset import greedy_coreset
+from anomalyd.model.coreset import greedy_coreset, greedy_coreset_torch
 from anomalyd.model.export import export_onnx
 from anomalyd.model.features import build_patch_features, feature_dim, feature_stride
 from anomalyd.model.images import list_images, read_rgb
@@ -55,6 +55,8 @@ class FitSettings:
     local_radius: int = 1
     local_per_cell: int = 32
     batch_size: int = 16
+    # Where fit extracts features and runs the coreset: "auto" takes CUDA when torch sees a GPU.
+    device: str = "auto"
     seed: int = 0
     weights: Path | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height applied before resizing
@@ -105,16 +107,28 @@ def _input_size(files: list[Path], settings: FitSettings) -> tuple[int, int]:
     return aspect_input_size(hw, settings.short_side, settings.max_side)
 
 
+def fit_device(settings: FitSettings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
 def extract_features(
     model: nn.Module, files: list[Path], settings: FitSettings, progress: Callable[[int], None]
 ) -> torch.Tensor:
-    """[N, C, h, w] patch features of the files, in batches (the runtime's preprocessing)."""
+    """[N, C, h, w] patch features of the files on the CPU, in batches (the runtime's preprocessing).
+
+    The CPU resizes (as the CPU runtime does); the network runs on the fit device.
+    """
+    device = fit_device(settings)
     prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
+    model.to(device)
     out = []
     with torch.inference_mode():
         for chunk in _batches(files, settings.batch_size):
-            out.append(model(prepare.batch([read_rgb(p) for p in chunk])))
+            out.append(model(prepare.batch([read_rgb(p) for p in chunk]).to(device)).cpu())
             progress(len(chunk))
+    model.to("cpu")
     return torch.cat(out)
 
 
@@ -217,7 +231,13 @@ def fit(
         flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
         wanted = max(round(flat.shape[0] * settings.coreset_ratio), settings.coreset_min)
         count = min(settings.coreset_max, flat.shape[0], max(1, wanted))
-        chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
+        device = fit_device(settings)
+        if device.type == "cuda":
+            chosen = greedy_coreset_torch(
+                flat, count, settings.coreset_projection, settings.seed, str(device), progress("coreset", count)
+            )
+        else:
+            chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
         bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
         memory = {"kind": "global"}
         del flat
@@ -271,6 +291,7 @@ def fit(
         "calibration": calib,
         "thresholds": thresholds,
         "fit_seconds": round(time.perf_counter() - started, 2),
+        "fit_device": fit_device(settings).type,
         "seed": settings.seed,
     }
     return bundle_io.write_manifest(out_dir, manifest)

