@@ -191,7 +191,8 @@ def main() -> int:
         "torch": torch.__version__,
         "bundle": bundle.bundle_id,
         "input_size": bundle.input_size,
-        "memory_bank": bundle.manifest["memory_bank_size"],
+        "memory_bank": bundle.spec.memory_bank_size,
+        "memory": bundle.spec.memory.kind,
         "frame_size": list(frames[0].shape),
     }
     print(table(results))

@@ -56,8 +56,8 @@ class Recipe:
     @property
     def calibration_median(self) -> float:
         """Median normalised score of the good images held back at fit (the drift reference)."""
-        calib = self.inspector.bundle.manifest.get("calibration", {})
-        return float(calib.get("holdout_normalised", {}).get("p50", 0.8))
+        stats = self.inspector.bundle.spec.calibration.holdout_normalised
+        return stats.p50 if stats is not None else 0.8
 
     @property
     def threshold(self) -> float:

@@ -61,7 +61,7 @@ def check_version(trt: Any, fp16: bool) -> None:
 def plan_path(bundle: Bundle, device: torch.device, fp16: bool) -> Path:
     """Where the plan for this exact ONNX file, GPU, TensorRT version and precision is cached."""
     trt = _trt()
-    onnx_sha = str(bundle.manifest["files"][EXTRACTOR_ONNX])
+    onnx_sha = bundle.spec.files[EXTRACTOR_ONNX]
     return plan_file(bundle.path / "engines", onnx_sha, gpu_identity(device), str(trt.__version__), fp16)
 
 

@@ -16,12 +16,12 @@ from anomalyd.model.features import PatchFeatures, build_patch_features
 
 def load_bundle_module(bundle: Bundle) -> PatchFeatures:
     """The patch-feature module with the bundle's own weights (strict)."""
-    m = bundle.manifest
-    module = build_patch_features(m["backbone"], tuple(m["taps"]), m.get("proj_dim"))
+    spec = bundle.spec
+    module = build_patch_features(spec.backbone, spec.taps, spec.proj_dim)
     try:
         module.load_state_dict(bundle.extractor_state(), strict=True)
     except RuntimeError as exc:
-        raise EngineError(f"{bundle.path}: extractor weights do not fit {m['backbone']}: {exc}") from exc
+        raise EngineError(f"{bundle.path}: extractor weights do not fit {spec.backbone}: {exc}") from exc
     return module.eval()
 
 

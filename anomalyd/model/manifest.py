@@ -50,8 +50,13 @@ class MemorySpec(_Strict):
     per_cell: int = Field(default=0, ge=0, le=4096)
 
 
+class HoldoutStats(_Strict):
+    p50: float = Field(ge=0)
+
+
 class Calibration(_Strict):
     reference_raw: float = Field(gt=0)
+    holdout_normalised: HoldoutStats | None = None
 
 
 class Thresholds(_Strict):
@@ -88,3 +93,4 @@ class Manifest(ModelSpec):
 
     calibration: Calibration
     thresholds: Thresholds
+    files: dict[str, str] = {}
