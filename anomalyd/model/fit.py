@@ -195,6 +195,29 @@ def _greedy_per_cell(cand: torch.Tensor, count: int) -> torch.Tensor:
     return cand[index[:, None], chosen]
 
 
+def build_memory(
+    feats: torch.Tensor, settings: FitSettings, progress: ProgressFactory = _no_progress
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """The memory bank from the training features ``[N, C, h, w]``, and its manifest entry."""
+    c, gh = feats.shape[1], feats.shape[2]
+    if settings.memory == "local":
+        bank = local_bank(feats, settings.local_radius, settings.local_per_cell, progress("local memory", gh))
+        return bank, {"kind": "local", "radius": settings.local_radius, "per_cell": settings.local_per_cell}
+    if settings.memory != "global":
+        raise ValueError(f"memory {settings.memory!r}: global or local")
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
+    wanted = max(round(flat.shape[0] * settings.coreset_ratio), settings.coreset_min)
+    count = min(settings.coreset_max, flat.shape[0], max(1, wanted))
+    device = fit_device(settings)
+    if device.type == "cuda":
+        chosen = greedy_coreset_torch(
+            flat, count, settings.coreset_projection, settings.seed, str(device), progress("coreset", count)
+        )
+    else:
+        chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
+    return torch.from_numpy(np.ascontiguousarray(flat[chosen])), {"kind": "global"}
+
+
 def _taught(folder: Path) -> int:
     """Images an `anomalyd teach` put in ``folder`` (its sources.jsonl), 0 for a plain folder."""
     sources = folder / "sources.jsonl"
@@ -223,26 +246,8 @@ def fit(
     settings = replace(settings, input_size=(h, w))
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights)
     feats = extract_features(model, train, settings, progress("features", len(train)))
-    n, c, gh, gw = feats.shape
-    if settings.memory == "local":
-        bank = local_bank(feats, settings.local_radius, settings.local_per_cell, progress("local memory", gh))
-        memory = {"kind": "local", "radius": settings.local_radius, "per_cell": settings.local_per_cell}
-    elif settings.memory == "global":
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
-        wanted = max(round(flat.shape[0] * settings.coreset_ratio), settings.coreset_min)
-        count = min(settings.coreset_max, flat.shape[0], max(1, wanted))
-        device = fit_device(settings)
-        if device.type == "cuda":
-            chosen = greedy_coreset_torch(
-                flat, count, settings.coreset_projection, settings.seed, str(device), progress("coreset", count)
-            )
-        else:
-            chosen = greedy_coreset(flat, count, settings.coreset_projection, settings.seed, progress("coreset", count))
-        bank = torch.from_numpy(np.ascontiguousarray(flat[chosen]))
-        memory = {"kind": "global"}
-        del flat
-    else:
-        raise ValueError(f"memory {settings.memory!r}: global or local")
+    n, _c, gh, gw = feats.shape
+    bank, memory = build_memory(feats, settings, progress)
     del feats
     spec = ModelSpec.model_validate(
         {
