@@ -95,6 +95,10 @@ def test_false_rejects_and_escapes_at_the_threshold() -> None:
     assert m["per_defect"]["crack"]["escape_rate"] == 0.5 and m["per_defect"]["stain"]["escape_rate"] == 0.0
     table = markdown_table(m, "x")
     assert "false rejects 25.0%" in table and "escapes 25.0%" in table
+    # 4 good parts: 2 % of them is 0, so the oracle threshold sits just above the highest good part (1.2).
+    oracle = m["at_2pct_false_rejects"]
+    assert oracle["false_rejects"] == 0 and oracle["escapes"] == 2 and 1.2 < oracle["threshold"] < 1.2001
+    assert "an oracle): false rejects 0.0%, escapes 50.0%" in table
 
 
 def test_escapes_by_defect_area(tmp_path) -> None:  # type: ignore[no-untyped-def]

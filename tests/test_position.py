@@ -177,3 +177,18 @@ def test_input_size_keeps_the_aspect_ratio() -> None:
     assert aspect_input_size((460, 1130)) == (224, 544)  # BSData: not squashed to 224x224
     assert aspect_input_size((900, 900)) == (224, 224)
     assert aspect_input_size((1200, 200), max_side=1024) == (1024, 224)
+
+
+def test_fit_keeps_a_wide_roi_wide_and_the_daemon_path_uses_it(sample_dir: Path, tmp_path: Path) -> None:
+    """A 256x128 ROI is fitted at 224x448 (not squashed to 224x224), and the Inspector crops the same ROI."""
+    out = tmp_path / "wide"
+    fit(sample_dir / "train" / "good", out, FitSettings(roi=(0, 64, 256, 128)))
+    bundle = load_bundle(out)
+    assert bundle.input_size == (224, 448) and bundle.spec.feature_grid == (28, 56)
+    assert bundle.spec.roi == (0, 64, 256, 128)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    frame = read_rgb(next((sample_dir / "test" / "good").glob("*.png")))
+    result = inspector.inspect(frame)
+    inspector.close()
+    assert result.roi == (0, 64, 256, 128) and result.anomaly_map.shape == (224, 448)
+    assert result.frame_map(frame.shape)[:64].max() == 0.0  # nothing outside the ROI

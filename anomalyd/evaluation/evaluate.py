@@ -59,6 +59,24 @@ def at_threshold(items: list[Scored], threshold: float) -> dict[str, float | int
     }
 
 
+def at_false_reject_rate(items: list[Scored], rate: float = 0.02) -> dict[str, float | int] | None:
+    """Escapes at the lowest threshold that rejects at most ``rate`` of these good parts.
+
+    The threshold is set on the evaluated good parts themselves (an oracle): it
+    says what the scores can separate, not what the bundle's own threshold does.
+    """
+    good = sorted((s.score for s in items if not s.sample.is_defect), reverse=True)
+    bad = [s.score for s in items if s.sample.is_defect]
+    if not good or not bad:
+        return None
+    allowed = int(np.floor(rate * len(good)))
+    threshold = float(np.nextafter(good[allowed], np.inf)) if allowed < len(good) else good[-1]
+    out = at_threshold(items, threshold)
+    out["threshold"] = threshold  # not rounded: it sits one float above a good part
+    out["target_false_reject_rate"] = rate
+    return out
+
+
 # Defect sizes in pixels of the frame (mask area): where a plant reads what size of defect is caught.
 AREA_BINS = (0, 300, 1000, 3000)
 
@@ -99,6 +117,7 @@ def compute_metrics(scored: list[Scored], with_pixels: bool, threshold: float | 
         overall["at_threshold"] = at_threshold(scored, threshold)
         if with_pixels:
             overall["escapes_by_area"] = escapes_by_area(scored, threshold)
+    overall["at_2pct_false_rejects"] = at_false_reject_rate(scored, 0.02)
     good = [s for s in scored if not s.sample.is_defect]
     per_defect = {}
     for kind in sorted({s.sample.defect_type for s in scored if s.sample.is_defect}):

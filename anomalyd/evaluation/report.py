@@ -35,6 +35,13 @@ def markdown_table(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
             f"At the bundle's threshold {at['threshold']}: **false rejects {at['false_reject_rate']:.1%}** of good "
             f"parts ({at['false_rejects']}), **escapes {at['escape_rate']:.1%}** of defective parts ({at['escapes']}).",
         ]
+    oracle = metrics.get("at_2pct_false_rejects")
+    if oracle:
+        rows += [
+            "",
+            f"With a threshold set on these good parts to reject at most 2 % of them ({oracle['threshold']:.4g}, "
+            f"an oracle): false rejects {oracle['false_reject_rate']:.1%}, escapes {oracle['escape_rate']:.1%}.",
+        ]
     by_area = metrics.get("escapes_by_area")
     if by_area:
         rows += ["", "| defect area (mask, frame pixels) | defective parts | escapes |", "|---|---|---|"]
