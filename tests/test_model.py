@@ -186,9 +186,24 @@ def test_edited_manifest_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
         bundle_io.load_bundle(target)
 
 
+def test_a_bundle_written_before_memory_and_top_k_loads_as_global_max(bundle_dir: Path, tmp_path: Path) -> None:
+    """Bundles of this format from the first version have no ``memory`` and no ``map.top_k``."""
+    target = _copy(bundle_dir, tmp_path)
+    manifest = json.loads((target / bundle_io.MANIFEST).read_text())
+    del manifest["memory"], manifest["map"]["top_k"]
+    manifest["map"]["image_score"] = "max"
+    manifest.pop("bundle_id")
+    manifest["bundle_id"] = bundle_io.manifest_id(manifest)  # as that version wrote it
+    (target / bundle_io.MANIFEST).write_text(json.dumps(manifest))
+    spec = bundle_io.load_bundle(target).spec
+    assert spec.memory.kind == "global" and spec.map.image_score == "max" and spec.map.top_k == 1
+
+
 @pytest.mark.parametrize(
     "changes,where",
     [
+        ({"memory": {"kind": "nearby"}}, "memory.kind"),
+        ({"map": {"sigma": 4.0, "image_score": "mean"}}, "map.image_score"),
         ({"input_size": ["abc", 224]}, "input_size.0"),
         ({"calibration": {"reference_raw": -1.0}}, "calibration.reference_raw"),
         ({"thresholds": {"suggested_image": 1e9}}, "thresholds.suggested_image"),

@@ -96,8 +96,10 @@ class Judge:
         passed = verdict is not None and verdict.passed
         answer = self.handshake.finish(part.ticket, now, score, threshold, passed, int(code), latency_ms)
         self.on_answer()
-        if code:
-            log.warning("inspection.error", code=int(code), error=code.name.lower(), reason=reason)
+        if answer.code and not answer.late:
+            # The published code: the handshake may have failed a pass under its own lock (records.required).
+            why = reason or "records cannot be written"
+            log.warning("inspection.error", code=int(answer.code), error=answer.code.name.lower(), reason=why)
         if answer.late:
             log.warning(
                 "inspection.late",
