@@ -12,7 +12,8 @@ available search (torch on CUDA, faiss on the GPU) it checks:
 * the same results when the caller runs on a non-default CUDA stream;
 * a result is not overwritten by the next call (CUDA graph and TensorRT reuse buffers);
 
-and, where TensorRT imports: a plan is reused (not rebuilt) on the next start,
+fit's coreset on the GPU covers as well as the CPU's, and the position-aware
+(local) search gives the CPU's distances; and, where TensorRT imports: a plan is reused (not rebuilt) on the next start,
 a foreign or damaged timing cache is set aside and the build goes on, a
 corrupt plan is set aside and rebuilt. Finally ``engine: auto`` must pick a
 path within 25 % of the fastest measured one; its p99 is printed.
@@ -71,9 +72,7 @@ def compare(ref: list[Inspection], got: list[Inspection], threshold: float, prec
     map_diff = max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ref, got, strict=True))
     clear = [(a, b) for a, b in zip(ref, got, strict=True) if abs(a.score - threshold) > tol["score"]]
     differing = sum((a.score >= threshold) != (b.score >= threshold) for a, b in clear)
-    out.notes.update(
-        max_score_diff=round(score_diff, 5), max_map_diff=round(map_diff, 5), verdicts_differing=differing
-    )
+    out.notes.update(max_score_diff=round(score_diff, 5), max_map_diff=round(map_diff, 5), verdicts_differing=differing)
     out.check(score_diff <= tol["score"], f"score differs by {score_diff:.5f} > {tol['score']}")
     out.check(map_diff <= tol["map"], f"map differs by {map_diff:.5f} > {tol['map']}")
     out.check(differing == 0, f"{differing} verdicts differ from the CPU reference")
@@ -130,6 +129,42 @@ def plan_lifecycle(bundle: Bundle, out: Outcome) -> None:
         out.check(False, f"a corrupt plan was not rebuilt: {exc}")
 
 
+def fit_paths(device: str, out: Outcome) -> None:
+    """What fit and a position-aware bundle run on the GPU, against the CPU.
+
+    The coreset on the device must cover the features as well as the CPU's pruned
+    selection (its covering radius within 1 %; near-ties may pick other rows), and
+    the per-cell local search must give the CPU's distances.
+    """
+    from anomalyd.model.coreset import greedy_coreset, greedy_coreset_torch, project
+    from anomalyd.model.nearest import local_nearest_distances, nearest_distances
+
+    rng = np.random.default_rng(0)
+    feats = (rng.standard_normal((60000, 152)) * rng.uniform(0.2, 3.0, (60000, 1))).astype(np.float32)
+    started = time.perf_counter()
+    on_device = greedy_coreset_torch(feats, 600, 64, 0, device)
+    device_s = time.perf_counter() - started
+    started = time.perf_counter()
+    on_cpu = greedy_coreset(feats, 600, 64, 0)
+    cpu_s = time.perf_counter() - started
+    x = torch.from_numpy(project(feats, 64, 0))
+
+    def radius(rows: np.ndarray) -> float:
+        return float(nearest_distances(x, x[torch.from_numpy(rows)]).max())
+
+    r_dev, r_cpu = radius(on_device), radius(on_cpu)
+    same = len(set(on_device.tolist()) & set(on_cpu.tolist())) / len(on_cpu)
+    out.notes.update(coreset_device_s=round(device_s, 2), coreset_cpu_s=round(cpu_s, 2), same_rows=round(same, 3))
+    out.check(r_dev <= 1.01 * r_cpu, f"device coreset covers worse: radius {r_dev:.3f} vs {r_cpu:.3f}")
+    bank = torch.from_numpy(rng.standard_normal((2000, 32, 152)).astype(np.float32))
+    queries = torch.from_numpy(rng.standard_normal((2000, 152)).astype(np.float32))
+    cpu_d = local_nearest_distances(queries, bank)
+    dev_d = local_nearest_distances(queries.to(device), bank.to(device)).cpu()
+    diff = float((cpu_d - dev_d).abs().max())
+    out.notes["local_search_max_diff"] = round(diff, 6)
+    out.check(diff < 1e-3, f"local search on {device} differs from the CPU by {diff}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
@@ -159,7 +194,9 @@ def main() -> int:
     from anomalyd.engines.search import faiss_has_gpu
 
     searches = [("torch", SearchConfig(type="torch"))]
-    if cuda and faiss_has_gpu():
+    if bundle.spec.memory.kind == "local":
+        pass  # a position-aware bank is searched by torch only
+    elif cuda and faiss_has_gpu():
         searches.append(("faiss-gpu", SearchConfig(type="faiss")))
     elif cuda:
         missing["faiss-gpu"] = "faiss without GPU support or not installed"
@@ -197,6 +234,12 @@ def main() -> int:
                 out.check(False, f"{type(exc).__name__}: {exc}")
             finally:
                 inspector.close()
+    fit_check = Outcome("fit coreset + local search")
+    outcomes.append(fit_check)
+    try:
+        fit_paths("cuda" if cuda else "cpu", fit_check)
+    except Exception as exc:
+        fit_check.check(False, f"{type(exc).__name__}: {exc}")
     if have_trt:
         lifecycle = Outcome("tensorrt plan lifecycle")
         outcomes.append(lifecycle)
