@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,12 +20,7 @@ from pathlib import Path
 import yaml
 
 from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from anomalyd.ports import free_port
 
 
 def prepare(root: Path) -> tuple[Path, Path]:

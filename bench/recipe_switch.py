@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,7 @@ import numpy as np
 import yaml
 
 from anomalyd.drivers.plc.sim import SimulatedPlc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from anomalyd.ports import free_port
 
 
 def rss_mib(pid: int) -> float:

@@ -41,14 +41,7 @@ import yaml
 
 from anomalyd.drivers.plc.layout import Status
 from anomalyd.drivers.plc.sim import SimulatedPlc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from anomalyd.ports import free_port
 
 
 def proc_stats(pid: int) -> dict[str, float]:

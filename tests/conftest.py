@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from anomalyd.model.fit import FitSettings, fit
+from anomalyd.ports import free_port  # noqa: F401  (the tests import it from here)
 from anomalyd.sample import write_sample
 
 ANOMALYD = [sys.executable, "-m", "anomalyd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
