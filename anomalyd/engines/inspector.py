@@ -80,10 +80,9 @@ class Inspector:
             mark()
             features = self.extractor.extract(batch)
             mark()
-            c = features.shape[1]
-            distances = self.searcher.search(features.permute(0, 2, 3, 1).reshape(-1, c))
+            distances = scorer.search(features)
             mark()
-            amap = scorer.maps(distances.to(self.device).reshape(1, -1)) / self.reference
+            amap = scorer.maps(distances) / self.reference
             score = float(scorer.image_scores(amap)[0])
             small_map = amap[0].cpu().numpy()
             mark()

@@ -26,14 +26,15 @@ def nearest_distances(
     return out
 
 
-def local_nearest_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def local_nearest_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-cell nearest distance: ``queries`` [cells, C] against ``bank`` [cells, M, C] → [cells].
 
-    Each query is compared only with its own cell's M rows (one batched GEMM).
+    Each query is compared only with its own cell's M rows (one batched GEMM);
+    ``bank_sq`` ([cells, M], the rows' squared norms) is computed once by a caller that searches often.
     """
-    d2 = (
-        (bank * bank).sum(-1)
-        - 2.0 * torch.bmm(bank, queries.unsqueeze(-1)).squeeze(-1)
-        + (queries * queries).sum(-1, keepdim=True)
-    )
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(-1)
+    d2 = bank_sq - 2.0 * torch.bmm(bank, queries.unsqueeze(-1)).squeeze(-1) + (queries * queries).sum(-1, keepdim=True)
     return d2.min(dim=1).values.clamp_min_(0.0).sqrt_()

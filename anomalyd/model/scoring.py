@@ -94,15 +94,16 @@ class LocalSearcher:
         self.bank = (
             torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device).reshape(cells, per_cell, -1)
         )
+        self.bank_sq = (self.bank * self.bank).sum(-1)  # once, not per frame
         self.cells = cells
         self.name = f"local-{device.type}"
 
     def search(self, features: torch.Tensor) -> torch.Tensor:
         queries = features.to(self.device, torch.float32).reshape(-1, self.cells, self.bank.shape[-1])
-        return torch.cat([local_nearest_distances(q, self.bank) for q in queries])
+        return torch.cat([local_nearest_distances(q, self.bank, self.bank_sq) for q in queries])
 
     def close(self) -> None:
-        del self.bank
+        del self.bank, self.bank_sq
 
 
 class Scorer:
@@ -120,11 +121,14 @@ class Scorer:
         # top_k counts feature cells; the map is at input resolution, so k cells = k·(pixels per cell) pixels.
         self._top_pixels = max(1, round(spec.map.top_k * (h * w) / (gh * gw)))
 
-    def distances(self, batch: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` → ``[B, h·w]`` patch distances to the memory."""
-        features = self.extractor.extract(batch)
+    def search(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` patch features → ``[B, h·w]`` distances to the memory, on the engine's device."""
         b, c = features.shape[:2]
         return self.searcher.search(features.permute(0, 2, 3, 1).reshape(-1, c)).to(self.device).reshape(b, -1)
+
+    def distances(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` → ``[B, h·w]`` patch distances to the memory."""
+        return self.search(self.extractor.extract(batch))
 
     def maps(self, distances: torch.Tensor) -> torch.Tensor:
         """``[B, h·w]`` → ``[B, H, W]`` raw anomaly maps at the input size."""

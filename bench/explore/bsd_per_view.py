@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from oracle import escape_at_fr  # bench/explore/oracle.py (the script's folder is on sys.path)
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
@@ -26,12 +27,6 @@ from anomalyd.model.nearest import nearest_distances
 DATA = Path("../shared/data/bsd_pitting")
 TAG = "efficientnet_lite0_stage3+stage5_224x544"
 BANK = 8000
-
-
-def escape_at_fr(labels: np.ndarray, scores: np.ndarray, fr: float = 0.02) -> float:
-    good = np.sort(scores[~labels])
-    thr = good[min(len(good) - 1, int(np.ceil((1 - fr) * len(good))) - 1)] + 1e-9
-    return float(np.mean(scores[labels] < thr))
 
 
 def main() -> int:

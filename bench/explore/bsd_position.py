@@ -20,16 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from oracle import escape_at_fr  # bench/explore/oracle.py (the script's folder is on sys.path)
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.features import build_patch_features
 from anomalyd.model.fit import FitSettings, extract_features
-
-
-def escape_at_fr(labels: np.ndarray, scores: np.ndarray, fr: float = 0.02) -> float:
-    good = np.sort(scores[~labels])
-    thr = good[min(len(good) - 1, int(np.ceil((1 - fr) * len(good))) - 1)] + 1e-9
-    return float(np.mean(scores[labels] < thr))
 
 
 def main() -> int:

@@ -1,0 +1,12 @@
+"""The oracle operating point the BSData explorations report (shared by the scripts here)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def escape_at_fr(labels: np.ndarray, scores: np.ndarray, fr: float = 0.02) -> float:
+    """Share of defective parts below the threshold that rejects ``fr`` of the good parts (set on them)."""
+    good = np.sort(scores[~labels])
+    thr = good[min(len(good) - 1, int(np.ceil((1 - fr) * len(good))) - 1)] + 1e-9
+    return float(np.mean(scores[labels] < thr))
