@@ -130,3 +130,32 @@ def test_escapes_by_defect_area(tmp_path) -> None:  # type: ignore[no-untyped-de
         {"area": "1000–3000 px", "parts": 1, "escapes": 0, "escape_rate": 0.0},
     ]
     assert "| 0–300 px | 2 | 1 (50%) |" in markdown_table(m, "x")
+
+
+def test_scores_csv_names_each_escape_and_false_reject(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    import cv2
+
+    from anomalyd.evaluation.dataset import Sample
+    from anomalyd.evaluation.evaluate import Scored
+    from anomalyd.evaluation.report import write_scores_csv
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:5, 3:8] = 255  # 15 px
+    cv2.imwrite(str(tmp_path / "pit_mask.png"), mask)
+    shape_map = np.zeros((20, 30), np.float32)
+    scored = [
+        Scored(Sample(tmp_path / "g1.png", "good", None), 0.9, shape_map),
+        Scored(Sample(tmp_path / "g2.png", "good", None), 1.3, shape_map),
+        Scored(Sample(tmp_path / "pit.png", "pitting", tmp_path / "pit_mask.png"), 1.05, shape_map),
+        Scored(Sample(tmp_path / "big.png", "pitting", None), 1.1, None),
+    ]
+    write_scores_csv(tmp_path / "scores.csv", scored, 1.1)
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["g2.png", "big.png", "pit.png", "g1.png"]
+    by = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by["g2.png"]["outcome"] == "false_reject" and by["g2.png"]["verdict"] == "NG"
+    assert by["big.png"]["outcome"] == "ok" and by["big.png"]["verdict"] == "NG"  # at the threshold is NG
+    assert by["pit.png"]["outcome"] == "escape" and by["pit.png"]["defect_pixels"] == "15"
+    assert by["g1.png"]["outcome"] == "ok" and by["g1.png"]["defect_pixels"] == ""

@@ -1,7 +1,8 @@
-"""Evaluation report: metrics.json, a Markdown table, ROC curves, histograms, heatmaps."""
+"""Evaluation report: metrics.json, a Markdown table, per-part scores.csv, ROC curves, histograms, heatmaps."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def write_report(out: Path, metrics: dict, scored: list[Scored], threshold: floa
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (out / "metrics.md").write_text(markdown_table(metrics, name), encoding="utf-8")
+    write_scores_csv(out / "scores.csv", scored, threshold)
     labels = np.array([s.sample.is_defect for s in scored])
     scores = np.array([s.score for s in scored])
 
@@ -79,6 +81,27 @@ def write_report(out: Path, metrics: dict, scored: list[Scored], threshold: floa
     plt.close(fig)
 
     _heatmap_grid(out / "heatmaps.png", scored, threshold)
+
+
+def write_scores_csv(path: Path, scored: list[Scored], threshold: float) -> None:
+    """One row per part, highest score first: which parts the threshold lets through or rejects.
+
+    ``outcome`` is what a plant counts: ``escape`` (a defective part passed),
+    ``false_reject`` (a good part failed), or ``ok``. ``defect_pixels`` is the
+    mask's area (empty without a mask), so escapes can be sorted by size.
+    """
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "defect_type", "defect_pixels", "score", "verdict", "outcome"])
+        for s in sorted(scored, key=lambda s: -s.score):
+            fail = s.score >= threshold  # at the threshold counts as NG, as in the daemon
+            wrong = fail != s.sample.is_defect
+            outcome = ("escape" if s.sample.is_defect else "false_reject") if wrong else "ok"
+            area = ""
+            if s.sample.mask_path is not None and s.frame_map is not None:
+                area = str(int(s.sample.mask(s.frame_map.shape).sum()))
+            verdict = "NG" if fail else "OK"
+            w.writerow([str(s.sample.path), s.sample.defect_type, area, f"{s.score:.4f}", verdict, outcome])
 
 
 def _heatmap_grid(path: Path, scored: list[Scored], threshold: float = 1.1, per_kind: int = 3) -> None:
