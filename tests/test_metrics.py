@@ -101,35 +101,46 @@ def test_false_rejects_and_escapes_at_the_threshold() -> None:
     assert "an oracle): false rejects 0.0%, escapes 50.0%" in table
 
 
-def test_escapes_by_defect_area(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_escapes_by_defect_area_and_whether_the_peak_was_on_the_defect(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import cv2
 
     from anomalyd.evaluation.dataset import Sample
     from anomalyd.evaluation.evaluate import Scored, compute_metrics
     from anomalyd.evaluation.report import markdown_table
 
-    def item(kind: str, score: float, area: int) -> Scored:
+    def item(kind: str, score: float, area: int, peak: tuple[int, int]) -> Scored:
         mask_path = None
         if area:
             mask = np.zeros((100, 100), np.uint8)
-            mask.flat[:area] = 255
+            mask.flat[:area] = 255  # the top rows: rows 0..area//100
             mask_path = tmp_path / f"{kind}_{score}_mask.png"
             cv2.imwrite(str(mask_path), mask)
-        return Scored(Sample(tmp_path / f"{kind}.png", kind, mask_path), score, np.zeros((100, 100), np.float32))
+        fmap = np.zeros((100, 100), np.float32)
+        fmap[peak] = 1.0
+        return Scored(Sample(tmp_path / f"{kind}.png", kind, mask_path), score, fmap)
 
     scored = [
-        item("good", 0.5, 0),
-        item("good", 0.6, 0),
-        item("pit", 0.9, 50),  # small, let through
-        item("pit", 1.2, 200),  # small, caught
-        item("pit", 1.3, 2000),  # large, caught
+        item("good", 0.5, 0, (50, 50)),
+        item("good", 0.6, 0, (50, 50)),
+        item("pit", 0.9, 50, (0, 10)),  # small, let through, its peak on it
+        item("pit", 1.2, 200, (90, 90)),  # small, caught, but for something far from the pit
+        item("pit", 1.3, 2000, (21, 50)),  # large (rows 0..19), caught; peak 2 rows below it: within tolerance
     ]
     m = compute_metrics(scored, with_pixels=True, threshold=1.0)
     assert m["escapes_by_area"] == [
-        {"area": "0–300 px", "parts": 2, "escapes": 1, "escape_rate": 0.5},
-        {"area": "1000–3000 px", "parts": 1, "escapes": 0, "escape_rate": 0.0},
+        {"area": "0–300 px", "parts": 2, "escapes": 1, "escape_rate": 0.5, "peak_on_defect": 1},
+        {"area": "1000–3000 px", "parts": 1, "escapes": 0, "escape_rate": 0.0, "peak_on_defect": 1},
     ]
-    assert "| 0–300 px | 2 | 1 (50%) |" in markdown_table(m, "x")
+    assert m["attribution"] == {
+        "defective_with_masks": 3,
+        "peak_on_defect": 2,
+        "rejected": 2,
+        "rejected_with_peak_on_defect": 1,
+        "caught_for_the_defect_rate": 0.3333,
+    }
+    table = markdown_table(m, "x")
+    assert "| 0–300 px | 2 | 1 (50%) | 1 |" in table
+    assert "(map's peak on the defect's mask): 1 of 3 defective parts (33.3%); 1 more" in table
 
 
 def test_scores_csv_names_each_escape_and_false_reject(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -77,6 +77,39 @@ def at_false_reject_rate(items: list[Scored], rate: float = 0.02) -> dict[str, f
     return out
 
 
+def peak_on_defect(item: Scored) -> bool:
+    """Whether the map's hottest pixel lies on the defect's mask (within 1 % of the frame's longer side).
+
+    A rejection counts for the part only if it was rejected *for the defect*: a
+    frame can score high because of something else in it (soiling, an edge), and
+    then the part was caught by luck. The tolerance allows for the map's blur.
+    """
+    fmap = item.frame_map
+    if fmap is None or item.sample.mask_path is None:
+        return False
+    mask = item.sample.mask(fmap.shape)
+    y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
+    tol = max(2, round(0.01 * max(fmap.shape)))
+    return bool(mask[max(0, y - tol) : y + tol + 1, max(0, x - tol) : x + tol + 1].any())
+
+
+def attribution(items: list[Scored], threshold: float) -> dict[str, float | int] | None:
+    """Of the defective parts with masks: how many the threshold rejects with the map's peak on the defect."""
+    masked = [s for s in items if s.sample.is_defect and s.sample.mask_path is not None and s.frame_map is not None]
+    if not masked:
+        return None
+    on_defect = [peak_on_defect(s) for s in masked]
+    rejected = [s.score >= threshold for s in masked]
+    both = sum(r and o for r, o in zip(rejected, on_defect, strict=True))
+    return {
+        "defective_with_masks": len(masked),
+        "peak_on_defect": int(sum(on_defect)),
+        "rejected": int(sum(rejected)),
+        "rejected_with_peak_on_defect": int(both),
+        "caught_for_the_defect_rate": round(both / len(masked), 4),
+    }
+
+
 # Defect sizes in pixels of the frame (mask area): where a plant reads what size of defect is caught.
 AREA_BINS = (0, 300, 1000, 3000)
 
@@ -94,6 +127,7 @@ def escapes_by_area(items: list[Scored], threshold: float) -> list[dict[str, obj
         members = [s for s, area in sized if area >= low and (high is None or area < high)]
         if members:
             escaped = sum(s.score < threshold for s in members)
+            on_defect = sum(peak_on_defect(s) for s in members)
             label = f"{low}–{high} px" if high is not None else f"≥ {low} px"
             out.append(
                 {
@@ -101,6 +135,7 @@ def escapes_by_area(items: list[Scored], threshold: float) -> list[dict[str, obj
                     "parts": len(members),
                     "escapes": escaped,
                     "escape_rate": round(escaped / len(members), 4),
+                    "peak_on_defect": on_defect,
                 }
             )
     return out
@@ -117,6 +152,7 @@ def compute_metrics(scored: list[Scored], with_pixels: bool, threshold: float | 
         overall["at_threshold"] = at_threshold(scored, threshold)
         if with_pixels:
             overall["escapes_by_area"] = escapes_by_area(scored, threshold)
+            overall["attribution"] = attribution(scored, threshold)
     overall["at_2pct_false_rejects"] = at_false_reject_rate(scored, 0.02)
     good = [s for s in scored if not s.sample.is_defect]
     per_defect = {}

@@ -43,10 +43,27 @@ def markdown_table(metrics: dict, name: str) -> str:  # type: ignore[type-arg]
             f"With a threshold set on these good parts to reject at most 2 % of them ({oracle['threshold']:.4g}, "
             f"an oracle): false rejects {oracle['false_reject_rate']:.1%}, escapes {oracle['escape_rate']:.1%}.",
         ]
+    attributed = metrics.get("attribution")
+    if attributed:
+        a = attributed
+        both = a["rejected_with_peak_on_defect"]
+        rows += [
+            "",
+            f"Rejected **for the defect** (map's peak on the defect's mask): {both} of {a['defective_with_masks']}"
+            f" defective parts ({a['caught_for_the_defect_rate']:.1%}); {a['rejected'] - both} more were rejected"
+            " with the peak elsewhere in the frame.",
+        ]
     by_area = metrics.get("escapes_by_area")
     if by_area:
-        rows += ["", "| defect area (mask, frame pixels) | defective parts | escapes |", "|---|---|---|"]
-        rows += [f"| {b['area']} | {b['parts']} | {b['escapes']} ({b['escape_rate']:.0%}) |" for b in by_area]
+        rows += [
+            "",
+            "| defect area (mask, frame pixels) | defective parts | escapes | map's peak on the defect |",
+            "|---|---|---|---|",
+        ]
+        rows += [
+            f"| {b['area']} | {b['parts']} | {b['escapes']} ({b['escape_rate']:.0%}) | {b['peak_on_defect']} |"
+            for b in by_area
+        ]
     return "\n".join(rows) + "\n"
 
 
