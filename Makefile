@@ -24,7 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check anomalyd tests bench
-	$(BIN)/mypy anomalyd
+	$(BIN)/mypy anomalyd bench
 
 # DEMO_PLC=opcua: the daemon serves OPC UA and the simulated PLC is its client.
 DEMO_PLC ?= s7

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from anomalyd.drivers.plc.layout import Status
 from anomalyd.drivers.plc.sim import SimulatedPlc
 from anomalyd.ports import free_port
 
@@ -121,7 +122,11 @@ def main() -> int:
         target = 2 if current == 1 else 1
         t0 = time.perf_counter()
         plc.set_command(recipe_request=target)
-        if plc.wait_for(lambda s, t=target: s.recipe == t and s.trigger_ready, 10.0) is None:
+
+        def switched(s: Status, t: int = target) -> bool:
+            return s.recipe == t and s.trigger_ready
+
+        if plc.wait_for(switched, 10.0) is None:
             print(f"switch {i} to {target} not done in 10 s", file=sys.stderr)
             return 1
         switch_ms.append((time.perf_counter() - t0) * 1000)

@@ -219,7 +219,11 @@ def main() -> int:
         if done % args.plc_restart_every == 0 and done < args.inspections:
             plc = restart_plc(plc, port)
             t0 = time.monotonic()
-            if plc.wait_for(lambda s, i=last_id: s.ready and s.inspection_id == i, 30.0) is None:
+
+            def recovered(s: Status, i: int = last_id) -> bool:
+                return s.ready and s.inspection_id == i
+
+            if plc.wait_for(recovered, 30.0) is None:
                 print("PLC restart not recovered within 30 s", file=sys.stderr)
                 break
             reconnects.append(time.monotonic() - t0)
