@@ -7,6 +7,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -35,9 +36,22 @@ def run_parts(r: Running, n: int) -> list[Status]:
     return out
 
 
-def sources(r: Running) -> dict[int, str]:
-    with sqlite3.connect(r.data / "inspections.sqlite") as db:
-        return dict(db.execute("SELECT inspection_id, source FROM inspections").fetchall())
+def sources(r: Running, ids: list[int] | None = None, timeout: float = 10.0) -> dict[int, str]:
+    """inspection_id → source frame, from the records; waits until ``ids`` are recorded.
+
+    The record is written after the PLC sees the result (records are not required
+    here), so a test that reads right after a part can be ahead of the records thread.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(r.data / "inspections.sqlite") as db:
+            found = dict(db.execute("SELECT inspection_id, source FROM inspections").fetchall())
+        missing = [i for i in ids or [] if i not in found]
+        if not missing:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"inspections {missing} not recorded within {timeout} s")
+        time.sleep(0.05)
 
 
 def test_lamp_change_drift_teach_promote_rollback(daemon_factory, sample_dir: Path, tmp_path: Path) -> None:
@@ -61,7 +75,7 @@ def test_lamp_change_drift_teach_promote_rollback(daemon_factory, sample_dir: Pa
 
     def verdicts(statuses: list[Status]) -> tuple[int, int]:
         """(good parts rejected, defective parts passed) of the last statuses, from the records' sources."""
-        src = sources(r)
+        src = sources(r, [s.inspection_id for s in statuses])
         good_ng = sum(s.fail for s in statuses if "/good/" in src[s.inspection_id])
         defect_ok = sum(s.passed for s in statuses if "/good/" not in src[s.inspection_id])
         return good_ng, defect_ok
