@@ -288,7 +288,7 @@ EngineConfig = Annotated[
 
 class SearchConfig(Section):
     type: Literal["auto", "faiss", "torch"] = setting(
-        "auto", "Search backend", "auto: faiss on a GPU where built with CUDA, else torch (faster on the CPU)."
+        "auto", "Search backend", "auto: faiss where installed (on a GPU: built with CUDA), else torch."
     )
     device: str = setting("auto", "Device", "auto (the extractor's device), cpu, cuda, cuda:1.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from anomalyd.config import (
 from anomalyd.engines.base import EngineError
 from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.engines.search import FaissSearcher, TorchSearcher
-from anomalyd.engines.select import build_extractor
+from anomalyd.engines.select import build_extractor, build_searcher
 from anomalyd.model.bundle import load_bundle
 from anomalyd.model.images import read_rgb
 
@@ -268,3 +269,35 @@ def test_the_bundles_roi_applies_and_a_different_camera_roi_is_refused(sample_di
     inspector.close()
     with pytest.raises(EngineError, match="fitted with ROI"):
         open_inspector(bundle, OnnxRuntimeEngineConfig(), SearchConfig(), roi=(0, 0, 192, 192))
+
+
+def test_auto_search_on_the_cpu_is_faiss_by_gemm_where_installed_else_torch(
+    bundle_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import faiss
+
+    from anomalyd.engines.search import BLAS_FROM_QUERIES
+
+    bundle = load_bundle(bundle_dir)
+    cpu = torch.device("cpu")
+    faiss.cvar.distance_compute_blas_threshold = 128000  # faiss 1.15's default
+    assert build_searcher(bundle, SearchConfig(), cpu).name == "faiss-cpu"  # auto, faiss installed
+    # Every frame on faiss's GEMM path (the default left frames under ~800 queries on a 2-3x slower one).
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_FROM_QUERIES
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as on a machine without the faiss-cpu extra
+    assert build_searcher(bundle, SearchConfig(), cpu).name == "torch-cpu"
+    with pytest.raises(EngineError, match="faiss is not installed"):
+        build_searcher(bundle, SearchConfig(type="faiss"), cpu)
+
+
+@pytest.mark.parametrize("searcher", [FaissSearcher, TorchSearcher])
+def test_a_non_finite_feature_gives_a_non_finite_distance(searcher) -> None:  # type: ignore[no-untyped-def]
+    """Never a huge finite distance (faiss's FLT_MAX) that would be judged as an ordinary NG."""
+    rng = np.random.default_rng(1)
+    bank = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = torch.from_numpy(rng.standard_normal((40, 16)).astype(np.float32))
+    queries[3, 2] = float("nan")
+    queries[7, 0] = float("inf")
+    d = searcher(bank, torch.device("cpu")).search(queries).numpy()
+    assert not np.isfinite(d[3]) and not np.isfinite(d[7])
+    assert np.isfinite(np.delete(d, [3, 7])).all()

@@ -15,6 +15,7 @@ from anomalyd.config import (
     DaemonConfig,
     ModelConfig,
     NoPlcConfig,
+    SearchConfig,
     SimulatedCameraConfig,
     ThresholdsConfig,
 )
@@ -29,12 +30,15 @@ from anomalyd.drivers.plc.layout import Command
 from anomalyd.model.bundle import Bundle, load_bundle
 
 
-def _station(bundle_dir: Path, sample_dir: Path, tmp_path: Path, image_threshold: float | None = None):  # type: ignore[no-untyped-def]
+def _station(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, sample_dir: Path, tmp_path: Path, image_threshold: float | None = None, search: str = "auto"
+):
     metrics = Metrics()
     hs = Handshake(1.0, budget_ms=5000, grab_timeout_ms=1000)
     config = AppConfig(
         camera=SimulatedCameraConfig(source=sample_dir),
         model=ModelConfig(bundle=bundle_dir),
+        search=SearchConfig(type=search),
         thresholds=ThresholdsConfig(image=image_threshold),
         plc=NoPlcConfig(),
         daemon=DaemonConfig(trigger="free_run", data_dir=tmp_path),
@@ -63,13 +67,14 @@ def _rows(tmp_path: Path) -> list[tuple[int, int, str, int]]:
         return db.execute("SELECT inspection_id, part_id, verdict, error_code FROM inspections").fetchall()
 
 
+@pytest.mark.parametrize("search", ["torch", "faiss"])
 def test_a_non_finite_score_fails_the_part_with_code_3(
-    bundle_dir: Path, sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    search: str, bundle_dir: Path, sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     poisoned = load_bundle(bundle_dir).memory_bank().copy()
-    poisoned[0, 0] = np.inf  # as if the bank were corrupted after the load-time check
+    poisoned[:, 0] = np.nan  # as if the bank were corrupted after the load-time check
     monkeypatch.setattr(Bundle, "memory_bank", lambda self: poisoned)
-    hs, camera, recorder, judge = _station(bundle_dir, sample_dir, tmp_path)
+    hs, camera, recorder, judge = _station(bundle_dir, sample_dir, tmp_path, search=search)
     try:
         hs.set_ready(True)
         answer = judge.judge(_part(hs, camera, 31))

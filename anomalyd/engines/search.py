@@ -11,12 +11,24 @@ from anomalyd.engines.base import EngineError, register_searcher
 from anomalyd.model.nearest import nearest_distances
 
 
+def faiss_installed() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def faiss_has_gpu() -> bool:
     try:
         import faiss
     except ImportError:
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+# Batches of at least this many queries take faiss's GEMM path (see FaissSearcher).
+BLAS_FROM_QUERIES = 20
 
 
 @register_searcher("faiss")
@@ -32,6 +44,12 @@ class FaissSearcher:
             ) from exc
         if threads:
             faiss.omp_set_num_threads(threads)
+        # faiss 1.15's default (128,000) leaves frames of up to ~800 queries on a
+        # non-GEMM path that measured 2-3x slower on 2 cores (784 queries x 6,302 rows:
+        # 23.7 against 8.5 ms; bench/search_crossover.py). 20, faiss's classic
+        # default, puts every frame on the GEMM path. The setting is process-wide; it
+        # changes speed and float round-off, as torch's GEMM search has.
+        faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
         index: Any = faiss.IndexFlatL2(bank.shape[1])
         index.add(np.ascontiguousarray(bank, dtype=np.float32))
         self.device = device
@@ -49,12 +67,19 @@ class FaissSearcher:
         self.index = index
 
     def search(self, features: torch.Tensor) -> torch.Tensor:
+        # faiss answers a query with no finite distance (a NaN/inf feature, or a bank
+        # row gone bad) with label -1 and FLT_MAX: a huge but *finite* score that would
+        # be judged as an ordinary NG. Such a query is NaN here, so the Inspector fails
+        # the part as a model error (code 3), as the torch search does.
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
-                d2, _ = self.index.search(features.to(self.device, torch.float32).contiguous(), 1)
-            return d2[:, 0].clamp_min(0).sqrt()
-        d2, _ = self.index.search(np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32), 1)
-        return torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0.0)))
+                d2, labels = self.index.search(features.to(self.device, torch.float32).contiguous(), 1)
+            dist = d2[:, 0].clamp_min(0).sqrt()
+            return torch.where(labels[:, 0] < 0, torch.full_like(dist, float("nan")), dist)
+        d2, labels = self.index.search(np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32), 1)
+        dist = np.sqrt(np.maximum(d2[:, 0], 0.0))
+        dist[labels[:, 0] < 0] = np.nan
+        return torch.from_numpy(dist)
 
     def close(self) -> None:
         self.index = None

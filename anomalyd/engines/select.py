@@ -60,11 +60,13 @@ def build_extractor(bundle: Bundle, config: EngineConfig) -> Extractor:
 
 
 def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch.device, threads: int = 0) -> Searcher:
-    """The configured searcher; with ``auto``: faiss on the GPU, else torch (CUDA or CPU).
+    """The configured searcher; with ``auto``: faiss where it is installed (on a GPU: built with CUDA), else torch.
 
-    On the CPU torch's one-GEMM search measured faster than faiss ``IndexFlatL2``
-    for a PatchCore-sized bank (bottle: 7.7 vs 12.5 ms p50 on 2 cores, README),
-    so faiss on the CPU is used only when asked for.
+    On the CPU faiss ``IndexFlatL2`` on its GEMM path measured faster than torch's
+    chunked GEMM at every bank and frame size tried (2 cores, search p50: bottle 2.5
+    vs 3.8 ms, BSData 22 vs 37 ms; ``bench/search_crossover.py``, ``bench/latency.py``),
+    so ``auto`` takes it when the ``faiss-cpu`` extra is installed. On CUDA without a
+    GPU build of faiss, torch.
     """
     bank = bundle.memory_bank()
     device = extractor_device if config.device == "auto" else resolve_device(config.device)
@@ -86,7 +88,7 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
             choice = "torch"
             log.info("search.faiss_gpu_missing", machine=platform.machine(), using="torch on cuda")
     else:
-        choice = "torch"
+        choice = "faiss" if search.faiss_installed() else "torch"
     searcher: Searcher = SEARCHERS[choice](bank, device, threads)
     log.info("search.chosen", search=searcher.name, bank=int(bank.shape[0]))
     return searcher
