@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -23,12 +24,17 @@ from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
 from anomalyd.ports import free_port
 
 
-def prepare(root: Path) -> tuple[Path, Path]:
-    """Sample data and a fitted bundle under ``root`` (reused when already there)."""
+def prepare(root: Path, memory: Literal["local", "global"] = "local") -> tuple[Path, Path]:
+    """Sample data and a fitted bundle under ``root`` (reused when already there).
+
+    ``memory="global"`` fits a PatchCore bank instead (searched by ``search: auto``:
+    faiss where installed), for benchmarks that exercise that search.
+    """
     from anomalyd.model.fit import FitSettings, fit
     from anomalyd.sample import write_sample
 
-    sample, validation, bundle = root / "sample", root / "validation", root / "bundle"
+    sample, validation = root / "sample", root / "validation"
+    bundle = root / ("bundle" if memory == "local" else f"bundle-{memory}")
     if not (sample / "test").is_dir():
         print(f"· generating the sample part → {sample}")
         write_sample(sample, train=40, test_good=10, per_defect=4, seed=0)
@@ -36,10 +42,11 @@ def prepare(root: Path) -> tuple[Path, Path]:
     if not (bundle / "manifest.json").is_file():
         # The sample part sits in a nest (its ink mark is always at 3 o'clock): a position-aware
         # memory catches a missing or moved mark, which a global PatchCore bank lets through.
-        print(f"· fitting a position-aware bundle on {sample / 'train' / 'good'} (threshold from {validation})")
+        kind = "position-aware" if memory == "local" else memory
+        print(f"· fitting a {kind} bundle on {sample / 'train' / 'good'} (threshold from {validation})")
         from anomalyd.cli_model import _val_images
 
-        manifest = fit(sample / "train" / "good", bundle, FitSettings(memory="local"), _val_images(validation))
+        manifest = fit(sample / "train" / "good", bundle, FitSettings(memory=memory), _val_images(validation))
         print(
             f"  bundle {manifest['bundle_id']}: {manifest['memory_bank_size']} memory patches, "
             f"fit {manifest['fit_seconds']} s"

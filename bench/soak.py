@@ -130,6 +130,12 @@ def main() -> int:
         "--hang-every", type=int, default=97, help="the camera driver hangs past the deadline every N grabs (0: never)"
     )
     parser.add_argument("--baseline-after", type=int, default=300, help="take start RSS/fds/threads after this many")
+    parser.add_argument(
+        "--memory",
+        choices=["local", "global"],
+        default="local",
+        help="the sample part's bundle: position-aware (the demo's) or a global PatchCore bank (searched by faiss)",
+    )
     parser.add_argument("--work", type=Path, help="folder for bundle, data and logs (default: a temp folder)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -138,7 +144,7 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="anomalyd-soak-"))
     work.mkdir(parents=True, exist_ok=True)
-    sample, bundle = prepare(work / "demo")
+    sample, bundle = prepare(work / "demo", args.memory)
     port = free_port()
     heartbeat_ms = 100
     good_config = {
