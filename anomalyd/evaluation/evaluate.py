@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -18,6 +19,35 @@ class Scored:
     sample: Sample
     score: float
     frame_map: np.ndarray | None  # full-resolution map, kept only when masks exist
+
+    @cached_property
+    def _mask_facts(self) -> tuple[int, bool] | None:
+        """(defect pixels, map's peak on the defect) from one read of the mask; None without map or mask."""
+        fmap = self.frame_map
+        if fmap is None or self.sample.mask_path is None:
+            return None
+        mask = self.sample.mask(fmap.shape)
+        y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
+        tol = max(2, round(0.01 * max(fmap.shape)))
+        on_defect = bool(mask[max(0, y - tol) : y + tol + 1, max(0, x - tol) : x + tol + 1].any())
+        return int(mask.sum()), on_defect
+
+    @property
+    def defect_pixels(self) -> int | None:
+        """The defect mask's area at the map's size (None without a map or a mask)."""
+        facts = self._mask_facts
+        return None if facts is None else facts[0]
+
+    @property
+    def peak_on_defect(self) -> bool:
+        """Whether the map's hottest pixel lies on the defect's mask (within 1 % of the frame's longer side).
+
+        A rejection counts for the part only if it was rejected *for the defect*: a
+        frame can score high because of something else in it (soiling, an edge), and
+        then the part was caught by luck. The tolerance allows for the map's blur.
+        """
+        facts = self._mask_facts
+        return facts is not None and facts[1]
 
 
 def score_dataset(inspector: Inspector, dataset: Dataset, progress: Callable[[int], None]) -> list[Scored]:
@@ -77,28 +107,12 @@ def at_false_reject_rate(items: list[Scored], rate: float = 0.02) -> dict[str, f
     return out
 
 
-def peak_on_defect(item: Scored) -> bool:
-    """Whether the map's hottest pixel lies on the defect's mask (within 1 % of the frame's longer side).
-
-    A rejection counts for the part only if it was rejected *for the defect*: a
-    frame can score high because of something else in it (soiling, an edge), and
-    then the part was caught by luck. The tolerance allows for the map's blur.
-    """
-    fmap = item.frame_map
-    if fmap is None or item.sample.mask_path is None:
-        return False
-    mask = item.sample.mask(fmap.shape)
-    y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
-    tol = max(2, round(0.01 * max(fmap.shape)))
-    return bool(mask[max(0, y - tol) : y + tol + 1, max(0, x - tol) : x + tol + 1].any())
-
-
 def attribution(items: list[Scored], threshold: float) -> dict[str, float | int] | None:
     """Of the defective parts with masks: how many the threshold rejects with the map's peak on the defect."""
     masked = [s for s in items if s.sample.is_defect and s.sample.mask_path is not None and s.frame_map is not None]
     if not masked:
         return None
-    on_defect = [peak_on_defect(s) for s in masked]
+    on_defect = [s.peak_on_defect for s in masked]
     rejected = [s.score >= threshold for s in masked]
     both = sum(r and o for r, o in zip(rejected, on_defect, strict=True))
     return {
@@ -116,18 +130,15 @@ AREA_BINS = (0, 300, 1000, 3000)
 
 def escapes_by_area(items: list[Scored], threshold: float) -> list[dict[str, object]]:
     """Per defect-area bin (from the masks): defective parts and the share let through at ``threshold``."""
-    sized = [
-        (s, int(s.sample.mask(s.frame_map.shape).sum()))
-        for s in items
-        if s.sample.is_defect and s.frame_map is not None
-    ]
+    # A defective part with a map but no mask counts as 0 pixels.
+    sized = [(s, s.defect_pixels or 0) for s in items if s.sample.is_defect and s.frame_map is not None]
     out: list[dict[str, object]] = []
     for i, low in enumerate(AREA_BINS):
         high = AREA_BINS[i + 1] if i + 1 < len(AREA_BINS) else None
         members = [s for s, area in sized if area >= low and (high is None or area < high)]
         if members:
             escaped = sum(s.score < threshold for s in members)
-            on_defect = sum(peak_on_defect(s) for s in members)
+            on_defect = sum(s.peak_on_defect for s in members)
             label = f"{low}–{high} px" if high is not None else f"≥ {low} px"
             out.append(
                 {

@@ -114,9 +114,7 @@ def write_scores_csv(path: Path, scored: list[Scored], threshold: float) -> None
             fail = s.score >= threshold  # at the threshold counts as NG, as in the daemon
             wrong = fail != s.sample.is_defect
             outcome = ("escape" if s.sample.is_defect else "false_reject") if wrong else "ok"
-            area = ""
-            if s.sample.mask_path is not None and s.frame_map is not None:
-                area = str(int(s.sample.mask(s.frame_map.shape).sum()))
+            area = "" if s.defect_pixels is None else str(s.defect_pixels)
             verdict = "NG" if fail else "OK"
             w.writerow([str(s.sample.path), s.sample.defect_type, area, f"{s.score:.4f}", verdict, outcome])
 

@@ -99,9 +99,10 @@ def suggest_thresholds(
 ) -> dict[str, object]:
     """Suggested image thresholds in normalised units (``raw / reference_of(holdout_raw)[0]``)."""
     raw = np.asarray(holdout_raw, dtype=np.float64)
+    reference = reference_of(raw)[0]
     out: dict[str, object]
     if raw.size >= ENOUGH_HOLDOUT:
-        margin = MARGIN_SPREADS * robust_spread(raw) / reference_of(raw)[0]
+        margin = MARGIN_SPREADS * robust_spread(raw) / reference
         out = {
             "suggested_image": round(1.0 + margin, 4),
             "source": f"one robust spread above the highest held-back good part ({raw.size} held back)",
@@ -112,7 +113,6 @@ def suggest_thresholds(
             "source": "10 % above the highest held-back good part (few held back)",
         }
     if val_raw is not None and val_labels is not None and 0 < np.sum(val_labels) < len(val_labels):
-        reference = reference_of(holdout_raw)[0]
         thr, f1 = f1_optimal_threshold(np.asarray(val_raw) / reference, val_labels)
         out.update({"f1_image": thr, "f1": f1, "suggested_image": thr, "source": "F1-optimal on --val"})
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalyd import __version__
+from anomalyd.engines.base import resolve_device
 from anomalyd.engines.search import TorchSearcher
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.backbones import BACKBONES
@@ -107,12 +108,6 @@ def _input_size(files: list[Path], settings: FitSettings) -> tuple[int, int]:
     return aspect_input_size(hw, settings.short_side, settings.max_side)
 
 
-def fit_device(settings: FitSettings) -> torch.device:
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
-
-
 def extract_features(
     model: nn.Module, files: list[Path], settings: FitSettings, progress: Callable[[int], None]
 ) -> torch.Tensor:
@@ -120,7 +115,7 @@ def extract_features(
 
     The CPU resizes (as the CPU runtime does); the network runs on the fit device.
     """
-    device = fit_device(settings)
+    device = resolve_device(settings.device)
     prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
     model.to(device)
     out = []
@@ -208,7 +203,7 @@ def build_memory(
     flat = feats.permute(0, 2, 3, 1).reshape(-1, c).numpy()
     wanted = max(round(flat.shape[0] * settings.coreset_ratio), settings.coreset_min)
     count = min(settings.coreset_max, flat.shape[0], max(1, wanted))
-    device = fit_device(settings)
+    device = resolve_device(settings.device)
     if device.type == "cuda":
         chosen = greedy_coreset_torch(
             flat, count, settings.coreset_projection, settings.seed, str(device), progress("coreset", count)
@@ -296,7 +291,7 @@ def fit(
         "calibration": calib,
         "thresholds": thresholds,
         "fit_seconds": round(time.perf_counter() - started, 2),
-        "fit_device": fit_device(settings).type,
+        "fit_device": resolve_device(settings.device).type,
         "seed": settings.seed,
     }
     return bundle_io.write_manifest(out_dir, manifest)

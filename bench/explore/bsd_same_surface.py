@@ -16,29 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from oracle import escape_at_fr  # bench/explore/oracle.py (the script's folder is on sys.path)
+from bsd_scores import cached_features  # bench/explore/bsd_scores.py (the script's folder is on sys.path)
+from oracle import escape_at_fr
 from PIL import Image
 
 from anomalyd.evaluation.metrics import auroc
-from anomalyd.model.features import build_patch_features
-from anomalyd.model.images import read_rgb
-from anomalyd.model.scoring import Preprocessor
-
-
-def features(files: list[Path], size: tuple[int, int], taps: tuple[str, ...]) -> torch.Tensor:
-    model = build_patch_features("efficientnet_lite0", taps).eval()
-    prep = Preprocessor(size, None, torch.device("cpu"))
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(files), 8):
-            out.append(model(prep.batch([read_rgb(p) for p in files[i : i + 8]])).half())
-    return torch.cat(out)
+from anomalyd.model.fit import FitSettings
 
 
 def local_min(q: torch.Tensor, refs: torch.Tensor, r: int) -> torch.Tensor:
@@ -82,15 +70,10 @@ def main() -> int:
     labels = np.array([t.parent.name != "good" for t in test])
     area = np.array([float(rows[rel(t)]["mask_pixels"] or 0) for t in test])
     view = np.array([rows[rel(t)]["position_angle"] for t in train])
-    cache = Path(f"var/explore/same_surface_{args.input_size}_{'+'.join(taps)}.pt")
-    if cache.is_file():
-        ftr, fte = torch.load(cache, weights_only=True)
-    else:
-        started = time.perf_counter()
-        ftr, fte = features(train, size, taps), features(test, size, taps)  # type: ignore[arg-type]
-        print(f"extracted {len(train) + len(test)} frames in {time.perf_counter() - started:.0f} s")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((ftr, fte), cache)
+    settings = FitSettings(backbone="efficientnet_lite0", taps=taps, input_size=size)  # type: ignore[arg-type]
+    tag = f"efficientnet_lite0_{'+'.join(taps)}_{args.input_size}"
+    ftr = cached_features(settings, train, Path("var/explore") / f"{tag}_train.npy")
+    fte = cached_features(settings, test, Path("var/explore") / f"{tag}_test.npy")
     gh, gw = ftr.shape[-2:]
     small = labels & (area < 300)
     masks = {}
