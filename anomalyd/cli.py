@@ -12,6 +12,7 @@ from anomalyd import __version__
 from anomalyd.cli_model import add_model_commands
 from anomalyd.config import AppConfig
 from anomalyd.config_loader import ConfigError, load_config
+from anomalyd.errors import StartupError
 
 
 class UsageError(Exception):
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from anomalyd.cli_lifecycle import add_lifecycle_commands
 
     add_lifecycle_commands(sub)
+    from anomalyd.cli_signing import add_signing_commands
+
+    add_signing_commands(sub)
     return parser
 
 
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
+        return 2
+    except StartupError as exc:  # something a person must fix first: not worth a retry (systemd stops)
+        print(f"anomalyd {args.command}: {exc}", file=sys.stderr)
         return 2
     except UsageError as exc:
         print(f"anomalyd {args.command}: {exc}", file=sys.stderr)

@@ -19,10 +19,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from anomalyd.engines.base import EngineError
     from anomalyd.errors import StartupError
     from anomalyd.model.bundle import BundleError
+    from anomalyd.model.signing import SignatureError
 
     try:
         return run_daemon(args.config)
-    except (BundleError, CameraError, EngineError, StartupError) as exc:
+    except (BundleError, CameraError, EngineError, SignatureError, StartupError) as exc:
         # One line a person can act on; systemd does not restart on 2 (RestartPreventExitStatus=2).
         print(f"anomalyd run: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -17,10 +17,11 @@ import re
 import shutil
 import signal
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
-from anomalyd.errors import AnomalydError
+from anomalyd.errors import AnomalydError, StartupError
 
 
 def _db(data_dir: Path) -> Path:
@@ -110,12 +111,14 @@ def _archived(data_dir: Path, last: int) -> list[tuple[int, Path]]:
 def cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from anomalyd.cli_signing import trusted_from
     from anomalyd.config import AutoEngineConfig, SearchConfig
     from anomalyd.engines.inspector import open_inspector
     from anomalyd.model.bundle import load_bundle
     from anomalyd.model.images import read_rgb
 
-    bundles = {"old": load_bundle(args.old), "new": load_bundle(args.new)}
+    trusted = trusted_from(args)
+    bundles = {"old": load_bundle(args.old, trusted_keys=trusted), "new": load_bundle(args.new, trusted_keys=trusted)}
     inspectors = {k: open_inspector(b, AutoEngineConfig(), SearchConfig()) for k, b in bundles.items()}
     thresholds = {k: args.threshold or b.suggested_threshold for k, b in bundles.items()}
     items: list[dict[str, Any]] = []
@@ -215,28 +218,35 @@ def _switch(args: argparse.Namespace, action: str, target: Path) -> int:
         raise AnomalydError(
             f"{link} is a folder, not a link; point model.bundle (or the recipe's bundle) at a link (README)"
         )
-    new = load_bundle(target)  # refused if corrupt or edited: never promote what cannot load
+    from anomalyd.cli_signing import trusted_from
+
+    new = load_bundle(target, trusted_keys=trusted_from(args))  # never promote what cannot load
     old_target = Path(os.readlink(link)) if link.is_symlink() else None
-    old_id = load_bundle(old_target, verify=False).bundle_id if old_target and old_target.exists() else None
-    _point(link, target.resolve())
+    try:
+        old_id = load_bundle(old_target, verify=False).bundle_id if old_target and old_target.exists() else None
+    except AnomalydError:
+        old_id = None  # the bundle being replaced is damaged: that is no reason to keep it
+    to = str(target.resolve())
+    detail = {"link": str(link), "from": str(old_target) if old_target else None, "to": to}
+    detail.update(bundle_from=old_id, bundle_to=new.bundle_id)
+    # The entry first: a change that cannot be audited does not happen (the link stays).
+    audit = AuditLog(args.data_dir / "inspections.sqlite")
+    audit.record(action, detail)
+    try:
+        _point(link, target.resolve())
+    except OSError as exc:
+        audit.append(f"{action}_failed", {**detail, "error": str(exc)})
+        raise AnomalydError(f"{link}: cannot be re-pointed ({exc.strerror}); nothing changed") from None
     entry = {
         "time": dt.datetime.now().isoformat(timespec="seconds"),
         "user": current_user(),
         "action": action,
-        "from": str(old_target) if old_target else None,
-        "to": str(target.resolve()),
+        "from": detail["from"],
+        "to": to,
     }
     with _history(link).open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
-    detail = {
-        "link": str(link),
-        "from": entry["from"],
-        "to": entry["to"],
-        "bundle_from": old_id,
-        "bundle_to": new.bundle_id,
-    }
-    AuditLog(args.data_dir / "inspections.sqlite").append(action, detail)
-    print(f"{action}: {link} → {target.resolve()} (bundle {new.bundle_id}; was {old_id})")
+    print(f"{action}: {link} → {to} (bundle {new.bundle_id}; was {old_id})")
     print(_reload(args.data_dir) if not args.no_reload else "not reloaded (--no-reload)")
     return 0
 
@@ -245,11 +255,31 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return _switch(args, "promote", args.bundle)
 
 
+def read_history(history: Path) -> list[dict[str, Any]]:
+    """The promote/rollback history of a link; a damaged file is one line naming it (exit 2)."""
+    if not history.is_file():
+        return []
+    entries: list[dict[str, Any]] = []
+    try:
+        text = history.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise StartupError(f"{history}: not a text file; restore it or remove it (rollback needs it)") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StartupError(f"{history}:{number}: damaged entry ({exc.msg}); repair or remove the line") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("from", ""), str | None):
+            raise StartupError(f"{history}:{number}: not a history entry (a JSON object with from/to)")
+        entries.append(entry)
+    return entries
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     history = _history(args.link)
-    entries = (
-        [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.is_file() else []
-    )
+    entries = read_history(history)
     current = str(Path(os.readlink(args.link))) if args.link.is_symlink() else None
     for entry in reversed(entries):
         previous = entry.get("from")
@@ -262,7 +292,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from anomalyd.daemon.audit import AuditLog
 
-    entries = AuditLog(_db(args.data_dir)).recent(args.limit)
+    audit = AuditLog(_db(args.data_dir))
+    if args.verify:
+        verdict = audit.verify()
+        if verdict.ok:
+            print(f"audit chain whole: {verdict.entries} entries")
+            return 0
+        print(f"audit chain broken: {verdict.problem}", file=sys.stderr)
+        return 1
+    entries = audit.recent(args.limit)
     for e in reversed(entries):
         when = dt.datetime.fromtimestamp(e["time"]).isoformat(sep=" ", timespec="seconds")
         print(f"{e['seq']:>6}  {when}  {e['actor']:<18} {e['action']:<10} {json.dumps(e['detail'], sort_keys=True)}")
@@ -270,6 +308,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def add_lifecycle_commands(sub: Any) -> None:
+    from anomalyd.cli_signing import add_trusted_key_option
+
     p = sub.add_parser("teach", help="copy archived frames into a candidate good set, keeping where each came from")
     p.add_argument("--data-dir", type=Path, required=True, help="the daemon's data_dir")
     p.add_argument("--out", type=Path, required=True, help="candidate folder (fit --good it)")
@@ -288,6 +328,7 @@ def add_lifecycle_commands(sub: Any) -> None:
     p.add_argument("--labelled", type=Path, help="good/ and defect folders (e.g. known defects)")
     p.add_argument("--threshold", type=float, help="one threshold for both (default: each bundle's)")
     p.add_argument("--report", type=Path, help="folder for compare.json and scores.png")
+    add_trusted_key_option(p)
     p.set_defaults(func=cmd_compare)
 
     for name, fn, text in (
@@ -300,9 +341,11 @@ def add_lifecycle_commands(sub: Any) -> None:
         p.add_argument("--link", type=Path, required=True, help="the link model.bundle (or a recipe) points at")
         p.add_argument("--data-dir", type=Path, required=True, help="the daemon's data_dir (audit log, pid)")
         p.add_argument("--no-reload", action="store_true", help="do not signal the daemon")
+        add_trusted_key_option(p)
         p.set_defaults(func=fn)
 
     p = sub.add_parser("audit", help="print the audit log (append-only)")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--verify", action="store_true", help="check the hash chain: exit 0 whole, 1 naming the break")
     p.set_defaults(func=cmd_audit)

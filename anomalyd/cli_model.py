@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from anomalyd.cli_signing import add_trusted_key_option, trusted_from
+
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
@@ -91,9 +93,17 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
     if args.out is not None and (args.out / "manifest.json").exists():
         # Bundles are immutable: the records name a bundle_id, and it must stay what it was.
         raise AnomalydError(f"{args.out} already holds a bundle; bundles are never overwritten: choose a new folder")
+    if args.sign_key is not None:
+        from anomalyd.model.signing import load_private_key
+
+        load_private_key(args.sign_key)  # a key that cannot be read fails now, not after the fit
     settings = _fit_settings(args)
     val = _val_images(args.val) if args.val else None
     manifest = fit(args.good, target, settings, val, progress)
+    if args.sign_key is not None:
+        from anomalyd.cli_signing import sign_bundle
+
+        print(f"signed by key {sign_bundle(target, args.sign_key)}")
     if args.into is not None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         final = args.into / f"{stamp}-{manifest['bundle_id']}"
@@ -153,7 +163,7 @@ def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
     from anomalyd.overlay import overlay_heatmap, write_rgb
 
     targets = score_targets(args.images)
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, trusted_keys=trusted_from(args))
     engine, search = _engine_configs(args)
     inspector = open_inspector(bundle, engine, search)
     threshold = args.threshold or bundle.suggested_threshold
@@ -198,7 +208,7 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
         args.bundle = out
     if args.bundle is None:
         raise FileNotFoundError("eval needs --bundle B, or --fit to fit on DATASET/train/good first")
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, trusted_keys=trusted_from(args))
     engine, search = _engine_configs(args)
     inspector = open_inspector(bundle, engine, search)
     scored = score_dataset(inspector, dataset, progress("eval", len(dataset.samples)))
@@ -241,6 +251,7 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--out", type=Path, help="bundle folder to write (must not hold a bundle)")
     p.add_argument("--into", type=Path, help="write a new versioned bundle DATE-ID into this folder")
     p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
+    p.add_argument("--sign-key", type=Path, metavar="FILE", help="sign the new bundle with this key (keygen)")
     _fit_options(p)
     p.set_defaults(func=run(cmd_fit))
 
@@ -249,6 +260,7 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--out", type=Path, help="folder for heatmap overlay PNGs")
     p.add_argument("--threshold", type=float, help="image threshold (default: the bundle's suggestion)")
+    add_trusted_key_option(p)
     _engine_args(p)
     p.set_defaults(func=run(cmd_score))
 
@@ -257,6 +269,7 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--bundle", type=Path, help="bundle to evaluate (with --fit: where to write it)")
     p.add_argument("--fit", action="store_true", help="fit on DATASET/train/good first (fit options apply)")
     p.add_argument("--report", type=Path, help="folder for metrics.json, metrics.md and plots")
+    add_trusted_key_option(p)
     _fit_options(p)
     _engine_args(p)
     p.set_defaults(func=run(cmd_eval))

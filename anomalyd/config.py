@@ -209,6 +209,9 @@ class OpcUaServerConfig(_PlcCommon):
     )
     username: str | None = setting(None, "User name", "Optional user name clients must log in with.")
     password_file: Path | None = setting(None, "Password file", "File holding that user's password.")
+    max_clients: int = setting(
+        8, "Most clients", "Connections served at once; more are refused (a PLC and a SCADA need two).", ge=1, le=256
+    )
     allow_insecure_remote: bool = setting(
         False, "Allow insecure remote", "Serve without security beyond loopback (an isolated machine network only)."
     )
@@ -247,6 +250,12 @@ class ModelConfig(Section):
         "Recipe used while the PLC's recipe_request is 0 (with recipes: one of them).",
         ge=0,
         le=65535,
+    )
+    trusted_keys: list[Path] = setting(
+        [],
+        "Trusted signing keys",
+        "Ed25519 public keys (signing.pub from `anomalyd keygen`); when set, a bundle not signed by one of "
+        "them is refused (empty: bundles are not authenticated).",
     )
 
 
@@ -380,6 +389,14 @@ class RecordsConfig(Section):
     )
     max_pending: int = setting(
         100_000, "Record buffer", "Records kept in memory while the database refuses them.", ge=100, le=10_000_000
+    )
+    journal_mb: float = setting(
+        16.0,
+        "Record journal",
+        "Disk space allocated at start for records the database refuses (a full disk); beyond it they go to stderr.",
+        "MiB",
+        ge=0.0625,
+        le=100_000,
     )
 
 

@@ -178,7 +178,9 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
     return config.model_copy(
         update={
             "camera": camera,
-            "model": config.model.model_copy(update={"bundle": rel(config.model.bundle)}),
+            "model": config.model.model_copy(
+                update={"bundle": rel(config.model.bundle), "trusted_keys": [rel(k) for k in config.model.trusted_keys]}
+            ),
             "daemon": config.daemon.model_copy(update={"data_dir": rel(config.daemon.data_dir)}),
             "recipes": recipes,
             "plc": plc,

@@ -87,6 +87,8 @@ class Dispatcher:
             return None  # no part in front of the camera: not an error in these modes
         except BadFrame as exc:
             edge = self.handshake.begin(time.monotonic())  # a part passed; its frame is unusable: NG, code 5
+            if edge is None:
+                return None  # no id may be issued (the counter cannot be saved): not answered
             if isinstance(edge, Answer):
                 self.on_refused(edge)
                 return None
@@ -98,6 +100,8 @@ class Dispatcher:
         if self.mode == "free_run" and not self.handshake.enabled:
             return None  # free run inspects whatever passes; enable = 0 means: not now
         edge = self.handshake.begin(frame_at)
+        if edge is None:
+            return None
         if isinstance(edge, Answer):
             self.on_refused(edge)  # hardware trigger while enable = 0: this part is answered NG
             return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
@@ -139,6 +140,12 @@ class Handshake:
         self._known: frozenset[int] = frozenset({0})
         self._loaded: frozenset[int] = frozenset({0})
         self._failed: frozenset[int] = frozenset()
+        # Ids: never one past what the counter has saved (a restart could issue it again).
+        self._id_limit: int | None = None
+        self._held: ErrorCode | None = None  # not ready until released (the id counter cannot be saved)
+        self.unanswered = 0  # triggers left unanswered because no id could be issued
+        self.on_continue: Callable[[int], None] = lambda inspection_id: None
+        self._wanted = (False, 0)  # the readiness set_ready last asked for (restored by release)
 
     # ------------------------------------------------------------ reading
     @property
@@ -228,9 +235,22 @@ class Handshake:
         self._set(busy=True, result_valid=False)
         return ticket
 
+    def _can_issue(self, n: int) -> bool:
+        return self._id_limit is None or self._status.inspection_id + n <= self._id_limit
+
+    def _answerable(self, accepting: bool) -> bool:
+        """An id is left for this answer (and for the open window's own answer, still due)."""
+        needed = 1 + (1 if self._open is not None and not accepting else 0)
+        if self._can_issue(needed):
+            return True
+        self.unanswered += 1
+        return False
+
     def _refusal_code(self) -> ErrorCode | None:
         if not self._enable:
             return ErrorCode.DISABLED
+        if self._held is not None:
+            return self._held
         if not self._status.ready:
             code = self._status.error_code
             return ErrorCode(code) if code in STANDING_FAULTS else ErrorCode.NOT_READY
@@ -263,6 +283,8 @@ class Handshake:
             if not rising:
                 return None
             code = self._refusal_code()
+            if not self._answerable(accepting=code is None):
+                return None  # no id may be issued: the PLC sees ready = 0 and code 11, and times out
             if code is not None:
                 return self._refuse(command.part_id, code)
             return self._accept(command.part_id, now, self.grab_timeout_s)
@@ -294,13 +316,16 @@ class Handshake:
             self._set(heartbeat=(self._status.heartbeat + 1) & 0xFFFF)
 
     # ------------------------------------------------------------ the inspection side
-    def begin(self, now: float) -> Ticket | Answer:
+    def begin(self, now: float) -> Ticket | Answer | None:
         """A frame arrived without a PLC trigger (hardware trigger): open its window or refuse it.
 
-        The part_id is the one in the command block when the frame arrived.
+        The part_id is the one in the command block when the frame arrived. None:
+        no id may be issued now (the counter cannot be saved), the frame is dropped.
         """
         with self._lock:
             code = self._refusal_code()
+            if not self._answerable(accepting=code is None):
+                return None
             if code is not None:
                 return self._refuse(self._command_part_id, code)
             return self._accept(self._command_part_id, now, 0.0)
@@ -354,10 +379,13 @@ class Handshake:
         current part) and shows a standing fault as error + code.
         """
         with self._lock:
+            self._wanted = (ready, int(error_code))
             if not ready:
                 self._set(
                     ready=False, result_valid=False, passed=False, error=error_code != 0, error_code=int(error_code)
                 )
+            elif self._held is not None:
+                return  # held not ready (hold/release) whatever else recovers
             elif self._status.error_code in STANDING_FAULTS and not self._status.result_valid:
                 self._set(ready=True, error=False, error_code=0)
             else:
@@ -381,13 +409,38 @@ class Handshake:
         with self._lock:
             self._set(records_failing=failing)
 
+    def hold(self, code: ErrorCode) -> None:
+        """Not ready with ``code`` until :meth:`release`, whatever else becomes ready meanwhile."""
+        with self._lock:
+            self._held = code
+            self._set(ready=False, result_valid=False, passed=False, error=True, error_code=int(code))
+
+    def release(self, code: ErrorCode) -> None:
+        with self._lock:
+            if self._held != code:
+                return
+            self._held = None
+            ready, wanted_code = self._wanted
+            if not ready:
+                self._set(ready=False, error=wanted_code != 0, error_code=wanted_code)
+            elif self._status.error_code == code and not self._status.result_valid:
+                self._set(ready=True, error=False, error_code=0)
+            else:
+                self._set(ready=True)
+
+    def set_id_limit(self, limit: int | None) -> None:
+        """The highest id the counter has saved: no id above it is ever published."""
+        with self._lock:
+            self._id_limit = limit
+
     def continue_from(self, inspection_id: int) -> bool:
         """Numbering goes on after ``inspection_id`` if that is ahead (e.g. the id in the PLC's block)."""
         with self._lock:
             if inspection_id <= self._status.inspection_id:
                 return False
             self._set(inspection_id=inspection_id & 0xFFFFFFFF)
-            return True
+        self.on_continue(inspection_id & 0xFFFFFFFF)  # the counter saved past it before the next id
+        return True
 
     def set_threshold(self, threshold: float) -> None:
         with self._lock:

@@ -39,6 +39,15 @@ class Metrics:
         self.score_median = Gauge(
             "anomalyd_score_median", "Rolling median of the parts' scores", ["recipe"], registry=r
         )
+        self.records_unwritten = Gauge(
+            "anomalyd_records_unwritten",
+            "Records that reached only stderr (record.unwritten lines), not the database or its journal",
+            registry=r,
+        )
+        self.audit_ok = Gauge("anomalyd_audit_chain_ok", "1 while the audit log's hash chain is whole", registry=r)
+        self.audit_ok.set(1)
+        self.ids_ok = Gauge("anomalyd_id_counter_ok", "1 while the inspection counter can be saved", registry=r)
+        self.ids_ok.set(1)
         self.missed_triggers = Counter(
             "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
         )

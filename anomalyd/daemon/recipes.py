@@ -21,6 +21,7 @@ from anomalyd.daemon.handshake import Handshake
 from anomalyd.engines.inspector import Inspector, open_inspector
 from anomalyd.log import get_logger
 from anomalyd.model.bundle import load_bundle
+from anomalyd.model.signing import load_trusted_keys
 
 log = get_logger(__name__)
 
@@ -65,6 +66,13 @@ class Recipe:
         return t if t is not None else self.inspector.bundle.suggested_threshold
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return path
+
+
 def _roi(roi: Roi | None) -> tuple[int, int, int, int] | None:
     return (roi.x, roi.y, roi.width, roi.height) if roi else None
 
@@ -90,15 +98,23 @@ class RecipeBook:
         self._recipes: dict[int, Recipe] = {}
         self._failed: dict[int, str] = {}
         self._loading: set[int] = set()
+        self._again: set[int] = set()  # reloaded while loading: load once more when the load ends
         self._retired: list[Inspector] = []  # closed between parts: the loop may still hold one
 
     @staticmethod
     def opener(config: AppConfig) -> Callable[[RecipeSpec], Inspector]:
         """Open and warm up the inspector of a recipe with the configured engine and search."""
+        trusted = load_trusted_keys(config.model.trusted_keys) if config.model.trusted_keys else []
 
         def open_spec(spec: RecipeSpec) -> Inspector:
-            inspector = open_inspector(load_bundle(spec.bundle), config.engine, config.search, spec.roi)
-            inspector.warm_up()
+            # The link is resolved once inside load_bundle; the inspector is built from the bytes it verified.
+            bundle = load_bundle(spec.bundle, trusted_keys=trusted)
+            inspector = open_inspector(bundle, config.engine, config.search, spec.roi)
+            try:
+                inspector.warm_up()
+            except BaseException:
+                inspector.close()
+                raise
             return inspector
 
         return open_spec
@@ -112,9 +128,9 @@ class RecipeBook:
 
     def _load(self, spec: RecipeSpec) -> Recipe:
         started = time.perf_counter()
-        resolved = spec.bundle.resolve()
         inspector = self._open(spec)
-        recipe = Recipe(spec, inspector, time.perf_counter() - started, resolved)
+        # Where the bundle was read from, as the loader resolved it: never a second look at the link.
+        recipe = Recipe(spec, inspector, time.perf_counter() - started, inspector.bundle.path)
         log.info(
             "recipe.loaded",
             recipe=spec.number,
@@ -132,7 +148,13 @@ class RecipeBook:
         self.handshake.set_recipes(self.default, known, loaded, failed)
 
     def apply(self, config: AppConfig) -> list[int]:
-        """A reload: new thresholds at once; new or re-pointed bundles load in the background."""
+        """A reload: new thresholds at once; new or re-pointed bundles load in the background.
+
+        A recipe already loading is not loaded twice at once: the reload is
+        remembered and, when the running load ends, the recipe loads again from
+        the spec and the link as they are then (a rollback during a promote's
+        load is never dropped).
+        """
         default, specs = recipe_specs(config)
         to_load: list[RecipeSpec] = []
         with self._lock:
@@ -140,39 +162,63 @@ class RecipeBook:
             for n in list(self._recipes):
                 if n not in specs:  # removed
                     self._retired.append(self._recipes.pop(n).inspector)
+            for n in list(self._failed):
+                if n not in specs:
+                    del self._failed[n]
             for n, spec in specs.items():
+                if n in self._loading:
+                    self._again.add(n)  # applied when the running load ends
+                    continue
                 current = self._recipes.get(n)
-                same_bundle = current is not None and current.resolved == spec.bundle.resolve()
+                same_bundle = current is not None and current.resolved == _resolved(spec.bundle)
                 if current is not None and same_bundle and current.spec.roi == spec.roi:
                     self._recipes[n] = replace(current, spec=spec)  # thresholds or name only
-                elif n not in self._loading:
-                    to_load.append(spec)
-                    self._loading.add(n)
-                    self._failed.pop(n, None)
-                    if current is not None:  # the old bundle must not judge the new recipe's parts
-                        self._retired.append(self._recipes.pop(n).inspector)
+                    continue
+                to_load.append(spec)
+                self._loading.add(n)
+                self._failed.pop(n, None)
+                if current is not None:  # the old bundle must not judge the new recipe's parts
+                    self._retired.append(self._recipes.pop(n).inspector)
             self.specs = specs
         self._publish()
         for spec in to_load:
-            threading.Thread(target=self._load_later, args=(spec,), name=f"recipe-{spec.number}", daemon=True).start()
+            self._start_load(spec)
         return [s.number for s in to_load]
 
+    def _start_load(self, spec: RecipeSpec) -> None:
+        threading.Thread(target=self._load_later, args=(spec,), name=f"recipe-{spec.number}", daemon=True).start()
+
     def _load_later(self, spec: RecipeSpec) -> None:
+        n = spec.number
         try:
-            recipe = self._load(spec)
+            recipe: Recipe | None = self._load(spec)
+            error = ""
         except Exception as exc:  # a bad bundle after a reload: this recipe fails, the others run on
-            log.error("recipe.load_failed", recipe=spec.number, bundle=str(spec.bundle), error=str(exc))
-            with self._lock:
-                self._loading.discard(spec.number)
-                self._failed[spec.number] = str(exc)
-            self._publish()
-            return
+            recipe, error = None, str(exc) or type(exc).__name__
+        again: RecipeSpec | None = None
         with self._lock:
-            self._loading.discard(spec.number)
-            if self.specs.get(spec.number) == spec:
-                self._recipes[spec.number] = recipe
+            latest = self.specs.get(n)
+            if n in self._again or latest != spec:
+                # Reloaded meanwhile: what just loaded may be stale; load again as things are now.
+                self._again.discard(n)
+                if recipe is not None:
+                    self._retired.append(recipe.inspector)
+                if latest is None:
+                    self._loading.discard(n)  # removed by the reload
+                else:
+                    again = latest
             else:
-                self._retired.append(recipe.inspector)  # changed again meanwhile
+                self._loading.discard(n)
+                if recipe is not None:
+                    self._recipes[n] = recipe
+                else:
+                    self._failed[n] = error
+        if again is not None:
+            log.info("recipe.reload_again", recipe=n, reason="reloaded while loading")
+            self._start_load(again)
+            return
+        if recipe is None and error:
+            log.error("recipe.load_failed", recipe=n, bundle=str(spec.bundle), error=error)
         self._publish()
 
     def wait_loaded(self, timeout_s: float) -> bool:

@@ -66,19 +66,24 @@ class Recorder:
         bundle_id: str,
         records: RecordsConfig | None = None,
         on_failing: Callable[[bool], None] = lambda failing: None,
+        on_ids: Callable[[bool], None] = lambda ok: None,
+        on_id_limit: Callable[[int], None] = lambda limit: None,
     ) -> None:
         data: Path = daemon.data_dir
         records = records or RecordsConfig()
         self.required = records.required
         self._on_failing = on_failing
+        self.metrics = metrics  # before the record store: its writer reports through it at once
         self.records = RecordStore(
             data / "inspections.sqlite",
             daemon.records_retention_days,
             daemon.records_retention_count,
             records.max_pending,
             on_state=self._records_state,
+            journal_bytes=int(records.journal_mb * (1 << 20)),
         )
-        self.ids = IdCounter(data / "inspection_id")
+        self.ids = IdCounter(data / "inspection_id", on_state=on_ids, on_ceiling=on_id_limit)
+        self.ids.open()  # its space is taken now: a full disk later cannot stop it being saved
         self.archive = RejectArchive(data / "archive", archive.quota_mb, archive.min_free_mb)
         self.archive_config = archive
         self.metrics = metrics
@@ -95,6 +100,7 @@ class Recorder:
         # The loop records inspections, the PLC worker refused triggers: one at a time.
         self._lock = threading.Lock()
         self.page_feed: PageFeed | None = None  # the operator page, when served
+        self.missing_at_start = 0
 
     def _records_state(self, failing: bool) -> None:
         self.metrics.records_ok.set(0 if failing else 1)
@@ -106,7 +112,26 @@ class Recorder:
         return self.records.failing
 
     def last_inspection_id(self) -> int:
-        """The last id that may have been issued: counter file and records, whichever is ahead."""
+        """The last id that may have been issued: counter file and records, whichever is ahead.
+
+        Also says how many ids the last run answered without a record (a kill -9
+        while the disk was full or the database locked: at most its last second).
+        """
+        previous = self.ids.previous
+        if previous is not None and previous.first and previous.issued >= previous.first:
+            answered = previous.issued - previous.first + 1
+            recorded = self.records.count_between(previous.first, previous.issued)
+            self.missing_at_start = answered - recorded
+            if self.missing_at_start:
+                log.warning(
+                    "records.missing_at_start",
+                    count=self.missing_at_start,
+                    first=previous.first,
+                    last=previous.issued,
+                    ceiling=previous.ceiling,
+                    note="ids answered by the last run without a record (and any it issued after "
+                    f"{previous.issued} within its last second)",
+                )
         return self.ids.start(self.records.last_inspection_id())
 
     def add(self, outcome: Outcome) -> None:
@@ -115,6 +140,7 @@ class Recorder:
             self._count(outcome)
             self._store(outcome)
         self.metrics.records_pending.set(self.records.pending)
+        self.metrics.records_unwritten.set(self.records.unwritten)
         if self.page_feed is not None:
             self.page_feed.offer(outcome)  # never blocks: rendering is the page's own thread
 

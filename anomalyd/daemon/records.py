@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -14,6 +16,8 @@ from pathlib import Path
 from anomalyd.log import get_logger
 
 log = get_logger(__name__)
+
+JOURNAL_AFTER_S = 0.25  # a record refused this long is journaled (plus the writer's back-off, under a second)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
@@ -96,15 +100,112 @@ def connect(path: Path, timeout_s: float = 1.0) -> sqlite3.Connection:
     return db
 
 
+class SpillJournal:
+    """Records the database refused, on disk within a second: a file allocated at start, filled in place.
+
+    Allocated while there is space, it takes records when the disk is full. Each
+    line is one record as JSON, followed by a NUL that the next line overwrites;
+    reading stops at the first NUL. Emptied (the NUL put back at the start)
+    once every record in it is in the database.
+    """
+
+    def __init__(self, path: Path, size_bytes: int) -> None:
+        self.path = path
+        self.size = size_bytes
+        self.offset = 0
+        self.count = 0
+        self.pending: list[dict[str, object]] = []
+        self._fd: int | None = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.error("records.journal_unavailable", file=str(path), error=str(exc))
+            return
+        self._fd = fd
+        self.pending = self._scan()
+        if os.fstat(fd).st_size < size_bytes:
+            try:
+                os.posix_fallocate(fd, 0, size_bytes)
+            except OSError as exc:  # no space even now: records the database refuses go to stderr
+                log.error("records.journal_not_reserved", file=str(path), error=str(exc), bytes=size_bytes)
+                self.size = os.fstat(fd).st_size
+
+    def _scan(self) -> list[dict[str, object]]:
+        """Records left by the last run (not yet in the database)."""
+        assert self._fd is not None
+        data = os.pread(self._fd, max(os.fstat(self._fd).st_size, 0), 0)
+        end = data.find(b"\0")
+        used = data if end < 0 else data[:end]
+        rows = []
+        for line in used.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                log.error("records.journal_damaged_line", file=str(self.path), line=line[:80].decode("latin-1"))
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        self.offset = len(used)
+        self.count = len(rows)
+        return rows
+
+    def append(self, records: list[Record]) -> bool:
+        """Write ``records`` (fsynced); False if they do not fit or the disk refused."""
+        if self._fd is None:
+            return False
+        blob = b"".join(json.dumps(asdict(r)).encode() + b"\n" for r in records)
+        if self.offset + len(blob) + 1 > self.size:
+            return False
+        try:
+            os.pwrite(self._fd, blob + b"\0", self.offset)
+            os.fsync(self._fd)
+        except OSError:
+            return False
+        self.offset += len(blob)
+        self.count += len(records)
+        return True
+
+    def reset(self) -> None:
+        if self._fd is None or self.offset == 0:
+            return
+        try:
+            os.pwrite(self._fd, b"\0", 0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            log.error("records.journal_reset_failed", file=str(self.path), error=str(exc))
+            return
+        self.offset, self.count = 0, 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_unwritten(record: Record) -> None:
+    """The last resort: the whole record as one JSON line on stderr (the journal keeps it)."""
+    line = json.dumps({"event": "record.unwritten", "level": "error", **asdict(record)})
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: nothing is left to tell
+        pass
+
+
 class RecordStore:
     """Records from the loop, inserted by one thread; kept and retried while the database refuses.
 
     Nothing is dropped while the database is locked by another process or the
     disk is full: records wait in a bounded buffer (``max_pending``) and the
     writer retries with back-off. ``failing`` says so at once (the daemon shows
-    it to the PLC, /healthz and metrics). Only a buffer overflow loses records,
-    and it is counted and logged. At close, what still cannot be written goes
-    to a JSON-lines file next to the database.
+    it to the PLC, /healthz and metrics). A record the database has refused for
+    more than ``JOURNAL_AFTER_S`` is also written to the spill journal
+    (allocated at start), or, when that is full, to stderr as a
+    ``record.unwritten`` line: after a kill -9 at most the last second's records
+    are missing. Rows are INSERTed, never replaced: an id already recorded with
+    other content is an error that logs both rows.
     """
 
     def __init__(
@@ -114,20 +215,27 @@ class RecordStore:
         retention_count: int,
         max_pending: int = 100_000,
         on_state: Callable[[bool], None] = lambda failing: None,
+        journal_bytes: int = 16 << 20,
     ) -> None:
         self.path = path
         self.retention_days = retention_days
         self.retention_count = retention_count
         self.max_pending = max_pending
         self.on_state = on_state
-        self._pending: deque[Record] = deque()
+        self._pending: deque[tuple[float, Record]] = deque()
+        self._journaled: set[int] = set()  # pending records already safe in the journal or on stderr
         self._cond = threading.Condition()
         self._closing = False
         self._db = connect(path)
         self.written = 0
         self.lost = 0
+        self.unwritten = 0  # records written only to stderr
+        self.conflicts = 0
+        self.imported = 0
         self.failing = False
         self._give_up_at: float | None = None
+        self.journal = SpillJournal(path.with_name("records-journal.jsonl"), journal_bytes)
+        self._import_journal()
         self._thread = threading.Thread(target=self._run, name="records", daemon=True)
         self._thread.start()
 
@@ -139,13 +247,42 @@ class RecordStore:
         row = self._db.execute("SELECT MAX(inspection_id) FROM inspections").fetchone()
         return int(row[0] or 0)
 
+    def count_between(self, first: int, last: int) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM inspections WHERE inspection_id BETWEEN ? AND ?", (first, last)
+        ).fetchone()
+        return int(row[0])
+
+    def _import_journal(self) -> None:
+        """Records the last run journaled but never got into the database: inserted now (or kept)."""
+        rows = self.journal.pending
+        if not rows:
+            return
+        fields = list(Record.__dataclass_fields__)
+        records = [Record(**{k: row.get(k) for k in fields}) for row in rows]  # type: ignore[arg-type]
+        try:
+            self._insert(records)
+        except sqlite3.Error as exc:  # still refused: kept in the journal and retried by the writer
+            log.error("records.journal_not_imported", count=len(records), error=str(exc))
+            now = time.monotonic()
+            self._pending.extend((now, r) for r in records)
+            self._journaled.update(r.inspection_id for r in records)
+            return
+        self.imported = len(records)
+        log.warning("records.journal_imported", count=len(records), file=str(self.journal.path))
+        self.journal.reset()
+
     def add(self, record: Record) -> None:
         with self._cond:
             if len(self._pending) >= self.max_pending:
-                dropped = self._pending.popleft()
+                _, dropped = self._pending.popleft()
+                if dropped.inspection_id not in self._journaled:
+                    write_unwritten(dropped)  # never silently: the whole record goes to the journal
+                    self.unwritten += 1
+                self._journaled.discard(dropped.inspection_id)
                 self.lost += 1
-                log.error("records.lost", inspection_id=dropped.inspection_id, pending=len(self._pending))
-            self._pending.append(record)
+                log.error("records.dropped_from_memory", inspection_id=dropped.inspection_id)
+            self._pending.append((time.monotonic(), record))
             self._cond.notify()
 
     def _set_failing(self, failing: bool, error: str = "") -> None:
@@ -156,11 +293,58 @@ class RecordStore:
             log.error("records.write_failing", error=error, pending=len(self._pending), db=str(self.path))
         else:
             log.info("records.write_recovered", pending=len(self._pending), written=self.written)
-        self.on_state(failing)
+        try:
+            self.on_state(failing)
+        except Exception:  # a listener's fault must never stop the writer
+            log.exception("records.state_listener_failed")
+
+    def _insert(self, batch: list[Record]) -> None:
+        """INSERT ``batch`` in one transaction; an id already recorded is checked row by row."""
+        fields = list(Record.__dataclass_fields__)
+        sql = f"INSERT INTO inspections ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
+        try:
+            with self._db:
+                self._db.executemany(sql, [tuple(asdict(r).values()) for r in batch])
+            return
+        except sqlite3.IntegrityError:
+            pass
+        for record in batch:
+            try:
+                with self._db:
+                    self._db.execute(sql, tuple(asdict(record).values()))
+            except sqlite3.IntegrityError:
+                self._conflict(record, fields)
+
+    def _conflict(self, record: Record, fields: list[str]) -> None:
+        row = self._db.execute(
+            f"SELECT {', '.join(fields)} FROM inspections WHERE inspection_id = ?", (record.inspection_id,)
+        ).fetchone()
+        existing = dict(zip(fields, row, strict=True)) if row else None
+        if existing == asdict(record):
+            return  # the same record twice (journaled, then written): nothing to do
+        self.conflicts += 1
+        log.error("records.id_conflict", inspection_id=record.inspection_id, recorded=existing, new=asdict(record))
+
+    def _journal_old(self, now: float, final: bool = False) -> None:
+        """Pending records the database has refused for a while: to the journal, or to stderr."""
+        with self._cond:
+            due = [
+                r
+                for t, r in self._pending
+                if r.inspection_id not in self._journaled and (final or now - t >= JOURNAL_AFTER_S)
+            ]
+        if not due:
+            return
+        if not self.journal.append(due):
+            for record in due:
+                write_unwritten(record)
+            self.unwritten += len(due)
+            if self.unwritten == len(due):
+                log.error("records.journal_full", file=str(self.journal.path), hint="records go to stderr")
+        with self._cond:
+            self._journaled.update(r.inspection_id for r in due)
 
     def _run(self) -> None:
-        fields = list(Record.__dataclass_fields__)
-        sql = f"INSERT OR REPLACE INTO inspections ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
         backoff = 0.05
         while True:
             with self._cond:
@@ -168,22 +352,26 @@ class RecordStore:
                     self._cond.wait()
                 if not self._pending:
                     return
-                batch = [self._pending[i] for i in range(min(256, len(self._pending)))]
+                batch = [self._pending[i][1] for i in range(min(256, len(self._pending)))]
             try:
-                with self._db:
-                    self._db.executemany(sql, [tuple(asdict(r).values()) for r in batch])
+                self._insert(batch)
             except Exception as exc:  # locked, disk full, I/O error: keep the batch, retry
                 self._set_failing(True, str(exc))
+                self._journal_old(time.monotonic())
                 if self._closing and self._give_up_at is not None and time.monotonic() > self._give_up_at:
                     return
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                backoff = min(backoff * 2, 0.25)
                 continue
             backoff = 0.05
             with self._cond:
                 for _ in batch:
-                    self._pending.popleft()
+                    _, r = self._pending.popleft()
+                    self._journaled.discard(r.inspection_id)
+                empty = not self._pending
             self.written += len(batch)
+            if empty:
+                self.journal.reset()  # everything journaled is in the database now
             self._set_failing(False)
             if self.written % 1000 < len(batch):
                 try:
@@ -201,23 +389,20 @@ class RecordStore:
             )
 
     def close(self, flush_s: float = 10.0) -> None:
-        """Write everything queued (retrying up to ``flush_s``), then close; spill the rest to a file."""
+        """Write everything queued (retrying up to ``flush_s``), then close; journal the rest."""
         with self._cond:
             self._closing = True
             self._give_up_at = time.monotonic() + flush_s
             self._cond.notify()
         self._thread.join(timeout=flush_s + 5.0)
         if self._pending:
-            self._spill()
+            self._journal_old(time.monotonic(), final=True)
+            log.error(
+                "records.left_in_journal",
+                count=len(self._pending),
+                journal=str(self.journal.path),
+                stderr=self.unwritten,
+                hint="imported into the database at the next start",
+            )
+        self.journal.close()
         self._db.close()
-
-    def _spill(self) -> None:
-        spill = self.path.with_name(f"records-unwritten-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
-        rows = list(self._pending)
-        try:
-            with spill.open("a", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(asdict(r)) + "\n")
-            log.error("records.spilled", count=len(rows), file=str(spill))
-        except OSError as exc:
-            log.error("records.lost_at_stop", count=len(rows), error=str(exc))

@@ -22,17 +22,17 @@ from pathlib import Path
 
 from anomalyd.config import AppConfig, ModbusServerConfig, OpcUaServerConfig, config_hash
 from anomalyd.config_loader import config_sections, load_config
-from anomalyd.daemon.audit import AuditLog
+from anomalyd.daemon.audit import AuditError, AuditLog
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Dispatcher
 from anomalyd.daemon.drift import DriftTracker, DriftWatch
-from anomalyd.daemon.handshake import Answer, Handshake
+from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake
 from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics, MetricsServer
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.page import PageFeed, PageServer, page_token
 from anomalyd.daemon.plc_worker import PlcWorker
-from anomalyd.daemon.recipes import RecipeBook
+from anomalyd.daemon.recipes import RecipeBook, recipe_specs
 from anomalyd.daemon.recorder import Recorder
 from anomalyd.daemon.reloader import reload_config
 from anomalyd.drivers.plc.base import PlcError, open_plc_link
@@ -62,13 +62,15 @@ class Daemon:
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
         self._last_loop = time.monotonic()
+        self.audit_problem = ""  # the audit chain's first break, shown on the page ("" while whole)
 
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
         cfg = self.config
         check_data_dir(cfg.daemon.data_dir)  # before the slow model load: a person must fix it
         try:
-            self.audit = AuditLog(cfg.daemon.data_dir / "inspections.sqlite")
+            # A short wait: a reload that cannot be audited is refused rather than hold up the line.
+            self.audit = AuditLog(cfg.daemon.data_dir / "inspections.sqlite", timeout_s=1.0)
         except sqlite3.Error as exc:
             raise StartupError(
                 f"{cfg.daemon.data_dir / 'inspections.sqlite'}: cannot open the audit log ({exc})"
@@ -82,6 +84,10 @@ class Daemon:
         )
         # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
         plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
+        if cfg.model.trusted_keys:
+            log.info("bundles.authenticated", trusted_keys=[str(k) for k in cfg.model.trusted_keys])
+        else:
+            log.warning("bundles.not_authenticated", hint="set model.trusted_keys to refuse unsigned bundles")
         self.recipes = RecipeBook(cfg, self.handshake, RecipeBook.opener(cfg))
         self.recipes.load_all()  # every recipe loaded and warmed up before READY
         default = self.recipes.get(0)
@@ -97,16 +103,24 @@ class Daemon:
         )
         try:
             self.recorder = Recorder(
-                cfg.daemon, cfg.archive, self.metrics, default.bundle_id, cfg.records, on_failing=self._records_failing
+                cfg.daemon,
+                cfg.archive,
+                self.metrics,
+                default.bundle_id,
+                cfg.records,
+                on_failing=self._records_failing,
+                on_ids=self._ids_state,
+                on_id_limit=self.handshake.set_id_limit,
             )
             last_id = self.recorder.last_inspection_id()
         except (sqlite3.Error, OSError) as exc:
             raise StartupError(
-                f"{cfg.daemon.data_dir / 'inspections.sqlite'}: cannot open the records ({exc}); "
-                "check the file and its folder (a corrupt database can be moved aside)"
+                f"{cfg.daemon.data_dir}: cannot open the records or the inspection counter ({exc}); "
+                "check the folder, its free space and its files (a corrupt database can be moved aside)"
             ) from None
         self.recorder.config_id = self.config_id
         self.handshake.continue_from(last_id)
+        self.handshake.on_continue = self.recorder.ids.reserve  # a PLC block ahead of us: saved before use
         self.handshake.set_threshold(self.threshold)
         link = open_plc_link(cfg.plc)
         if isinstance(cfg.plc, ModbusServerConfig | OpcUaServerConfig):
@@ -162,6 +176,7 @@ class Daemon:
             },
             actor="daemon",
         )
+        self._check_audit()
         self.notifier.ready(self._status_line())
         log.info(
             "daemon.ready",
@@ -195,6 +210,7 @@ class Daemon:
             "drift": self.drift.tracker.states() if self.drift is not None else {},
             "drifting": status.drift,
             "audit": self._recent_audit(),
+            "audit_broken": self.audit_problem,
         }
 
     def _recent_audit(self) -> list[dict[str, object]]:
@@ -217,6 +233,17 @@ class Daemon:
         if plc is not None:
             plc.wake()
 
+    def _ids_state(self, ok: bool) -> None:
+        """The inspection counter cannot be saved: no id it could repeat is handed out (code 11)."""
+        self.metrics.ids_ok.set(1 if ok else 0)
+        if ok:
+            self.handshake.release(ErrorCode.RECORDS_UNAVAILABLE)
+        else:
+            self.handshake.hold(ErrorCode.RECORDS_UNAVAILABLE)
+        plc = getattr(self, "plc", None)
+        if plc is not None:
+            plc.wake()
+
     def _expired(self, answer: Answer) -> None:
         log.warning("inspection.deadline", id=answer.status.inspection_id, part_id=answer.part_id)
 
@@ -232,6 +259,8 @@ class Daemon:
         while not self.stop_event.is_set():
             self._last_loop = time.monotonic()
             self.notifier.watchdog()  # from the loop itself: a hung loop is restarted
+            # Saves the counter ahead of the ids (also after a PLC block moved them on) and retries a failed save.
+            self.recorder.ids.reserve(self.handshake.status.inspection_id)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -264,14 +293,24 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
 
     def reload(self) -> bool:
-        """Re-read the YAML; apply reloadable sections; keep everything on a bad edit."""
+        """Re-read the YAML; apply reloadable sections; keep everything on a bad edit.
+
+        What the reload changes is audited first; if the entry cannot be written
+        the reload is refused and the old values stay.
+        """
         self.notifier.reloading()
         result = reload_config(self.config_path, self.config, self.config_sections)
-        if result.applied:
+        applied = result.applied
+        if applied:
+            try:
+                for action, detail in self._reload_entries(result.config):
+                    self.audit.record(action, detail, actor="daemon (reload)")
+            except AuditError as exc:
+                log.error("reload.refused", reason=str(exc), kept=self.config.thresholds.model_dump())
+                applied = False
+            self._check_audit()
+        if applied:
             self.config_sections = result.sections
-            before_thresholds = self.config.thresholds.model_dump()
-            before_recipes = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
-            before_bundles = self.recipes.resolved()
             self.config = result.config
             self.config_id = config_hash(self.config)
             self.recorder.config_id = self.config_id
@@ -280,7 +319,6 @@ class Daemon:
             self.recorder.archive.min_free_bytes = int(self.config.archive.min_free_mb * 1024 * 1024)
             loading = self.recipes.apply(self.config)
             self.handshake.set_threshold(self.threshold)
-            self._audit_reload(before_thresholds, before_recipes, before_bundles, loading)
             configure_logging(self.config.logging.level, self.config.logging.format)
             log.info(
                 "reload.applied",
@@ -290,40 +328,50 @@ class Daemon:
                 needs_restart=result.needs_restart,
             )
         self.notifier.ready(self._status_line())
-        return result.applied
+        return applied
 
-    def _audit_reload(
-        self,
-        thresholds: dict[str, object],
-        recipes: dict[int, dict[str, object]],
-        bundles: dict[int, str],
-        loading: list[int],
-    ) -> None:
-        """What this reload changed, old → new, into the audit log."""
-        now = self.config.thresholds.model_dump()
-        if now != thresholds:
-            changed = {k: {"old": thresholds[k], "new": now[k]} for k in now if now[k] != thresholds.get(k)}
-            self.audit.append(
-                "thresholds", {"changed": changed, "config_hash": self.config_id}, actor="daemon (reload)"
-            )
-        after = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
+    def _reload_entries(self, new: AppConfig) -> list[tuple[str, dict[str, object]]]:
+        """What a reload to ``new`` would change, old → new, as audit entries (before it is applied)."""
+        entries: list[tuple[str, dict[str, object]]] = []
+        new_hash = config_hash(new)
+        before, now = self.config.thresholds.model_dump(), new.thresholds.model_dump()
+        if now != before:
+            changed = {k: {"old": before[k], "new": now[k]} for k in now if now[k] != before.get(k)}
+            entries.append(("thresholds", {"changed": changed, "config_hash": new_hash}))
+        old_recipes = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
+        after = {n: r.model_dump(mode="json") for n, r in new.recipes.items()}
+        bundles = self.recipes.resolved()
+        _, specs = recipe_specs(new)
         moved = {
             n: {"old": bundles[n], "new": str(s.bundle.resolve())}
-            for n, s in self.recipes.specs.items()
+            for n, s in specs.items()
             if n in bundles and bundles[n] != str(s.bundle.resolve())
         }
-        if after != recipes or moved:
-            detail = {
-                "added": sorted(set(after) - set(recipes)),
-                "removed": sorted(set(recipes) - set(after)),
+        if after != old_recipes or moved:
+            detail: dict[str, object] = {
+                "added": sorted(set(after) - set(old_recipes)),
+                "removed": sorted(set(old_recipes) - set(after)),
                 "changed": {
-                    n: {"old": recipes[n], "new": after[n]} for n in after if n in recipes and after[n] != recipes[n]
+                    n: {"old": old_recipes[n], "new": after[n]}
+                    for n in after
+                    if n in old_recipes and after[n] != old_recipes[n]
                 },
                 "bundles_moved": moved,
-                "loading": loading,
-                "config_hash": self.config_id,
+                "config_hash": new_hash,
             }
-            self.audit.append("recipes", detail, actor="daemon (reload)")
+            entries.append(("recipes", detail))
+        return entries
+
+    def _check_audit(self) -> None:
+        """Verify the audit chain; a break is reported (log, metric, page), never a reason to stop the line."""
+        verdict = self.audit.verify()
+        problem = "" if verdict.ok else verdict.problem
+        self.metrics.audit_ok.set(1 if verdict.ok else 0)
+        if problem and problem != self.audit_problem:
+            log.error("audit.chain_broken", problem=problem, hint="anomalyd audit --verify")
+        elif not problem and self.audit_problem:
+            log.info("audit.chain_whole", entries=verdict.entries)
+        self.audit_problem = problem
 
     def health(self) -> dict[str, object]:
         loop_age = time.monotonic() - self._last_loop

@@ -90,6 +90,26 @@ class Inspector:
         timings["total"] = (times[-1] - times[0]) * 1000.0
         return Inspection(score, score * self.reference, small_map, roi, timings)
 
+    def check_features(self, frame: np.ndarray) -> None:
+        """Refuse a bundle whose manifest and bank do not match what its extractor gives.
+
+        A manifest re-bound to another feature width would otherwise fail every
+        part deep in the search with a reshape error.
+        """
+        from anomalyd.engines.base import EngineError
+
+        with torch.inference_mode():
+            batch, _ = self.scorer.preprocess(frame)
+            features = self.extractor.extract(batch)
+        got = (int(features.shape[1]), int(features.shape[2]), int(features.shape[3]))
+        spec = self.bundle.spec
+        want = (spec.feature_dim, *spec.feature_grid)
+        if got != want:
+            raise EngineError(
+                f"{self.bundle.path}: the extractor gives {got[0]} features on a {got[1]}x{got[2]} grid, "
+                f"the manifest and memory bank say {want[0]} on {want[1]}x{want[2]}; refit the bundle"
+            )
+
     def warm_up(self, runs: int = 2) -> None:
         """Run dummy frames so the first real part does not pay for lazy initialisation."""
         h, w = self.bundle.input_size
@@ -98,6 +118,7 @@ class Inspector:
             if self.roi is None
             else np.zeros((self.roi[1] + self.roi[3], self.roi[0] + self.roi[2], 3), dtype=np.uint8)
         )
+        self.check_features(frame)
         for _ in range(runs):
             self.inspect(frame)
 

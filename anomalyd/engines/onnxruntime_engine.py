@@ -40,9 +40,7 @@ class OnnxRuntimeExtractor:
         # cores that the search and the PLC thread need between inferences.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(
-                str(bundle.file(EXTRACTOR_ONNX)), options, providers=list(config.providers)
-            )
+            self.session = ort.InferenceSession(bundle.blob(EXTRACTOR_ONNX), options, providers=list(config.providers))
         except Exception as exc:  # ORT raises its own exception types per failure
             raise EngineError(f"onnxruntime could not load {bundle.file(EXTRACTOR_ONNX)}: {exc}") from exc
         self.providers = self.session.get_providers()

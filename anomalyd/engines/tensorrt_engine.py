@@ -110,7 +110,8 @@ def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     onnx_path = bundle.file(EXTRACTOR_ONNX)
-    if not parser.parse_from_file(str(onnx_path)):
+    # The verified bytes read at load, not the file again (a promote may have moved the link).
+    if not parser.parse(bundle.blob(EXTRACTOR_ONNX)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()

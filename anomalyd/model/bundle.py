@@ -11,9 +11,14 @@ with ``weights_only=True`` and the memory bank is a ``.npy`` read with
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,7 @@ from pydantic import ValidationError
 
 from anomalyd.errors import AnomalydError
 from anomalyd.model.manifest import Manifest
+from anomalyd.model.signing import SIGNATURE, SignatureError, TrustedKey, verify_signature
 
 FORMAT = "anomalyd-bundle"
 # 2: bundle_id is a hash over the whole manifest body and every file (1: over the files only).
@@ -31,6 +37,9 @@ EXTRACTOR_ONNX = "extractor.onnx"
 EXTRACTOR_WEIGHTS = "extractor.pt"
 MEMORY_BANK = "memory_bank.npy"
 REQUIRED_FILES = (EXTRACTOR_ONNX, EXTRACTOR_WEIGHTS, MEMORY_BANK)
+# Far above any real bundle (a Lite0 ONNX is ~14 MB, a large bank a few hundred MB).
+MAX_FILE_BYTES = 4 << 30
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class BundleError(AnomalydError):
@@ -46,18 +55,30 @@ def sha256_file(path: Path) -> str:
 
 
 def manifest_id(manifest: dict[str, Any]) -> str:
-    """The bundle's identity: a hash over the manifest body (files' checksums included)."""
-    body = {k: v for k, v in manifest.items() if k != "bundle_id"}
+    """The bundle's identity: a hash over the manifest body (files' checksums included).
+
+    The signature is not part of it: signing a bundle does not change which model it is.
+    """
+    body = {k: v for k, v in manifest.items() if k not in ("bundle_id", SIGNATURE)}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded, verified bundle: ``spec`` is the typed manifest, ``manifest`` the file as written."""
+    """A loaded, verified bundle: ``spec`` is the typed manifest, ``manifest`` the file as written.
+
+    ``path`` is the folder the bundle was read from, resolved once (a line's
+    bundle is a symlink that ``promote`` moves). ``blobs`` are the bytes of every
+    file, read once and verified: engines build from these bytes, never by
+    reading the folder again, so a bundle can never pair one version's manifest
+    with another's bank.
+    """
 
     path: Path
     manifest: dict[str, Any]
     spec: Manifest
+    blobs: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    signed_by: str | None = None  # the trusted key's id that verified the signature
 
     @property
     def bundle_id(self) -> str:
@@ -80,6 +101,13 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def blob(self, name: str) -> bytes:
+        """The verified bytes of one of the bundle's files (read once at load)."""
+        try:
+            return self.blobs[name]
+        except KeyError:
+            raise BundleError(f"{self.path / name}: not read at load") from None
+
     def memory_bank(self) -> np.ndarray:
         """The bank, refused unless float32, of the manifest's shape and finite everywhere.
 
@@ -88,8 +116,8 @@ class Bundle:
         """
         path = self.file(MEMORY_BANK)
         try:
-            bank = np.load(path, allow_pickle=False)
-        except ValueError as exc:
+            bank = np.load(io.BytesIO(self.blob(MEMORY_BANK)), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
             raise BundleError(f"{path}: not a plain .npy array ({exc})") from None
         expected = self.spec.bank_shape
         if bank.dtype != np.float32:
@@ -102,7 +130,12 @@ class Bundle:
         return np.ascontiguousarray(bank)
 
     def extractor_state(self) -> dict[str, torch.Tensor]:
-        return torch.load(self.file(EXTRACTOR_WEIGHTS), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+        try:
+            return torch.load(  # type: ignore[no-any-return]
+                io.BytesIO(self.blob(EXTRACTOR_WEIGHTS)), map_location="cpu", weights_only=True
+            )
+        except Exception as exc:  # torch raises its own types for a damaged or hostile file
+            raise BundleError(f"{self.file(EXTRACTOR_WEIGHTS)}: not plain tensor weights ({exc})") from None
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -110,19 +143,65 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     files = {name: sha256_file(path / name) for name in REQUIRED_FILES}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
     manifest.pop("bundle_id", None)
+    manifest.pop(SIGNATURE, None)
     manifest["bundle_id"] = manifest_id(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
-def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
-    """Open a bundle, refusing one with an unknown format or a file that does not match."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{path}: no {MANIFEST}; is this a bundle written by `anomalyd fit`?")
+def read_regular(folder: Path, name: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``folder/name``, refusing anything but a regular file inside the folder.
+
+    A FIFO would block the load forever and a link to ``/dev/zero`` would fill
+    memory; a link out of the bundle is content nobody checked into it.
+    """
+    target = folder / name
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        st = os.lstat(target)
+    except FileNotFoundError:
+        raise BundleError(f"{target}: missing from the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"{target}: cannot read ({exc.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        real = target.resolve()
+        if real.parent != folder:
+            raise BundleError(f"{target}: not a regular file (a link out of the bundle, to {real})")
+        st = os.stat(real)
+        target = real
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{target}: not a regular file (a FIFO, device or folder); refit, or restore the file")
+    if st.st_size > limit:
+        raise BundleError(f"{target}: {st.st_size} bytes, more than a bundle file may hold ({limit})")
+    try:
+        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BundleError(f"{target}: cannot read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped between lstat and open
+            raise BundleError(f"{target}: not a regular file")
+        return fh.read(limit + 1)
+
+
+def load_bundle(path: Path | str, verify: bool = True, trusted_keys: Sequence[TrustedKey] = ()) -> Bundle:
+    """Open a bundle, refusing one with an unknown format or a file that does not match.
+
+    The folder is resolved once (a symlink moved by ``promote`` meanwhile cannot
+    mix two bundles), every file is read once and its checksum verified on those
+    bytes. With ``trusted_keys`` the manifest must carry a signature by one of them.
+    """
+    given = Path(path)
+    try:
+        folder = given.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise BundleError(f"{given}: no such bundle folder") from None
+    if not folder.is_dir():
+        raise BundleError(f"{given}: not a folder; is this a bundle written by `anomalyd fit`?")
+    manifest_path = folder / MANIFEST
+    if not (manifest_path.exists() or manifest_path.is_symlink()):
+        raise BundleError(f"{given}: no {MANIFEST}; is this a bundle written by `anomalyd fit`?")
+    raw = read_regular(folder, MANIFEST, limit=MAX_MANIFEST_BYTES)
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -139,6 +218,10 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
             "does not match its content); refit, or restore the manifest that fit wrote"
         )
     try:
+        signed_by = verify_signature(manifest, trusted_keys) if trusted_keys else None
+    except SignatureError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
+    try:
         spec = Manifest.model_validate(manifest)
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -147,17 +230,17 @@ def load_bundle(path: Path | str, verify: bool = True) -> Bundle:
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: files: not a mapping of checksums")
+    blobs: dict[str, bytes] = {}
     for name in REQUIRED_FILES:
-        target = path / name
         if name not in files:
             raise BundleError(f"{manifest_path}: no checksum for {name}")
-        if not target.is_file():
-            raise BundleError(f"{target}: missing from the bundle")
+        data = read_regular(folder, name)
         if verify:
-            actual = sha256_file(target)
+            actual = hashlib.sha256(data).hexdigest()
             if actual != files[name]:
                 raise BundleError(
-                    f"{target}: checksum mismatch (manifest {files[name][:12]}…, file {actual[:12]}…); "
+                    f"{folder / name}: checksum mismatch (manifest {str(files[name])[:12]}…, file {actual[:12]}…); "
                     "the file is corrupt or was changed after fit"
                 )
-    return Bundle(path, manifest, spec)
+        blobs[name] = data
+    return Bundle(folder, manifest, spec, MappingProxyType(blobs), signed_by)

@@ -68,6 +68,45 @@ def node_table() -> list[dict[str, str]]:
     return rows
 
 
+_SESSION_SERVICES = ("CreateSessionRequest_Encoding_DefaultBinary", "ActivateSessionRequest_Encoding_DefaultBinary")
+
+
+def _guard_sessions() -> None:
+    """Refuse CreateSession/ActivateSession on a channel whose mode the server was not configured for.
+
+    asyncua keeps a SecurityMode None channel open on a secured server so that
+    clients can discover its endpoints; without this, a client with no
+    certificate could open a session on it and write the commands. Discovery
+    (GetEndpoints, FindServers) stays possible. Applied once per process to
+    asyncua's processor; a server opts in through ``iserver.anomalyd_modes``.
+    """
+    from asyncua import ua
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+    from asyncua.server.uaprocessor import UaProcessor
+
+    if getattr(UaProcessor, "_anomalyd_guarded", False):
+        return
+    original = UaProcessor._process_message
+    session_ids = {ua.NodeId(getattr(ua.ObjectIds, name)) for name in _SESSION_SERVICES}
+
+    async def process(self: Any, typeid: Any, requesthdr: Any, seqhdr: Any, body: Any) -> Any:
+        modes = getattr(self.iserver, "anomalyd_modes", None)
+        if modes is not None and typeid in session_ids:
+            policy = self._connection.security_policy
+            mode = getattr(policy, "Mode", ua.MessageSecurityMode.None_)
+            if mode not in modes or policy.URI != SecurityPolicyBasic256Sha256.URI:
+                peer = str(self.name[0]) if isinstance(self.name, tuple) else str(self.name)
+                refused: set[str] = self.iserver.anomalyd_refused
+                if peer not in refused:  # once per client address, not once per retry
+                    refused.add(peer)
+                    log.warning("opcua.session_refused", client=peer, mode=str(mode), policy=policy.URI)
+                raise ua.uaerrors.BadSecurityModeRejected
+        return await original(self, typeid, requesthdr, seqhdr, body)
+
+    UaProcessor._process_message = process  # type: ignore[method-assign]
+    UaProcessor._anomalyd_guarded = True  # type: ignore[attr-defined]
+
+
 class _Users:
     """One user name and password (asyncua's user manager interface)."""
 
@@ -134,6 +173,7 @@ class OpcUaServerLink:
             users = _Users(c.username, c.password_file.read_text(encoding="utf-8").strip())
         server = Server(user_manager=users) if users else Server()  # type: ignore[arg-type]
         await server.init()
+        server.iserver.max_connections = c.max_clients  # beyond it asyncua refuses the TCP connection
         server.set_endpoint(f"opc.tcp://{c.host}:{c.port}/anomalyd")
         server.set_server_name("anomalyd")
         await server.set_application_uri(APPLICATION_URI)
@@ -164,6 +204,15 @@ class OpcUaServerLink:
             await store.load()
             options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
             server.set_certificate_validator(CertificateValidator(options, store))
+            # Sessions only on a channel of the configured mode and policy (discovery stays open).
+            mode = (
+                ua.MessageSecurityMode.SignAndEncrypt
+                if c.security == "sign_and_encrypt"
+                else ua.MessageSecurityMode.Sign
+            )
+            _guard_sessions()
+            server.iserver.anomalyd_modes = {mode}  # type: ignore[attr-defined]
+            server.iserver.anomalyd_refused = set()  # type: ignore[attr-defined]
         if users is not None:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         self._ns = await server.register_namespace(NAMESPACE)
