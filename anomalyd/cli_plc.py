@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
@@ -135,29 +136,89 @@ def add_plc_commands(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for NAME.der and NAME.key.pem")
     p.add_argument("--host", help="host name in the certificate (default: this machine's)")
     p.add_argument("--client", metavar="URI", help="make a client certificate with this application URI instead")
+    p.add_argument("--days", type=int, default=CERT_DAYS, help=f"validity in days (default {CERT_DAYS})")
     p.set_defaults(func=cmd_opcua_cert)
+
+
+CERT_DAYS = 730  # two years: renewed at a planned stop, warned 30 days ahead (log and metric)
+
+
+def make_certificate(out: Path, role: str, uri: str, host: str, days: int) -> tuple[Path, Path]:
+    """An RSA-2048 self-signed end-entity certificate for OPC UA (Basic256Sha256).
+
+    The application URI and the host go into the subject alternative name: a
+    host that is an IP address as an IP address (clients compare it so), else as
+    a DNS name. Not a CA (a certificate that could sign others is a risk if its
+    key leaks); valid from yesterday (clock skew) for ``days``.
+    """
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"anomalyd {role} {host}")])
+    try:
+        where: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        where = x509.DNSName(host)
+    now = dt.datetime.now(dt.timezone.utc)
+    use = ExtendedKeyUsageOID.CLIENT_AUTH if role == "client" else ExtendedKeyUsageOID.SERVER_AUTH
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri), where]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([use]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = out / f"{role}.key.pem", out / f"{role}.der"
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    return cert_path, key_path
 
 
 def cmd_opcua_cert(args: argparse.Namespace) -> int:
     """A self-signed certificate and key for the OPC UA server (or, with --client, for a client)."""
-    import asyncio
     import socket
-
-    from asyncua.crypto.cert_gen import setup_self_signed_certificate
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     from anomalyd.drivers.plc.opcua import APPLICATION_URI
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     role = "client" if args.client else "server"
     uri = args.client or APPLICATION_URI
     host = args.host or socket.gethostname()
-    key, cert = out / f"{role}.key.pem", out / f"{role}.der"
-    use = [ExtendedKeyUsageOID.CLIENT_AUTH] if args.client else [ExtendedKeyUsageOID.SERVER_AUTH]
-    asyncio.run(setup_self_signed_certificate(key, cert, uri, host, use, {"commonName": f"anomalyd {role} {host}"}))
-    key.chmod(0o600)
-    print(f"{cert} (application URI {uri}, host {host}) and {key}")
+    cert, key = make_certificate(args.out, role, uri, host, args.days)
+    print(f"{cert} (application URI {uri}, host {host}, valid {args.days} days) and {key}")
     if not args.client:
         print("give the PLC/SCADA the .der to trust; put the clients' certificates in plc.trusted_clients")
     return 0

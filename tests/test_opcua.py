@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +209,163 @@ def test_plc_layout_lists_the_opcua_nodes(tmp_path: Path) -> None:
     assert "nsu=urn:anomalyd;s=anomalyd/Status/part_id" in out.stdout
     table = (tmp_path / "o" / "opcua_nodes.csv").read_text()
     assert "anomalyd/Command/trigger,Boolean,read/write" in table and "anomalyd/Status/Block,ByteString,read" in table
+
+
+def _secure_station(stations: list[OpcUaStation], tmp_path: Path, bundle: Path, source: Path, **plc: object):  # type: ignore[no-untyped-def]
+    server, trusted = tmp_path / "server", tmp_path / "trusted"
+    _cert(server)
+    _cert(trusted, "--client", "urn:plant:line3:plc")
+    station = OpcUaStation(
+        tmp_path,
+        bundle,
+        source,
+        {
+            "security": "sign_and_encrypt",
+            "certificate": str(server / "server.der"),
+            "private_key": str(server / "server.key.pem"),
+            "trusted_clients": str(trusted / "client.der"),
+            **plc,
+        },
+    )
+    stations.append(station)
+    options = OpcUaClientOptions(
+        security="sign_and_encrypt",
+        certificate=str(trusted / "client.der"),
+        private_key=str(trusted / "client.key.pem"),
+        server_certificate=str(server / "server.der"),
+        application_uri="urn:plant:line3:plc",
+    )
+    return station, options
+
+
+def test_no_session_on_a_none_channel_while_security_is_on(
+    stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    """The attack: a client with no certificate opens a None channel (for discovery) and a session on it."""
+    from asyncua import Client, ua
+
+    station, options = _secure_station(stations, tmp_path, e2e_bundle, sample_dir)
+    plc = station.plc(options)  # the trusted PLC works
+    plc.stop()
+    url = f"opc.tcp://127.0.0.1:{station.port}/anomalyd"
+
+    async def attack() -> tuple[list[str], str]:
+        client = Client(url, timeout=3)
+        await client.connect_socket()
+        await client.send_hello()
+        await client.open_secure_channel()  # SecurityMode None: allowed, for discovery
+        endpoints = await client.get_endpoints()  # discovery still works
+        params = ua.CreateSessionParameters()
+        params.ClientNonce = os.urandom(32)
+        params.ClientDescription = ua.ApplicationDescription(ApplicationUri="urn:attacker")
+        params.EndpointUrl = url
+        params.SessionName = "attacker"
+        params.RequestedSessionTimeout = 60_000
+        params.MaxResponseMessageSize = 0
+        outcome = "session created"
+        try:
+            await client.uaclient.create_session(params)
+            activate = ua.ActivateSessionParameters()
+            activate.UserIdentityToken = ua.AnonymousIdentityToken()
+            await client.uaclient.activate_session(activate)
+            node = client.get_node(ua.NodeId("anomalyd/Command/trigger", 2))
+            await node.write_value(ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
+            outcome = "trigger written"
+        except ua.uaerrors.BadSecurityModeRejected:
+            outcome = "refused"
+        finally:
+            client.disconnect_socket()
+        return [str(e.SecurityMode) for e in endpoints], outcome
+
+    from asyncua import ua
+
+    modes, outcome = asyncio.run(attack())
+    assert modes == [str(ua.MessageSecurityMode.SignAndEncrypt)]  # the only endpoint offered
+    assert outcome == "refused"
+    modes, outcome = asyncio.run(attack())  # again, from the same address: refused, logged once
+    assert outcome == "refused"
+    assert station.stop() == 0
+    log = station.log.read_text()
+    assert log.count('"opcua.session_refused"') == 1 and '"client": "127.0.0.1"' in log
+    assert '"inspection"' not in log  # nothing was triggered by the attacker
+
+
+def test_opcua_cert_ip_san_not_a_ca_days_and_expiry_warnings(
+    stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+
+    out = tmp_path / "ip"
+    subprocess.run(
+        [*ANOMALYD, "opcua-cert", "--out", str(out), "--host", "192.168.10.5", "--days", "20"],
+        check=True,
+        capture_output=True,
+    )
+    cert = x509.load_der_x509_certificate((out / "server.der").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.168.10.5")]
+    assert san.get_values_for_type(x509.DNSName) == []
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    assert dt.timedelta(days=19) < left <= dt.timedelta(days=20)
+    assert (out / "server.key.pem").stat().st_mode & 0o777 == 0o600
+    # A server certificate with 20 days left: the daemon warns; the client's (730 days) is only logged.
+    station, options = _secure_station(stations, tmp_path / "s", e2e_bundle, sample_dir)
+    station.stop()
+    short = tmp_path / "short"
+    subprocess.run(
+        [*ANOMALYD, "opcua-cert", "--out", str(short), "--host", "localhost", "--days", "20"],
+        check=True,
+        capture_output=True,
+    )
+    station2, _ = _secure_station(
+        stations,
+        tmp_path / "s2",
+        e2e_bundle,
+        sample_dir,
+        certificate=str(short / "server.der"),
+        private_key=str(short / "server.key.pem"),
+    )
+    time.sleep(0)
+    deadline = time.monotonic() + 60
+    while '"daemon.ready"' not in station2.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert station2.stop() == 0
+    log = station2.log.read_text()
+    expiring = [json.loads(line) for line in log.splitlines() if '"opcua.certificate_expiring"' in line]
+    assert [e["certificate"] for e in expiring] == ["server"] and 18.9 < expiring[0]["days_left"] <= 20
+    assert '"opcua.certificate"' in log and '"client:client.der"' in log
+
+
+def test_opcua_connections_beyond_the_cap_are_refused(
+    stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    station = OpcUaStation(tmp_path, e2e_bundle, sample_dir, {"max_clients": 2})
+    stations.append(station)
+    plc = station.plc()  # one client: the PLC
+    try:
+        held = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", station.port), timeout=3)
+            held.append(s)
+        time.sleep(0.5)
+        closed = []
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                closed.append(s.recv(1) == b"")
+            except TimeoutError:
+                closed.append(False)
+        assert closed == [False, True, True]  # the PLC and one more; the rest refused
+        res = plc.inspect_once(10.0, part_id=3)
+        assert res is not None and res.attributed  # the PLC is served throughout
+    finally:
+        for s in held:
+            s.close()
+        plc.stop()
+    assert station.stop() == 0

@@ -46,6 +46,9 @@ class Metrics:
         )
         self.audit_ok = Gauge("anomalyd_audit_chain_ok", "1 while the audit log's hash chain is whole", registry=r)
         self.audit_ok.set(1)
+        self.certificate_days = Gauge(
+            "anomalyd_certificate_days_left", "Days until an OPC UA certificate expires", ["certificate"], registry=r
+        )
         self.ids_ok = Gauge("anomalyd_id_counter_ok", "1 while the inspection counter can be saved", registry=r)
         self.ids_ok.set(1)
         self.missed_triggers = Counter(

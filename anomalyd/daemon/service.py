@@ -62,6 +62,7 @@ class Daemon:
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
         self._last_loop = time.monotonic()
+        self._next_cert_check = float("inf")  # OPC UA certificates: checked at start, then hourly
         self.audit_problem = ""  # the audit chain's first break, shown on the page ("" while whole)
 
     # ------------------------------------------------------------ start-up
@@ -129,6 +130,7 @@ class Daemon:
                 link.open()
             except PlcError as exc:
                 raise StartupError(f"plc.port {cfg.plc.port} on {cfg.plc.host}: {exc}") from None
+        self._check_certificates()
         self.plc = PlcWorker(
             link,
             self.handshake,
@@ -233,6 +235,20 @@ class Daemon:
         if plc is not None:
             plc.wake()
 
+    def _check_certificates(self) -> None:
+        """OPC UA: log and export the days left on each certificate; warn 30 days ahead."""
+        if not isinstance(self.config.plc, OpcUaServerConfig):
+            return
+        from anomalyd.drivers.plc.opcua import EXPIRY_WARNING_DAYS, certificate_days_left
+
+        self._next_cert_check = time.monotonic() + 3600.0
+        for name, days in certificate_days_left(self.config.plc).items():
+            self.metrics.certificate_days.labels(certificate=name).set(days)
+            if days < EXPIRY_WARNING_DAYS:
+                log.warning("opcua.certificate_expiring", certificate=name, days_left=days)
+            else:
+                log.info("opcua.certificate", certificate=name, days_left=days)
+
     def _ids_state(self, ok: bool) -> None:
         """The inspection counter cannot be saved: no id it could repeat is handed out (code 11)."""
         self.metrics.ids_ok.set(1 if ok else 0)
@@ -264,6 +280,8 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if time.monotonic() >= self._next_cert_check:
+                self._check_certificates()
             if time.monotonic() >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = time.monotonic() + 5.0
