@@ -365,6 +365,9 @@ class PageConfig(Section):
         "File holding the access token (or set ANOMALYD_PAGE_TOKEN); required when host is not loopback.",
     )
     filmstrip: int = setting(24, "Filmstrip", "How many recent results the page keeps (with images).", ge=1, le=200)
+    max_clients: int = setting(
+        16, "Most page clients", "Live page streams served at once; the next is answered 503.", ge=1, le=1000
+    )
 
 
 class DriftConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -96,4 +97,62 @@ def test_the_page_beyond_loopback_needs_a_token(
     assert _get(base + "/api/state?token=wrong-token-of-some-length")[0] == 401
     status, body = _get(base + "/api/state?token=a-long-enough-page-token-1234")
     assert status == 200 and b'"counts"' in body
+    assert stop(r) == 0
+
+
+def _sse(port: int) -> Any:
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+    return s
+
+
+def _read_until(s: Any, marker: bytes, timeout: float = 10.0) -> bytes:
+    import time
+
+    s.settimeout(0.5)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data and time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_page_streams_are_capped_and_every_client_gets_the_same_result(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path
+) -> None:
+    import json
+
+    r = daemon_factory(e2e_bundle, sample_dir, page__max_clients=3)
+    streams = [_sse(r.page_port) for _ in range(3)]
+    try:
+        for s in streams:
+            assert _read_until(s, b"event: state").startswith(b"HTTP/1.1 200")
+        extra = _sse(r.page_port)
+        assert _read_until(extra, b"\r\n\r\n").startswith(b"HTTP/1.1 503")  # the fourth is refused
+        extra.close()
+        res = r.plc.inspect_once(10.0, part_id=4242)
+        assert res is not None and res.attributed
+        marker = f'"inspection_id": {res.status.inspection_id},'.encode()
+        seen = []
+        for s in streams:
+            data = _read_until(s, marker)
+            line = next(x for x in data.split(b"\n") if x.startswith(b"data: ") and marker in x)
+            seen.append(json.loads(line[6:]))
+        assert all(item == seen[0] for item in seen) and seen[0]["part_id"] == 4242
+        streams.pop().close()  # one leaves: a new client is served again
+        time.sleep(1.5)
+        again = _sse(r.page_port)
+        streams.append(again)
+        assert _read_until(again, b"event: state").startswith(b"HTTP/1.1 200")
+    finally:
+        for s in streams:
+            s.close()
     assert stop(r) == 0

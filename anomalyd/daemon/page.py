@@ -41,6 +41,7 @@ log = get_logger(__name__)
 TOKEN_ENV = "ANOMALYD_PAGE_TOKEN"
 _FULL_MAX = 1280  # longest side of the images sent to the page
 _THUMB = 160
+RENDER_BACKLOG = 4  # results waiting: beyond this the page shows them without images
 
 
 @dataclass
@@ -81,7 +82,8 @@ class PageFeed:
         self.state = state
         self.items: deque[PageItem] = deque(maxlen=size)
         self.skipped_images = 0
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self.skipped_items = 0
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=256)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[PageItem], None]] = []
         self._latencies: deque[float] = deque(maxlen=500)
@@ -90,7 +92,18 @@ class PageFeed:
         self._thread.start()
 
     def offer(self, outcome: Any) -> None:
-        """From the recorder: never blocks; when the page is behind, this one's images are skipped."""
+        """From the recorder, on the inspection thread: one non-blocking put, nothing else.
+
+        The page item, the counts and the images are made on the feed's own
+        thread; when the page is far behind, a result is counted as skipped
+        (the PLC and the records have it regardless).
+        """
+        try:
+            self._queue.put_nowait(outcome)
+        except queue.Full:
+            self.skipped_items += 1
+
+    def _item(self, outcome: Any) -> PageItem:
         item = PageItem(
             inspection_id=outcome.inspection_id,
             part_id=outcome.answer.part_id,
@@ -110,19 +123,18 @@ class PageFeed:
             hour[item.verdict] = hour.get(item.verdict, 0) + 1
             for old in sorted(self._hours)[:-24]:
                 del self._hours[old]
-        try:
-            self._queue.put_nowait((item, outcome))
-        except queue.Full:
-            self.skipped_images += 1
-            self._publish(item)
+        return item
 
     def _run(self) -> None:
-        while (entry := self._queue.get()) is not None:
-            item, outcome = entry
-            try:
-                self._render(item, outcome)
-            except Exception as exc:  # a picture must never stop the feed
-                log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
+        while (outcome := self._queue.get()) is not None:
+            item = self._item(outcome)
+            if self._queue.qsize() < RENDER_BACKLOG:  # behind: this one's images are skipped, never the part
+                try:
+                    self._render(item, outcome)
+                except Exception as exc:  # a picture must never stop the feed
+                    log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
+            else:
+                self.skipped_images += 1
             self._publish(item)
 
     def _render(self, item: PageItem, outcome: Any) -> None:
@@ -197,7 +209,7 @@ def page_token(token_file: Path | None) -> str | None:
 class PageServer:
     """The aiohttp application, served from its own thread."""
 
-    def __init__(self, feed: PageFeed, host: str, port: int, token: str | None) -> None:
+    def __init__(self, feed: PageFeed, host: str, port: int, token: str | None, max_clients: int = 16) -> None:
         if not is_loopback(host) and token is None:
             raise StartupError(
                 f"page.host {host} is not loopback: set page.token_file or {TOKEN_ENV} (the page shows "
@@ -205,6 +217,9 @@ class PageServer:
             )
         self.feed, self.host, self.token = feed, host, token
         self.port = port
+        self.max_clients = max_clients
+        self.refused_clients = 0
+        self._clients: set[asyncio.Queue[bytes]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: Any = None
         self._ready = threading.Event()
@@ -249,8 +264,16 @@ class PageServer:
             self._ready.set()
             return
         self._runner = runner
+        ticker = loop.create_task(self._ticker())
+        # The feed thread hands each result over in one call; serialising happens here, once.
+        def hand_over(item: PageItem) -> None:
+            loop.call_soon_threadsafe(self._on_result, item)
+
+        remove = self.feed.listen(hand_over)
         self._ready.set()
         loop.run_forever()
+        remove()
+        ticker.cancel()
         loop.run_until_complete(runner.cleanup())
         loop.close()
 
@@ -284,39 +307,52 @@ class PageServer:
         return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     async def _events(self, request: Any) -> Any:
-        """Server-Sent Events: a `result` per answer, a `state` every second."""
+        """Server-Sent Events: a `result` per answer, a `state` after it and every second.
+
+        Every event is serialised once, by the broadcaster, and the same bytes
+        go to every client; at most ``max_clients`` streams (the next gets 503).
+        """
         from aiohttp import web
 
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[PageItem] = asyncio.Queue(maxsize=100)
-
-        def put(item: PageItem) -> None:
-            if not inbox.full():  # a slow browser misses results, the feed never waits for it
-                inbox.put_nowait(item)
-
-        def deliver(item: PageItem) -> None:
-            loop.call_soon_threadsafe(put, item)
-
-        remove = self.feed.listen(deliver)
+        if len(self._clients) >= self.max_clients:
+            self.refused_clients += 1
+            return web.Response(status=503, text=f"too many page clients (page.max_clients {self.max_clients})\n")
+        inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        self._clients.add(inbox)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
-        await response.prepare(request)
         try:
-            await response.write(f"event: state\ndata: {json.dumps(self.feed.snapshot())}\n\n".encode())
+            await response.prepare(request)
+            await response.write(self._state_event(with_items=True))
             while True:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout=1.0)
-                    await response.write(f"event: result\ndata: {json.dumps(item.public())}\n\n".encode())
-                except asyncio.TimeoutError:
-                    pass
-                # Counts and state after every result, and every second while idle.
-                state = self.feed.snapshot()
-                state.pop("items")
-                await response.write(f"event: state\ndata: {json.dumps(state)}\n\n".encode())
+                await response.write(await inbox.get())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
-            remove()
+            self._clients.discard(inbox)
         return response
+
+    def _state_event(self, with_items: bool = False) -> bytes:
+        state = self.feed.snapshot()
+        if not with_items:
+            state.pop("items")
+        return f"event: state\ndata: {json.dumps(state)}\n\n".encode()
+
+    def _broadcast(self, data: bytes) -> None:
+        for inbox in list(self._clients):
+            if not inbox.full():  # a slow browser misses events, nobody waits for it
+                inbox.put_nowait(data)
+
+    def _on_result(self, item: PageItem) -> None:
+        """On the page's loop: one result and one state, serialised once for every client."""
+        if not self._clients:
+            return
+        self._broadcast(f"event: result\ndata: {json.dumps(item.public())}\n\n".encode() + self._state_event())
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._clients:
+                self._broadcast(self._state_event())
 
     def close(self) -> None:
         if self._loop is not None and self._loop.is_running():

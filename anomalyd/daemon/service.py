@@ -164,7 +164,9 @@ class Daemon:
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
         if cfg.page.enabled:
             self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state)
-            self.page_server = PageServer(self.page_feed, cfg.page.host, cfg.page.port, page_token(cfg.page.token_file))
+            self.page_server = PageServer(
+                self.page_feed, cfg.page.host, cfg.page.port, page_token(cfg.page.token_file), cfg.page.max_clients
+            )
             self.recorder.page_feed = self.page_feed
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
         self.plc.start()
@@ -221,6 +223,7 @@ class Daemon:
         if now - self._audit_read_at > 5.0:
             self._audit_cache = self.audit.recent(5)
             self._audit_read_at = now
+            self._check_audit()  # entries written by promote/rollback from another process, too
         return self._audit_cache
 
     def _drift_changed(self, drifting: bool) -> None:
