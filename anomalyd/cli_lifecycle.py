@@ -113,6 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from anomalyd.cli_signing import trusted_from
     from anomalyd.config import AutoEngineConfig, SearchConfig
+    from anomalyd.daemon.decision import fails
     from anomalyd.engines.inspector import open_inspector
     from anomalyd.model.bundle import load_bundle
     from anomalyd.model.images import read_rgb
@@ -138,7 +139,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for k, inspector in inspectors.items():
             score = inspector.inspect(frame).score
             item[f"{k}_score"] = round(score, 4)
-            item[f"{k}_ng"] = bool(score >= thresholds[k])
+            item[f"{k}_ng"] = fails(score, thresholds[k])  # the line's rule: a NaN score fails
     line = [i for i in items if i["label"] is None]
     labelled = [i for i in items if i["label"] is not None]
     report: dict[str, Any] = {

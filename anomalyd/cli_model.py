@@ -153,7 +153,6 @@ def score_targets(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
-    import math
 
     from anomalyd.config import ThresholdsConfig
     from anomalyd.daemon.decision import decide
@@ -176,10 +175,7 @@ def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
         result = inspector.inspect(frame)
         _x, _y, w, h = result.roi
         # The daemon's decision, so the tool and the line never disagree; non-finite fails.
-        passed = (
-            math.isfinite(result.score) and decide(result.score, result.anomaly_map, w * h, rules, threshold).passed
-        )
-        verdict = "OK" if passed else "NG"
+        verdict = decide(result.score, result.anomaly_map, w * h, rules, threshold).label  # a NaN fails
         print(f"{path!s:<50} {result.score:8.3f}  {verdict}")
         if args.out:
             image = overlay_heatmap(frame, result.frame_map(frame.shape), threshold, result.score, verdict)
@@ -200,6 +196,10 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
         from anomalyd.model.fit import fit
 
         out = args.bundle or (args.report or Path(".")) / "bundle"
+        if (out / "manifest.json").exists():  # as fit: bundles are never overwritten
+            from anomalyd.errors import AnomalydError
+
+            raise AnomalydError(f"{out} already holds a bundle; bundles are never overwritten: choose a new folder")
         manifest = fit(dataset.train_good, out, _fit_settings(args), None, progress)
         print(
             f"fitted {out}: {manifest['training_images']} images, bank {manifest['memory_bank_size']}, "

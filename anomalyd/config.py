@@ -191,6 +191,13 @@ class ModbusServerConfig(ModbusConfig):
     idle_timeout_s: float = setting(
         60.0, "Idle timeout", "A client that sends nothing for this long is disconnected.", "s", gt=0, le=3600
     )
+    client_timeout_heartbeats: int = setting(
+        10,
+        "Client timeout",
+        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
+        ge=1,
+        le=100_000,
+    )
 
 
 class OpcUaServerConfig(_PlcCommon):
@@ -209,6 +216,13 @@ class OpcUaServerConfig(_PlcCommon):
     )
     username: str | None = setting(None, "User name", "Optional user name clients must log in with.")
     password_file: Path | None = setting(None, "Password file", "File holding that user's password.")
+    client_timeout_heartbeats: int = setting(
+        10,
+        "Client timeout",
+        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
+        ge=1,
+        le=100_000,
+    )
     max_clients: int = setting(
         8, "Most clients", "Connections served at once; more are refused (a PLC and a SCADA need two).", ge=1, le=256
     )

@@ -102,6 +102,17 @@ def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = Fals
     return running
 
 
-def stop(r: Running) -> int:
+def stop(r: Running, timeout: float = 30.0) -> int:
+    """SIGTERM and wait for the exit (a loaded CI machine may need more than a few seconds to flush)."""
     r.process.send_signal(signal.SIGTERM)
-    return r.process.wait(timeout=5.0)
+    return r.process.wait(timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something true; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not within {timeout} s")

@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from anomalyd.daemon.audit import AuditLog
 from tests.conftest import ANOMALYD
-from tests.harness import stop
+from tests.harness import stop, wait_until
 from tests.test_fail_closed import hold_lock
 
 
@@ -127,13 +126,11 @@ def test_a_reload_that_cannot_be_audited_keeps_the_old_thresholds(
     locker = hold_lock(r.data / "inspections.sqlite", 4.0)
     try:
         r.process.send_signal(signal.SIGHUP)
-        time.sleep(2.5)
+        wait_until(lambda: '"reload.refused"' in (r.config.parent / "daemon.log").read_text(), what="refused")
         assert r.plc.read_status().threshold == pytest.approx(5.0)  # refused: not applied, not audited
     finally:
         locker.kill()
         locker.wait()
-    log = (r.config.parent / "daemon.log").read_text()
-    assert '"reload.refused"' in log
     r.process.send_signal(signal.SIGHUP)  # the database free again: the same edit is audited, then applied
     assert r.plc.wait_for(lambda s: abs(s.threshold - 0.5) < 1e-6, 10.0) is not None
     assert stop(r) == 0

@@ -28,7 +28,7 @@ from anomalyd.model.fit import FitSettings, fit
 from anomalyd.model.images import read_rgb
 from anomalyd.model.signing import load_trusted_key
 from tests.conftest import ANOMALYD
-from tests.harness import stop
+from tests.harness import stop, wait_until
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -173,7 +173,7 @@ def test_a_reload_during_a_load_is_applied_when_the_load_ends(e2e_bundle: Path, 
     a, b = load_bundle(e2e_bundle).bundle_id, load_bundle(bundle_b).bundle_id
     os.replace(_symlink(tmp_path, bundle_b), link)
     assert book.apply(config) == [0]  # promote: B loads
-    time.sleep(0.3)
+    wait_until(lambda: len(opened) == 2, what="B's load under way")
     os.replace(_symlink(tmp_path, e2e_bundle), link)
     assert book.apply(config) == []  # rollback while B is loading: queued
     assert book.state()["loading"] == [0]

@@ -18,7 +18,7 @@ import yaml
 from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.drivers.plc.sim import SimulatedPlc
 from tests.conftest import ANOMALYD
-from tests.harness import Running, stop
+from tests.harness import Running, stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
     r = daemon_factory(e2e_bundle, sample_dir, notify=True)
     # systemd: READY=1 after warm-up, WATCHDOG=1 from the loop.
-    time.sleep(0.5)
-    messages = r.notifications()
-    assert "READY=1" in messages and "WATCHDOG=1" in messages
+    seen: list[str] = []
+    wait_until(lambda: (seen.extend(r.notifications()) or ("READY=1" in seen and "WATCHDOG=1" in seen)),
+               what="READY=1 and WATCHDOG=1")  # fmt: skip
+    messages = seen
     assert any(m.startswith("STATUS=OK 0 WARN 0 NG 0") for m in messages)
 
     # The heartbeat advances while idle.
@@ -58,7 +59,7 @@ def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_
     old = r.plc.read_status().threshold
     r.config.write_text(r.config.read_text() + "thresholds:\n  image: -3\n")
     r.process.send_signal(signal.SIGHUP)
-    time.sleep(1.0)
+    wait_until(lambda: '"reload.rejected"' in (r.config.parent / "daemon.log").read_text(), what="the reload refused")
     assert r.process.poll() is None
     assert r.plc.inspect_once(5.0).status.threshold == pytest.approx(old)  # type: ignore[union-attr]
     log = (r.config.parent / "daemon.log").read_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from tests.cdp import Browser, find_chromium
 from tests.conftest import free_port
-from tests.harness import stop
+from tests.harness import stop, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,11 +146,17 @@ def test_page_streams_are_capped_and_every_client_gets_the_same_result(
             line = next(x for x in data.split(b"\n") if x.startswith(b"data: ") and marker in x)
             seen.append(json.loads(line[6:]))
         assert all(item == seen[0] for item in seen) and seen[0]["part_id"] == 4242
-        streams.pop().close()  # one leaves: a new client is served again
-        time.sleep(1.5)
-        again = _sse(r.page_port)
-        streams.append(again)
-        assert _read_until(again, b"event: state").startswith(b"HTTP/1.1 200")
+        streams.pop().close()  # one leaves: a new client is served again (once the server has seen it go)
+
+        def served() -> bool:
+            s = _sse(r.page_port)
+            if _read_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200"):
+                streams.append(s)
+                return True
+            s.close()
+            return False
+
+        wait_until(served, what="a new stream served after one left")
     finally:
         for s in streams:
             s.close()

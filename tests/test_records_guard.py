@@ -97,7 +97,7 @@ def test_a_full_disk_then_kill_9_loses_no_answered_id_and_reuses_none(
     assert max(answered) > 223 and len(answered) == 228  # no id reused after the restart
     filler.unlink()  # space again: the journal and the pending records reach the database
     run(2)
-    time.sleep(1.0)
+    assert r.plc.wait_for(lambda s: not s.records_failing, 10.0) is not None
     assert stop(r) == 0
     with sqlite3.connect(data / "inspections.sqlite") as db:
         recorded = dict(db.execute("SELECT inspection_id, part_id FROM inspections").fetchall())

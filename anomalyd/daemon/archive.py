@@ -93,7 +93,7 @@ class RejectArchive:
                     self._files.append((p, size))
                     self._bytes += size
                 self._enforce_quota()
-            except OSError as exc:
+            except Exception as exc:  # a disk or drawing fault loses this image, never the writer
                 log.error("archive.write_failed", path=str(item.frame_path), error=str(exc))
 
     def _enforce_quota(self) -> None:
@@ -101,6 +101,10 @@ class RejectArchive:
             path, size = self._files.popleft()
             path.unlink(missing_ok=True)
             self._bytes -= size
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     @property
     def size_bytes(self) -> int:

@@ -178,7 +178,11 @@ class Handshake:
     def _set(self, **changes: object) -> Status:
         s = replace(self._status, **changes)  # type: ignore[arg-type]
         problem = self._recipe_problem()
-        ready_now = s.ready and self._enable and not s.busy and self._running is None and problem is None
+        # trigger_ready = 1: a trigger now is answered (inspected, or at once with code 12 for a recipe
+        # that is not there). A recipe that is loading holds it at 0 (recipe_changing = 1: wait).
+        ready_now = (
+            s.ready and self._enable and not s.busy and self._running is None and problem != ErrorCode.RECIPE_LOADING
+        )
         derived = {
             "trigger_ready": ready_now,
             "recipe": self._recipe() & 0xFFFF,
@@ -222,6 +226,19 @@ class Handshake:
         else:
             changes["missed_triggers"] = (s.missed_triggers + 1) & 0xFFFFFFFF
         return self._set(**changes)
+
+    def _deadline_answer(self, ticket: Ticket, at: float) -> Status:
+        """The fail-safe answer of a deadline (code 2): NG, score 0.0, the threshold in force, the
+        latency from trigger to the deadline's answer. Never the model's (late) score."""
+        return self._publish(
+            ticket.part_id,
+            0.0,
+            self._status.threshold,
+            False,
+            int(ErrorCode.OVER_BUDGET),
+            (at - ticket.opened_at) * 1000.0,
+            closes_window=True,
+        )
 
     def _refuse(self, part_id: int, code: ErrorCode) -> Answer:
         status = self._publish(part_id, 0.0, self._status.threshold, False, int(code), 0.0, closes_window=False)
@@ -295,16 +312,7 @@ class Handshake:
             ticket = self._open
             if ticket is None or self._deadline is None or now < self._deadline:
                 return None
-            status = self._publish(
-                ticket.part_id,
-                0.0,
-                self._status.threshold,
-                False,
-                int(ErrorCode.OVER_BUDGET),
-                (now - ticket.opened_at) * 1000.0,
-                closes_window=True,
-            )
-            answer = Answer(status, late=True)
+            answer = Answer(self._deadline_answer(ticket, now), late=True)
             self._expired[ticket.window] = answer
             return answer
 
@@ -361,10 +369,9 @@ class Handshake:
             if self._open is None or self._open.window != ticket.window:
                 raise HandshakeError(f"no open window {ticket.window} (open: {self._open})")
             if self._deadline is not None and now > self._deadline:
-                status = self._publish(
-                    ticket.part_id, score, threshold, False, int(ErrorCode.OVER_BUDGET), latency_ms, True
-                )
-                return Answer(status, late=True)
+                # Past the deadline before its timer fired: the same fail-safe answer the timer gives.
+                # The model's late score and latency are never published (they are in the record).
+                return Answer(self._deadline_answer(ticket, self._deadline), late=True)
             if passed and self.records_required and self._status.records_failing:
                 # Decided here, under the lock that sets the bit: the block never shows a pass beside
                 # records_failing, even when the records thread failed after the judge looked.
@@ -408,6 +415,12 @@ class Handshake:
     def set_records_failing(self, failing: bool) -> None:
         with self._lock:
             self._set(records_failing=failing)
+
+    def stopping(self) -> None:
+        """The final block: ready = 0, no valid result, the last answer's error and error_code kept."""
+        with self._lock:
+            self._wanted = (False, 0)
+            self._set(ready=False, result_valid=False, passed=False, busy=False)
 
     def hold(self, code: ErrorCode) -> None:
         """Not ready with ``code`` until :meth:`release`, whatever else becomes ready meanwhile."""

@@ -40,13 +40,25 @@ class Judge:
         self.recorder = recorder
         self.on_answer = on_answer  # e.g. wake the PLC worker so the result is written now
 
-    def judge(self, part: Part) -> Answer:
-        """Answer ``part``; an unexpected fault fails it with code 8 and the loop goes on."""
+    def judge(self, part: Part) -> Answer | None:
+        """Answer ``part`` exactly once; an unexpected fault fails it with code 8 and the loop goes on.
+
+        A fault after the answer was published (recording, the page, a log line)
+        is logged and never answers the part a second time.
+        """
+        self._answered: Answer | None = None
         try:
             return self._judge(part)
         except Exception as exc:
+            if self._answered is not None:
+                log.exception("inspection.after_answer_failed", id=self._answered.status.inspection_id)
+                return self._answered
             log.exception("inspection.internal_error", part_id=part.ticket.part_id)
-            return self._answer(part, self.recipes.get(part.ticket.recipe), None, None, ErrorCode.INTERNAL, str(exc))
+            try:
+                return self._answer(part, None, None, None, ErrorCode.INTERNAL, str(exc))
+            except Exception:  # the handshake itself refused: the deadline still answers the part fail-safe
+                log.exception("inspection.unanswerable", part_id=part.ticket.part_id)
+                return self._answered
 
     def _judge(self, part: Part) -> Answer:
         recipe = self.recipes.get(part.ticket.recipe)
@@ -69,7 +81,7 @@ class Judge:
         _x, _y, w, h = inspection.roi
         verdict = decide(inspection.score, inspection.anomaly_map, w * h, recipe.spec.thresholds, recipe.threshold)
         answer = self._answer(part, recipe, inspection, verdict, ErrorCode.OK, "")
-        if self.drift is not None:  # after the answer: the watch never delays or changes it
+        if self.drift is not None and answer is not None:  # after the answer: the watch never delays or changes it
             try:
                 self.drift.observe(recipe.number, recipe.bundle_id, recipe.calibration_median, inspection.score)
             except Exception as exc:
@@ -95,6 +107,24 @@ class Judge:
         threshold = verdict.threshold if verdict is not None else (recipe.threshold if recipe else 0.0)
         passed = verdict is not None and verdict.passed
         answer = self.handshake.finish(part.ticket, now, score, threshold, passed, int(code), latency_ms)
+        self._answered = answer
+        try:
+            self._after(part, recipe, inspection, verdict, answer, latency_ms, reason)
+        except Exception:  # side effects of an answer given: logged, never a second answer
+            log.exception("inspection.after_answer_failed", id=answer.status.inspection_id)
+        return answer
+
+    def _after(
+        self,
+        part: Part,
+        recipe: Recipe | None,
+        inspection: Inspection | None,
+        verdict: Verdict | None,
+        answer: Answer,
+        latency_ms: float,
+        reason: str,
+    ) -> None:
+        """What follows an answer: wake the PLC writer, log, record (each fault here is the caller's to log)."""
         self.on_answer()
         if answer.code and not answer.late:
             # The published code: the handshake may have failed a pass under its own lock (records.required).
@@ -119,4 +149,3 @@ class Judge:
                 bundle_id=recipe.bundle_id if recipe else None,
             )
         )
-        return answer

@@ -26,7 +26,9 @@ class Metrics:
         self.deadline_misses = Counter("anomalyd_deadline_misses", "Results later than the budget", registry=r)
         self.errors = Counter("anomalyd_errors", "Errors by PLC error code", ["code"], registry=r)
         self.camera_connected = Gauge("anomalyd_camera_connected", "1 while the camera is open", registry=r)
-        self.plc_connected = Gauge("anomalyd_plc_connected", "1 while the PLC link is up", registry=r)
+        self.plc_connected = Gauge(
+            "anomalyd_plc_connected", "1 while a PLC is connected (server modes: a client read lately)", registry=r
+        )
         self.ready = Gauge("anomalyd_ready", "1 while the daemon reports ready", registry=r)
         self.score = Gauge("anomalyd_last_score", "Normalised score of the last inspection", registry=r)
         self.reconnects = Counter("anomalyd_plc_reconnects", "PLC reconnections", registry=r)

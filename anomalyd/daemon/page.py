@@ -125,17 +125,27 @@ class PageFeed:
                 del self._hours[old]
         return item
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while (outcome := self._queue.get()) is not None:
-            item = self._item(outcome)
-            if self._queue.qsize() < RENDER_BACKLOG:  # behind: this one's images are skipped, never the part
-                try:
-                    self._render(item, outcome)
-                except Exception as exc:  # a picture must never stop the feed
-                    log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
-            else:
-                self.skipped_images += 1
-            self._publish(item)
+            try:
+                self._feed(outcome)
+            except Exception:  # the page is a view: a fault there is logged, never fatal to the feed
+                log.exception("page.feed_error")
+
+    def _feed(self, outcome: Any) -> None:
+        item = self._item(outcome)
+        if self._queue.qsize() < RENDER_BACKLOG:  # behind: this one's images are skipped, never the part
+            try:
+                self._render(item, outcome)
+            except Exception as exc:  # a picture must never stop the feed
+                log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
+        else:
+            self.skipped_images += 1
+        self._publish(item)
 
     def _render(self, item: PageItem, outcome: Any) -> None:
         if outcome.frame is None:
@@ -265,6 +275,7 @@ class PageServer:
             return
         self._runner = runner
         ticker = loop.create_task(self._ticker())
+
         # The feed thread hands each result over in one call; serialising happens here, once.
         def hand_over(item: PageItem) -> None:
             loop.call_soon_threadsafe(self._on_result, item)

@@ -34,6 +34,7 @@ class PlcWorker:
         on_refused: Callable[[Answer], None] = lambda answer: None,
         on_expired: Callable[[Answer], None] = lambda answer: None,
         loop_alive: Callable[[], bool] = lambda: True,
+        client_timeout_s: float = 1.0,
     ) -> None:
         self.link = link
         self.handshake = handshake
@@ -44,6 +45,8 @@ class PlcWorker:
         self.on_refused = on_refused
         self.on_expired = on_expired
         self.loop_alive = loop_alive
+        self.client_timeout_s = client_timeout_s
+        self._peer_up = False  # what on_connection was last told
         self.triggers: queue.Queue[Ticket] = queue.Queue()
         self.connected = False
         self.reconnect_times_s: list[float] = []
@@ -51,10 +54,42 @@ class PlcWorker:
         self._stop = threading.Event()
         self._last_written: Status | None = None
         self._fatal: Exception | None = None
+        self._last_fault: type[BaseException] | None = None
         self._thread = threading.Thread(target=self._run, name="plc", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The worker runs (or was never started / was stopped on purpose)."""
+        return self._thread.is_alive() or self._stop.is_set() or self._thread.ident is None
+
+    def _guarded(self, callback: Callable[[Answer], None], answer: Answer) -> None:
+        """A listener's fault is logged; the answer is already in the block, the worker goes on."""
+        try:
+            callback(answer)
+        except Exception:
+            log.exception("plc.listener_failed", id=answer.status.inspection_id)
+
+    @property
+    def up(self) -> bool:
+        """A PLC is there: our link is connected, and in server modes a client has read the status lately."""
+        seen = getattr(self.link, "client_seen", None)
+        return self.connected and (seen is None or bool(seen(self.client_timeout_s)))
+
+    def _notify_connection(self, _changed: bool | None = None) -> None:
+        """Tell on_connection when :attr:`up` changes (connect, disconnect, a server's client comes or goes)."""
+        up = self.up
+        if up == self._peer_up:
+            return
+        self._peer_up = up
+        if getattr(self.link, "client_seen", None) is not None:
+            log.info("plc.client_reading" if up else "plc.no_client_reading", link=self.link.name)
+        try:
+            self.on_connection(up)
+        except Exception:
+            log.exception("plc.listener_failed")
 
     def wake(self) -> None:
         """A result is ready: write it now, not at the next poll."""
@@ -78,11 +113,16 @@ class PlcWorker:
                 log.error("plc.misconfigured", link=self.link.name, error=str(exc))
             self._fatal = exc
             return False
+        except Exception as exc:  # a driver fault we did not foresee: keep trying, never die
+            if type(exc) is not self._last_fault:
+                log.exception("plc.open_failed", link=self.link.name)
+                self._last_fault = type(exc)
+            return False
         self._fatal = None
         self._last_written = None  # rewrite the whole block after every (re)connect
         try:
             in_plc = self.link.read_status()
-        except PlcError as exc:
+        except Exception as exc:  # PlcError or any other: the link is not usable yet
             log.debug("plc.status_unreadable", link=self.link.name, error=str(exc))
             return False
         # An id the PLC has already seen (our records lost, the counter file deleted) is never reissued.
@@ -104,7 +144,7 @@ class PlcWorker:
                 if next_beat < now:  # we were blocked (reconnect): do not burst beats
                     next_beat = now + self.heartbeat_s
             if (expired := self.handshake.expire(now)) is not None:
-                self.on_expired(expired)
+                self._guarded(self.on_expired, expired)
             if not self.connected:
                 if self._connect():
                     self.connected = True
@@ -113,7 +153,7 @@ class PlcWorker:
                         self.reconnect_times_s.append(time.monotonic() - lost_at)
                     log.info("plc.connected", link=self.link.name, recovered=logged_down)
                     logged_down = False
-                    self.on_connection(True)
+                    self._notify_connection(True)
                 else:
                     if not logged_down and self._fatal is None:
                         log.error("plc.unreachable", link=self.link.name, retry_max_s=self.reconnect_max_s)
@@ -127,7 +167,7 @@ class PlcWorker:
                 if isinstance(edge, Ticket):
                     self.triggers.put(edge)
                 elif isinstance(edge, Answer):
-                    self.on_refused(edge)  # the recorder only queues it: the write below is not delayed
+                    self._guarded(self.on_refused, edge)  # only queued: the write below is not delayed
                 status = self.handshake.status
                 if status != self._last_written:
                     self.link.write_status(status)
@@ -137,8 +177,23 @@ class PlcWorker:
                 lost_at = time.monotonic()
                 log.error("plc.disconnected", link=self.link.name, error=str(exc))
                 logged_down = True
-                self.on_connection(False)
+                self._notify_connection(False)
                 continue
+            except Exception as exc:  # any other fault (a driver's, a listener's): drop the link, reopen it
+                self.connected = False
+                lost_at = time.monotonic()
+                if type(exc) is not self._last_fault:  # once per kind of fault, not once per retry
+                    log.exception("plc.worker_error", link=self.link.name)
+                    self._last_fault = type(exc)
+                logged_down = True
+                self._notify_connection(False)
+                with contextlib.suppress(Exception):
+                    self.link.close()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.reconnect_max_s)
+                continue
+            self._last_fault = None
+            self._notify_connection()
             self._wake.wait(self.poll_s)
             self._wake.clear()
 

@@ -243,6 +243,10 @@ class RecordStore:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._closing
+
     def last_inspection_id(self) -> int:
         row = self._db.execute("SELECT MAX(inspection_id) FROM inspections").fetchone()
         return int(row[0] or 0)
@@ -345,6 +349,15 @@ class RecordStore:
             self._journaled.update(r.inspection_id for r in due)
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._write_loop()
+                return
+            except Exception:  # a fault nobody foresaw: logged, and the writer goes on with what is pending
+                log.exception("records.writer_error")
+                time.sleep(0.5)
+
+    def _write_loop(self) -> None:
         backoff = 0.05
         while True:
             with self._cond:

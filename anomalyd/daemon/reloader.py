@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
 from anomalyd.config import RELOADABLE, AppConfig
-from anomalyd.config_loader import ConfigError, ConfigIssue, config_sections, load_config
+from anomalyd.config_loader import ConfigError, ConfigIssue, parse_config, read_config_text
 from anomalyd.log import get_logger
 
 log = get_logger(__name__)
@@ -30,14 +33,26 @@ def reload_config(path: Path, current: AppConfig, sections: frozenset[str] = fro
     silently reset to its defaults.
     """
     try:
-        new = load_config(path)
-        now = frozenset(config_sections(path))
+        text = read_config_text(path)  # read once: the sections and the config come from the same bytes
+        new = parse_config(text, str(path), path.parent.resolve())
+        data = yaml.safe_load(text)
+        now = frozenset(data) if isinstance(data, dict) else frozenset()
         gone = sorted(sections - now)
         if gone:
             issue = ConfigIssue(str(path), None, gone[0], "section missing, it was in the file (truncated?)")
             raise ConfigError([issue])
-    except ConfigError as exc:
-        for issue in exc.issues:
+        merged = {name: getattr(new if name in RELOADABLE else current, name) for name in AppConfig.model_fields}
+        try:
+            # The merged whole, through every cross-field rule (e.g. model.default_recipe among the recipes).
+            applied = AppConfig.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(x) for x in err["loc"]) or "recipes"
+            why = str(err["msg"]).removeprefix("Value error, ")
+            raise ConfigError([ConfigIssue(str(path), None, key, f"{why} (with the values in force)")]) from None
+    except (ConfigError, yaml.YAMLError, OSError) as exc:
+        issues = exc.issues if isinstance(exc, ConfigError) else [ConfigIssue(str(path), None, "", str(exc))]
+        for issue in issues:
             log.error("reload.rejected", issue=str(issue), file=issue.file, line=issue.line, key=issue.key)
         log.error("reload.kept_old_config", thresholds=current.thresholds.model_dump())
         return Reload(current, applied=False, sections=sections)
@@ -46,5 +61,4 @@ def reload_config(path: Path, current: AppConfig, sections: frozenset[str] = fro
         for name in AppConfig.model_fields
         if name not in RELOADABLE and getattr(new, name) != getattr(current, name)
     ]
-    applied = current.model_copy(update={name: getattr(new, name) for name in RELOADABLE})
     return Reload(applied, applied=True, needs_restart=restart, sections=now)

@@ -62,6 +62,8 @@ class Daemon:
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
         self._last_loop = time.monotonic()
+        self._reported_dead: list[str] = []
+        self._plc_was_up = False
         self._next_cert_check = float("inf")  # OPC UA certificates: checked at start, then hourly
         self.audit_problem = ""  # the audit chain's first break, shown on the page ("" while whole)
 
@@ -141,6 +143,7 @@ class Daemon:
             on_refused=self.recorder.add_refused,
             on_expired=self._expired,
             loop_alive=self._loop_alive,
+            client_timeout_s=getattr(cfg.plc, "client_timeout_heartbeats", 10) * self.heartbeat_s,
         )
         self.camera = CameraSupervisor(cfg.camera, self.handshake, self.metrics)
         self.dispatcher = Dispatcher(
@@ -198,15 +201,16 @@ class Daemon:
 
     def _plc_connection(self, up: bool) -> None:
         self.metrics.plc_connected.set(1 if up else 0)
-        if up:
-            self.metrics.reconnects.inc()
+        if up and self._plc_was_up:
+            self.metrics.reconnects.inc()  # re-connections only, not the first
+        self._plc_was_up = self._plc_was_up or up
 
     def _page_state(self) -> dict[str, object]:
         status = self.handshake.status
         return {
             "counts": dict(self.recorder.counts),
             "camera": self.camera.ok,
-            "plc": self.plc.connected,
+            "plc": self.plc.up,
             "records_failing": self.recorder.failing,
             "ready": status.ready,
             "recipe": status.recipe,
@@ -271,24 +275,49 @@ class Daemon:
 
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
+        """The loop; whatever ends it (a stop, a limit, a fault nobody foresaw), shutdown runs."""
         self._install_signals()
+        try:
+            self._loop()
+        except Exception:
+            log.exception("daemon.loop_failed")  # the stop below still flushes records and writes not-ready
+            self.shutdown()
+            return 1
+        return self.shutdown()
+
+    def _loop(self) -> None:
         done = 0
         limit = self.config.daemon.max_inspections
         next_status = 0.0
         while not self.stop_event.is_set():
             self._last_loop = time.monotonic()
-            self.notifier.watchdog()  # from the loop itself: a hung loop is restarted
+            dead = self.dead_workers()
+            if not dead:
+                self.notifier.watchdog()  # from the loop itself, only while every worker lives
+            elif dead != self._reported_dead:
+                log.error("daemon.worker_dead", workers=dead, hint="systemd's watchdog restarts the daemon")
+            self._reported_dead = dead
             # Saves the counter ahead of the ids (also after a PLC block moved them on) and retries a failed save.
             self.recorder.ids.reserve(self.handshake.status.inspection_id)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # a reload is never a reason to stop the line: the old config stays
+                    log.exception("reload.failed")
+                    self.notifier.ready(self._status_line())
             if time.monotonic() >= self._next_cert_check:
                 self._check_certificates()
             if time.monotonic() >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = time.monotonic() + 5.0
-            if not self.camera.ensure_open() and self.config.daemon.trigger != "plc":
+            try:
+                camera_up = self.camera.ensure_open()
+            except Exception as exc:  # e.g. a camera absent at start appears with refused settings
+                log.exception("camera.open_failed")
+                self.camera.lost(f"cannot open: {exc}")
+                camera_up = False
+            if not camera_up and self.config.daemon.trigger != "plc":
                 self.stop_event.wait(self.tick_s)
                 continue
             try:
@@ -305,7 +334,19 @@ class Daemon:
             if limit and done >= limit:
                 log.info("daemon.limit_reached", inspections=done)
                 break
-        return self.shutdown()
+
+    def dead_workers(self) -> list[str]:
+        """Worker threads that should run and do not (a dead one stops the watchdog ping and /healthz)."""
+        dead = []
+        if not self.plc.alive:
+            dead.append("plc")
+        if not self.recorder.records.alive:
+            dead.append("records")
+        if not self.recorder.archive.alive:
+            dead.append("archive")
+        if self.page_feed is not None and not self.page_feed.alive:
+            dead.append("page")
+        return dead
 
     # ------------------------------------------------------------ reload, health, stop
     def _install_signals(self) -> None:
@@ -399,13 +440,17 @@ class Daemon:
         state: dict[str, object] = {
             "ready": self.handshake.status.ready,
             "camera": self.camera.ok,
-            "plc": self.plc.connected,
+            "plc": self.plc.up,
             "loop_age_s": round(loop_age, 3),
             "records_failing": self.recorder.failing,
             "records_pending": self.recorder.records.pending,
             **self.recorder.counts,
         }
-        state["healthy"] = bool(state["ready"]) and loop_age < 5.0 and not self.recorder.failing
+        dead = self.dead_workers()
+        state["workers_dead"] = dead
+        state["healthy"] = (
+            bool(state["ready"]) and loop_age < 5.0 and not self.recorder.failing and bool(state["plc"]) and not dead
+        )
         return state
 
     def _status_line(self) -> str:
@@ -414,14 +459,15 @@ class Daemon:
             f"OK {c['OK']} WARN {c['WARN']} NG {c['NG']} errors {c['errors']} "
             f"late {c['deadline_misses']} missed {c['missed_triggers']} "
             f"records {'FAILING' if self.recorder.failing else 'ok'} "
-            f"plc {'up' if self.plc.connected else 'down'} camera {'up' if self.camera.ok else 'down'}"
+            f"plc {'up' if self.plc.up else 'down'} camera {'up' if self.camera.ok else 'down'}"
+            + (f" DEAD {','.join(dead)}" if (dead := self.dead_workers()) else "")
         )
 
     def shutdown(self) -> int:
         log.info("daemon.stopping", **self.recorder.counts)
         self.audit.append("stop", {"counts": dict(self.recorder.counts)}, actor="daemon")
         self.notifier.stopping()
-        self.handshake.set_ready(False)
+        self.handshake.stopping()
         self.plc.stop(final=self.handshake.status)
         self.camera.close()
         self.recorder.close(last_issued=self.handshake.status.inspection_id)

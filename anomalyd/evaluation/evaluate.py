@@ -8,6 +8,7 @@ from functools import cached_property
 
 import numpy as np
 
+from anomalyd.daemon.decision import fails
 from anomalyd.engines.inspector import Inspector
 from anomalyd.evaluation.dataset import Dataset, Sample
 from anomalyd.evaluation.metrics import aupro, auroc
@@ -78,8 +79,8 @@ def at_threshold(items: list[Scored], threshold: float) -> dict[str, float | int
     """What a plant reads at the bundle's threshold: good parts rejected, defective parts let through."""
     good = [s for s in items if not s.sample.is_defect]
     bad = [s for s in items if s.sample.is_defect]
-    rejected = sum(s.score >= threshold for s in good)
-    escaped = sum(s.score < threshold for s in bad)
+    rejected = sum(fails(s.score, threshold) for s in good)
+    escaped = sum(not fails(s.score, threshold) for s in bad)
     return {
         "threshold": round(threshold, 4),
         "false_reject_rate": round(rejected / len(good), 4) if good else float("nan"),
@@ -113,7 +114,7 @@ def attribution(items: list[Scored], threshold: float) -> dict[str, float | int]
     if not masked:
         return None
     on_defect = [s.peak_on_defect for s in masked]
-    rejected = [s.score >= threshold for s in masked]
+    rejected = [fails(s.score, threshold) for s in masked]
     both = sum(r and o for r, o in zip(rejected, on_defect, strict=True))
     return {
         "defective_with_masks": len(masked),

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from anomalyd.daemon.decision import fails
 from anomalyd.evaluation.evaluate import Scored
 from anomalyd.evaluation.metrics import roc_curve
 from anomalyd.model.images import read_rgb
@@ -111,7 +112,7 @@ def write_scores_csv(path: Path, scored: list[Scored], threshold: float) -> None
         w = csv.writer(f)
         w.writerow(["path", "defect_type", "defect_pixels", "score", "verdict", "outcome"])
         for s in sorted(scored, key=lambda s: -s.score):
-            fail = s.score >= threshold  # at the threshold counts as NG, as in the daemon
+            fail = fails(s.score, threshold)  # the daemon's rule: at the threshold, or not a number, is NG
             wrong = fail != s.sample.is_defect
             outcome = ("escape" if s.sample.is_defect else "false_reject") if wrong else "ok"
             area = "" if s.defect_pixels is None else str(s.defect_pixels)

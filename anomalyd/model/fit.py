@@ -278,7 +278,7 @@ def fit(
     export_onnx(model, (h, w), out_dir / bundle_io.EXTRACTOR_ONNX)
     normalisation = spec.normalisation.model_dump()
     manifest = {
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "anomalyd_version": __version__,
         **spec.model_dump(mode="json", exclude={"normalisation"}),
         "normalisation": {**normalisation, "input_range": "0..255 float, RGB"},

@@ -8,6 +8,7 @@ the block is the high byte of register k); the command block those from
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 from typing import Any
@@ -95,6 +96,39 @@ class ModbusLink:
             client.close()
 
 
+# Function codes this server serves (holding and input registers); any other is "illegal function".
+_SERVED = {3, 4, 6, 16, 23}
+# Most registers per request (Modbus application protocol 1.1b3, 6.3, 6.12, 6.17).
+_MAX_READ, _MAX_WRITE = 125, 123
+
+
+def _malformed_reply(data: bytes) -> tuple[int, bytes] | None:
+    """(frame length, exception reply) when ``data`` starts with a whole, malformed request; else None."""
+    if len(data) < 8:
+        return None
+    tid, proto, length, unit = struct.unpack(">HHHB", data[:7])
+    if proto != 0 or length < 2 or len(data) < 6 + length:
+        return None
+    pdu = data[7 : 6 + length]
+    fc = pdu[0]
+    code = None
+    if fc not in _SERVED:
+        code = 1  # illegal function
+    elif fc in (3, 4) and (len(pdu) != 5 or not 1 <= struct.unpack(">H", pdu[3:5])[0] <= _MAX_READ):
+        code = 3  # illegal data value
+    elif (fc == 6 and len(pdu) != 5) or (fc == 16 and (
+        len(pdu) < 6
+        or not 1 <= (qty := struct.unpack(">H", pdu[3:5])[0]) <= _MAX_WRITE
+        or pdu[5] != 2 * qty
+        or len(pdu) != 6 + 2 * qty
+    )):
+        code = 3
+    if code is None:
+        return None
+    reply = struct.pack(">HHHBBB", tid, 0, 3, unit, (fc | 0x80) & 0xFF, code)
+    return 6 + length, reply
+
+
 class RegisterServer:
     """A pymodbus TCP server in a background thread, serving one register map.
 
@@ -116,6 +150,7 @@ class RegisterServer:
         self.max_clients = max_clients
         self.idle_timeout_s = idle_timeout_s
         self.evicted = 0
+        self.last_status_read: float | None = None
         self._registers: list[int] | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -130,8 +165,11 @@ class RegisterServer:
         from pymodbus.constants import ExcCodes
 
         self._registers = registers
-        if values is not None and _ranges_overlap(address, count, self.owned.start, len(self.owned)):
+        overlaps = _ranges_overlap(address, count, self.owned.start, len(self.owned))
+        if values is not None and overlaps:
             return ExcCodes.ILLEGAL_ADDRESS
+        if values is None and overlaps:
+            self.last_status_read = time.monotonic()  # a client is reading the result block
         return None
 
     def start(self) -> None:
@@ -166,7 +204,17 @@ class RegisterServer:
 
             def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
                 self.last_request = time.monotonic()
-                return int(super().callback_data(data, addr))
+                used = 0
+                # A malformed request is answered as the specification says (its function code + 0x80 and
+                # exception 01 or 03), not pymodbus' "80 01"; well-formed frames go to pymodbus.
+                while (reply := _malformed_reply(data[used:])) is not None:
+                    frame_len, answer = reply
+                    if self.transport is not None:
+                        self.transport.write(answer)  # type: ignore[attr-defined]
+                    used += frame_len
+                if used >= len(data):
+                    return len(data)
+                return used + int(super().callback_data(data[used:], addr))
 
         class Server(ModbusTcpServer):  # type: ignore[misc]
             def callback_new_connection(self) -> Any:
@@ -210,6 +258,7 @@ class RegisterServer:
             self._loop = asyncio.get_running_loop()
             # The simulator builds its register list lazily; capture it through one local read.
             await self._server.context.async_getValues(0, 3, 0, 1)
+            self.last_status_read = None  # that was us, not a client
             await self._server.serve_forever(background=True)  # returns once listening
             reaper = asyncio.create_task(self._reap_idle()) if self.idle_timeout_s else None
             self._ready.set()
@@ -274,6 +323,11 @@ class ModbusServerLink:
 
     def read_status(self) -> Status | None:
         return None  # our own registers: fresh at every start
+
+    def client_seen(self, within_s: float) -> bool:
+        """A client has read the status registers within ``within_s`` (we serve; the PLC polls)."""
+        last = self._server.last_status_read if self._server is not None else None
+        return last is not None and time.monotonic() - last <= within_s
 
     def write_status(self, status: Status) -> None:
         if self._server is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,14 @@ def _guard_sessions() -> None:
     original = UaProcessor._process_message
     session_ids = {ua.NodeId(getattr(ua.ObjectIds, name)) for name in _SESSION_SERVICES}
 
+    read_ids = {
+        ua.NodeId(getattr(ua.ObjectIds, name))
+        for name in ("ReadRequest_Encoding_DefaultBinary", "PublishRequest_Encoding_DefaultBinary")
+    }
+
     async def process(self: Any, typeid: Any, requesthdr: Any, seqhdr: Any, body: Any) -> Any:
+        if typeid in read_ids and self.session is not None:
+            self.iserver.anomalyd_last_read = time.monotonic()  # a client reads (or subscribes to) the block
         modes = getattr(self.iserver, "anomalyd_modes", None)
         if modes is not None and typeid in session_ids:
             policy = self._connection.security_policy
@@ -206,6 +214,8 @@ class OpcUaServerLink:
             users = _Users(c.username, c.password_file.read_text(encoding="utf-8").strip())
         server = Server(user_manager=users) if users else Server()  # type: ignore[arg-type]
         await server.init()
+        _guard_sessions()
+        server.iserver.anomalyd_last_read = None  # type: ignore[attr-defined]
         server.iserver.max_connections = c.max_clients  # beyond it asyncua refuses the TCP connection
         server.set_endpoint(f"opc.tcp://{c.host}:{c.port}/anomalyd")
         server.set_server_name("anomalyd")
@@ -243,7 +253,6 @@ class OpcUaServerLink:
                 if c.security == "sign_and_encrypt"
                 else ua.MessageSecurityMode.Sign
             )
-            _guard_sessions()
             server.iserver.anomalyd_modes = {mode}  # type: ignore[attr-defined]
             server.iserver.anomalyd_refused = set()  # type: ignore[attr-defined]
         if users is not None:
@@ -323,6 +332,12 @@ class OpcUaServerLink:
 
     def read_status(self) -> Status | None:
         return None  # our own address space: fresh at every start
+
+    def client_seen(self, within_s: float) -> bool:
+        """A client session has read (or been sent by subscription) the status within ``within_s``."""
+        server = self._server
+        last = getattr(server.iserver, "anomalyd_last_read", None) if server is not None else None
+        return last is not None and time.monotonic() - last <= within_s
 
     def close(self) -> None:
         if self._loop is not None and self._loop.is_running():
