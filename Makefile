@@ -8,7 +8,7 @@ EXTRAS ?= dev,faiss-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench-latency bench-peer bench-soak clean
+.PHONY: venv test test-py310 demo lint bench-latency bench-peer bench-soak clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,31 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	@$(MAKE) --no-print-directory test-py310
+
+# Python 3.10 (JetPack 6's) as well: the subset that covers fit, score, eval and the daemon end to end,
+# in its own venv. Found as python3.10 or under pyenv; skipped, saying so, where there is none. There is
+# no CPU build of torch for 3.10 on this project's machines, so it takes PyPI's (a CUDA build, ~4.6 GB).
+PY310 ?= $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	(v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.10' | tail -1); \
+	 [ -n "$$v" ] && "$$(pyenv root)/versions/$$v/bin/python3.10" -c 'import sys; print(sys.executable)'))
+TORCH310 ?= torch==2.13.0
+VENV310 ?= .venv-py310
+COMPAT_TESTS ?= tests/test_cli_flow.py tests/test_model.py tests/test_daemon.py tests/test_bundle_guard.py \
+	tests/test_records_guard.py tests/test_internal_faults.py
+
+test-py310:
+	@if [ -z "$(PY310)" ]; then echo "test-py310: SKIPPED: no Python 3.10 here (python3.10 or pyenv)"; exit 0; fi; \
+	set -e; \
+	if [ ! -f $(VENV310)/.installed ] || [ pyproject.toml -nt $(VENV310)/.installed ]; then \
+	  $(PY310) -m venv $(VENV310); \
+	  $(VENV310)/bin/python -m pip install -q --upgrade pip; \
+	  $(VENV310)/bin/python -m pip install -q "$(TORCH310)"; \
+	  $(VENV310)/bin/python -m pip install -q -e ".[$(EXTRAS)]"; \
+	  touch $(VENV310)/.installed; \
+	fi; \
+	echo "test-py310: $$($(VENV310)/bin/python --version) on $(COMPAT_TESTS)"; \
+	$(VENV310)/bin/python -m pytest -q $(COMPAT_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check anomalyd tests bench
@@ -40,7 +65,7 @@ bench-soak: $(STAMP)
 	$(BIN)/python bench/soak.py --json var/soak.json
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(VENV310) var .pytest_cache
 
 # anomalib's PatchCore as a peer, in its own environment (torch 2.14.1 + torchvision from local disk here).
 .venv-peer/.installed:

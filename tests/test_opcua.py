@@ -277,7 +277,6 @@ def test_no_session_on_a_none_channel_while_security_is_on(
             client.disconnect_socket()
         return [str(e.SecurityMode) for e in endpoints], outcome
 
-
     modes, outcome = asyncio.run(attack())
     assert modes == [str(ua.MessageSecurityMode.SignAndEncrypt)]  # the only endpoint offered
     assert outcome == "refused"

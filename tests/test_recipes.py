@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from anomalyd.daemon.handshake import ErrorCode
-from tests.harness import Running, stop
+from tests.harness import Running, stop, wait_until
 
 # Two settings of the sample part: recipe 1 passes everything, recipe 2 fails everything,
 # so which recipe judged a part is visible in its verdict as well as in its record.
@@ -57,8 +57,9 @@ def test_an_unknown_recipe_is_answered_fail_never_with_the_old_one(
     assert r.plc.inspect_once(10.0, part_id=1, recipe=1).status.passed  # type: ignore[union-attr]
     r.plc.set_command(recipe_request=9)
     status = r.plc.wait_for(lambda s: s.recipe == 9, 2.0)
-    assert status is not None and not status.trigger_ready and not status.recipe_changing
-    refused = r.plc.inspect_once(5.0, part_id=2, interlock=False)
+    # trigger_ready = 1: a PLC that follows the interlock triggers, and is answered at once with code 12.
+    assert status is not None and status.trigger_ready and not status.recipe_changing
+    refused = r.plc.inspect_once(5.0, part_id=2, interlock=True)
     assert refused is not None and refused.attributed
     s = refused.status
     assert s.fail and not s.passed and s.error and s.error_code == ErrorCode.RECIPE_UNAVAILABLE
@@ -98,11 +99,13 @@ def test_a_reload_adds_a_recipe_without_a_restart(daemon_factory, e2e_bundle: Pa
     pid = r.process.pid
     assert r.plc.inspect_once(10.0, part_id=1, recipe=1) is not None
     r.plc.set_command(recipe_request=3)
-    assert r.plc.wait_for(lambda s: s.recipe == 3 and not s.trigger_ready, 2.0)  # unknown so far
+    assert r.plc.wait_for(lambda s: s.recipe == 3, 2.0)  # unknown so far: a trigger now gets code 12
     raw = yaml.safe_load(r.config.read_text())
     raw["recipes"]["3"] = {"name": "added", "bundle": str(e2e_bundle), "thresholds": {"image": 0.02}}
     r.config.write_text(yaml.safe_dump(raw))
     r.process.send_signal(signal.SIGHUP)
+    log_file = r.config.parent / "daemon.log"
+    wait_until(lambda: '"recipes_loading": [3]' in log_file.read_text(), 30.0, "the reload taken")
     res = r.plc.inspect_once(30.0, part_id=2, recipe=3)  # waits for recipe_changing to fall, then triggers
     assert res is not None and res.attributed and res.status.fail and res.status.error_code == 0
     assert r.process.pid == pid and r.process.poll() is None

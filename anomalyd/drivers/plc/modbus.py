@@ -116,12 +116,15 @@ def _malformed_reply(data: bytes) -> tuple[int, bytes] | None:
         code = 1  # illegal function
     elif fc in (3, 4) and (len(pdu) != 5 or not 1 <= struct.unpack(">H", pdu[3:5])[0] <= _MAX_READ):
         code = 3  # illegal data value
-    elif (fc == 6 and len(pdu) != 5) or (fc == 16 and (
-        len(pdu) < 6
-        or not 1 <= (qty := struct.unpack(">H", pdu[3:5])[0]) <= _MAX_WRITE
-        or pdu[5] != 2 * qty
-        or len(pdu) != 6 + 2 * qty
-    )):
+    elif (fc == 6 and len(pdu) != 5) or (
+        fc == 16
+        and (
+            len(pdu) < 6
+            or not 1 <= (qty := struct.unpack(">H", pdu[3:5])[0]) <= _MAX_WRITE
+            or pdu[5] != 2 * qty
+            or len(pdu) != 6 + 2 * qty
+        )
+    ):
         code = 3
     if code is None:
         return None
