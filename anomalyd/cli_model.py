@@ -48,6 +48,27 @@ def _val_images(folder: Path) -> tuple[list[Path], np.ndarray]:
     return files, np.array(labels)
 
 
+def defect_images(folder: Path, masks: Path | None) -> list[Any]:
+    """``--defects D [--masks M]``: every image under D (recursively); its type is its folder's name,
+    its mask ``M/<type>/<stem>_mask.png`` when that exists (MVTec's ground_truth layout)."""
+    from anomalyd.model.fit import Defect
+    from anomalyd.model.images import IMAGE_SUFFIXES
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    # A folder named good/ (as in MVTec's test/) holds no defects: give good parts with --good.
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.parent.name != "good"
+    )
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images of defective parts in it or its subfolders")
+    out = []
+    for f in files:
+        mask = masks / f.parent.name / f"{f.stem}_mask.png" if masks is not None else None
+        out.append(Defect(f, f.parent.name, mask if mask is not None and mask.is_file() else None))
+    return out
+
+
 def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     from anomalyd.config import AppConfig
 
@@ -99,7 +120,10 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
         load_private_key(args.sign_key)  # a key that cannot be read fails now, not after the fit
     settings = _fit_settings(args)
     val = _val_images(args.val) if args.val else None
-    manifest = fit(args.good, target, settings, val, progress)
+    defects = defect_images(args.defects, args.masks) if args.defects else []
+    if args.masks and defects and not any(d.mask for d in defects):
+        raise FileNotFoundError(f"{args.masks}: no mask for any of the defect images (expected TYPE/NAME_mask.png)")
+    manifest = fit(args.good, target, settings, val, progress, defects)
     if args.sign_key is not None:
         from anomalyd.cli_signing import sign_bundle
 
@@ -252,6 +276,13 @@ def add_model_commands(sub: Any, progress: Progress) -> None:
     p.add_argument("--into", type=Path, help="write a new versioned bundle DATE-ID into this folder")
     p.add_argument("--val", type=Path, help="labelled images (good/ + defect folders) for the F1-optimal threshold")
     p.add_argument("--sign-key", type=Path, metavar="FILE", help="sign the new bundle with this key (keygen)")
+    p.add_argument(
+        "--defects",
+        type=Path,
+        help="images of defective parts (recursively; the folder name is the defect type): "
+        "a supervised head learns from them",
+    )
+    p.add_argument("--masks", type=Path, help="their masks: MASKS/<type>/<name>_mask.png (optional)")
     _fit_options(p)
     p.set_defaults(func=run(cmd_fit))
 

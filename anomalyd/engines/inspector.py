@@ -54,7 +54,7 @@ class Inspector:
         self.bundle = bundle
         self.extractor = extractor
         self.searcher = searcher
-        self.scorer = Scorer(bundle.spec, extractor, searcher, roi)
+        self.scorer = Scorer(bundle.spec, extractor, searcher, roi, bundle.head(extractor.device))
         self.roi = self.scorer.preprocess.roi
         self.device = extractor.device
         self.reference = bundle.reference_score
@@ -80,7 +80,7 @@ class Inspector:
             mark()
             features = self.extractor.extract(batch)
             mark()
-            distances = scorer.search(features)
+            distances = scorer.cell_scores(features)
             mark()
             amap = scorer.maps(distances) / self.reference
             score = float(scorer.image_scores(amap)[0])

@@ -37,6 +37,7 @@ EXTRACTOR_ONNX = "extractor.onnx"
 EXTRACTOR_WEIGHTS = "extractor.pt"
 MEMORY_BANK = "memory_bank.npy"
 REQUIRED_FILES = (EXTRACTOR_ONNX, EXTRACTOR_WEIGHTS, MEMORY_BANK)
+HEAD = "head.npz"  # present when the model learned from labelled defects (manifest ``head``)
 # Far above any real bundle (a Lite0 ONNX is ~14 MB, a large bank a few hundred MB).
 MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
@@ -129,6 +130,22 @@ class Bundle:
             raise BundleError(f"{path}: {bad} non-finite values (inf or nan); refit the model")
         return np.ascontiguousarray(bank)
 
+    def head(self, device: torch.device | str = "cpu") -> Any:
+        """The supervised head (:class:`anomalyd.model.head.Head`), or None for a good-parts-only model."""
+        spec = self.spec.head
+        if spec is None:
+            return None
+        from anomalyd.model.head import Head
+
+        try:
+            head = Head.from_bytes(self.blob(HEAD), spec.use_distance, device)
+        except (ValueError, KeyError, OSError) as exc:
+            raise BundleError(f"{self.file(HEAD)}: not a plain array file of the head ({exc})") from None
+        want = self.spec.feature_dim + (1 if spec.use_distance else 0)
+        if head.input_dim != want:
+            raise BundleError(f"{self.file(HEAD)}: takes {head.input_dim} inputs, the manifest says {want}")
+        return head
+
     def extractor_state(self) -> dict[str, torch.Tensor]:
         try:
             return torch.load(  # type: ignore[no-any-return]
@@ -138,9 +155,14 @@ class Bundle:
             raise BundleError(f"{self.file(EXTRACTOR_WEIGHTS)}: not plain tensor weights ({exc})") from None
 
 
+def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The files a bundle with this manifest holds (the head only with a ``head`` entry)."""
+    return REQUIRED_FILES + ((HEAD,) if manifest.get("head") else ())
+
+
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add checksums of the bundle's files and a bundle id, then write manifest.json."""
-    files = {name: sha256_file(path / name) for name in REQUIRED_FILES}
+    files = {name: sha256_file(path / name) for name in bundle_files(manifest)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
     manifest.pop("bundle_id", None)
     manifest.pop(SIGNATURE, None)
@@ -231,7 +253,7 @@ def load_bundle(path: Path | str, verify: bool = True, trusted_keys: Sequence[Tr
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: files: not a mapping of checksums")
     blobs: dict[str, bytes] = {}
-    for name in REQUIRED_FILES:
+    for name in bundle_files(manifest):
         if name not in files:
             raise BundleError(f"{manifest_path}: no checksum for {name}")
         data = read_regular(folder, name)

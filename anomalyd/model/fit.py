@@ -6,9 +6,10 @@ import datetime as dt
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from anomalyd.model.calibrate import calibration, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset, greedy_coreset_torch
 from anomalyd.model.export import export_onnx
 from anomalyd.model.features import build_patch_features, feature_dim, feature_stride
+from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
 from anomalyd.model.scoring import LocalSearcher, Preprocessor, Scorer
@@ -59,6 +61,7 @@ class FitSettings:
     # Where fit extracts features and runs the coreset: "auto" takes CUDA when torch sees a GPU.
     device: str = "auto"
     seed: int = 0
+    head: HeadSettings = field(default_factory=HeadSettings)  # used only when fit is given labelled defects
     weights: Path | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height applied before resizing
 
@@ -221,20 +224,94 @@ def _taught(folder: Path) -> int:
     return sum(1 for line in sources.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
+@dataclass(frozen=True)
+class Defect:
+    """A labelled defective image: its defect type (folder name) and, optionally, its mask."""
+
+    image: Path
+    defect_type: str
+    mask: Path | None = None
+
+
+def defect_cells(defect: Defect, grid: tuple[int, int], roi: tuple[int, int, int, int] | None) -> np.ndarray | None:
+    """``[h·w]`` True on the feature cells a mask touches (None without a mask)."""
+    if defect.mask is None:
+        return None
+    mask = cv2.imread(str(defect.mask), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"{defect.mask}: not a readable mask")
+    if roi is not None:
+        x, y, w, h = roi
+        mask = mask[y : y + h, x : x + w]
+    small = cv2.resize((mask > 0).astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    return (small > 0).ravel()
+
+
+def learn_head(
+    scorer: Scorer,
+    model: nn.Module,
+    defects: list[Defect],
+    good: list[Path],
+    settings: FitSettings,
+    progress: ProgressFactory = _no_progress,
+) -> tuple[Head, dict[str, object]]:
+    """The supervised head from labelled defects and good images held back from the memory."""
+    spec = scorer.spec
+    files = [d.image for d in defects] + good
+    feats = extract_features(model, files, settings, progress("labelled", len(files)))
+    with torch.inference_mode():
+        dist = torch.cat([scorer.search(feats[i : i + 16]) for i in range(0, len(feats), 16)]).numpy()
+    cells = feats.permute(0, 2, 3, 1).reshape(len(files), spec.cells, -1).numpy()
+    defective = np.r_[np.ones(len(defects), bool), np.zeros(len(good), bool)]
+    masks = [defect_cells(d, spec.feature_grid, settings.roi) for d in defects]
+    masked = sum(m is not None for m in masks)
+    positive: np.ndarray | None = None
+    if masked:
+        from anomalyd.model.head import positives_without_masks
+
+        # Images with a mask use it; the others (image-level labels) use the cells least like good parts.
+        without = positives_without_masks(dist[: len(defects)], settings.head.unmasked_top)
+        rows = [m if m is not None else without[i] for i, m in enumerate(masks)]
+        positive = np.zeros(dist.shape, bool)
+        positive[: len(defects)] = np.stack(rows)
+    head = train_head(cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed)
+    entry = {
+        "hidden": settings.head.hidden,
+        "use_distance": settings.head.use_distance,
+        "defect_images": len(defects),
+        "masked_images": masked,
+        "defect_types": sorted({d.defect_type for d in defects}),
+        "good_negatives": len(good),
+    }
+    return head, entry
+
+
 def fit(
     good_dir: Path | Sequence[Path],
     out_dir: Path,
     settings: FitSettings = FitSettings(),
     val: tuple[list[Path], np.ndarray] | None = None,
     progress: ProgressFactory = _no_progress,
+    defects: Sequence[Defect] = (),
 ) -> dict[str, object]:
-    """Fit on the images in ``good_dir`` and write a verified bundle to ``out_dir``."""
+    """Fit on the images in ``good_dir`` and write a verified bundle to ``out_dir``.
+
+    With ``defects`` (labelled defective images) a supervised head is learned as
+    well; the good images held back are then split: half are the head's good
+    examples, half calibrate the score (never images the head has seen).
+    """
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     folders = [good_dir] if isinstance(good_dir, Path) else list(good_dir)
     files = sorted({f for folder in folders for f in list_images(folder)})
     sources = [{"folder": str(f), "images": len(list_images(f)), "taught": _taught(f)} for f in folders]
-    train, holdout = split_holdout(files, settings.holdout_fraction, settings.seed)
+    fraction = settings.holdout_fraction * (2 if defects else 1)
+    train, holdout = split_holdout(files, fraction, settings.seed)
+    head_good: list[Path] = []
+    if defects:
+        if len(holdout) < 2:
+            raise ValueError("learning from defects needs at least 2 good images held back; give more good images")
+        head_good, holdout = holdout[: len(holdout) // 2], holdout[len(holdout) // 2 :]
     h, w = _input_size(files, settings)
     if h % 32 or w % 32:
         raise ValueError(f"input size {h}x{w}: height and width must be multiples of 32")
@@ -263,6 +340,11 @@ def fit(
     cpu = torch.device("cpu")
     searcher = LocalSearcher(bank_np, spec, cpu) if spec.memory.kind == "local" else TorchSearcher(bank_np, cpu)
     scorer = Scorer(spec, ModuleExtractor(model), searcher)
+    head_entry: dict[str, object] | None = None
+    if defects:
+        head, head_entry = learn_head(scorer, model, list(defects), head_good, settings, progress)
+        spec = ModelSpec.model_validate({**spec.model_dump(), "head": head_entry})
+        scorer = Scorer(spec, ModuleExtractor(model), searcher, head=head)
     holdout_raw = score_files(scorer, holdout, settings.batch_size, progress("calibrate", len(holdout)))
     calib = calibration(holdout_raw)
     thresholds: dict[str, object]
@@ -274,13 +356,16 @@ def fit(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / bundle_io.MEMORY_BANK, bank_np, allow_pickle=False)
+    if scorer.head is not None:
+        (out_dir / bundle_io.HEAD).write_bytes(scorer.head.to_bytes())
     torch.save(model.state_dict(), out_dir / bundle_io.EXTRACTOR_WEIGHTS)
     export_onnx(model, (h, w), out_dir / bundle_io.EXTRACTOR_ONNX)
     normalisation = spec.normalisation.model_dump()
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "anomalyd_version": __version__,
-        **spec.model_dump(mode="json", exclude={"normalisation"}),
+        **spec.model_dump(mode="json", exclude={"normalisation", "head"}),
+        **({"head": head_entry} if head_entry is not None else {}),
         "normalisation": {**normalisation, "input_range": "0..255 float, RGB"},
         "feature_stride": feature_stride(settings.backbone, settings.taps),
         "coreset_ratio": settings.coreset_ratio if spec.memory.kind == "global" else None,

@@ -63,6 +63,15 @@ class Thresholds(_Strict):
     suggested_image: float = Field(gt=0, le=1000)
 
 
+class HeadSpec(_Strict):
+    """The supervised head (``head.npz``): a per-cell MLP learned from labelled defects."""
+
+    hidden: int = Field(ge=0, le=4096)
+    use_distance: bool = True
+    defect_images: int = Field(ge=1)
+    masked_images: int = Field(ge=0)
+
+
 class ModelSpec(_Strict):
     """Everything that decides how a frame becomes a score (calibration aside)."""
 
@@ -77,6 +86,7 @@ class ModelSpec(_Strict):
     memory_bank_size: int = Field(gt=0)
     map: MapSpec
     memory: MemorySpec = MemorySpec()
+    head: HeadSpec | None = None  # None: good parts only
 
     @property
     def cells(self) -> int:

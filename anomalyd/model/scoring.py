@@ -16,6 +16,7 @@ import torch
 
 from anomalyd.engines.base import Extractor, Searcher
 from anomalyd.model.anomaly_map import AnomalyMapper
+from anomalyd.model.head import Head
 from anomalyd.model.images import resize_for_model
 from anomalyd.model.manifest import ModelSpec, Roi
 from anomalyd.model.nearest import local_nearest_distances
@@ -109,8 +110,16 @@ class LocalSearcher:
 class Scorer:
     """Frame(s) → raw anomaly maps and raw image scores, by one model spec."""
 
-    def __init__(self, spec: ModelSpec, extractor: Extractor, searcher: Searcher, roi: Roi | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        extractor: Extractor,
+        searcher: Searcher,
+        roi: Roi | None = None,
+        head: Head | None = None,
+    ) -> None:
         self.spec = spec
+        self.head = head  # learned from labelled defects: its cell score replaces the distance
         self.extractor = extractor
         self.searcher = searcher
         self.device = extractor.device
@@ -126,9 +135,16 @@ class Scorer:
         b, c = features.shape[:2]
         return self.searcher.search(features.permute(0, 2, 3, 1).reshape(-1, c)).to(self.device).reshape(b, -1)
 
+    def cell_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` → ``[B, h·w]``: the distance to the memory, or the head's score of it and the features."""
+        distances = self.search(features)
+        if self.head is None:
+            return distances
+        return self.head.score_cells(features, distances).to(self.device)
+
     def distances(self, batch: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` → ``[B, h·w]`` patch distances to the memory."""
-        return self.search(self.extractor.extract(batch))
+        """``[B, 3, H, W]`` → ``[B, h·w]`` cell scores (patch distances to the memory, or the head's)."""
+        return self.cell_scores(self.extractor.extract(batch))
 
     def maps(self, distances: torch.Tensor) -> torch.Tensor:
         """``[B, h·w]`` → ``[B, H, W]`` raw anomaly maps at the input size."""

@@ -1,0 +1,183 @@
+"""A supervised head: learns, per feature cell, what the line's labelled defects look like.
+
+The memory bank knows good parts only; on small, faint defects (BSData's pits)
+its distance cannot tell a pit from a droplet. The head is a small per-cell MLP
+on the same patch features plus the cell's distance to the memory, trained on
+labelled defective images (pit cells from masks; without masks, the cells of a
+defective image least like the good parts) against good cells. Its output
+replaces the distance as the cell's score before the anomaly map, so the map,
+the image score, the calibration and the threshold all go through the one
+scoring path. Weights are plain float32 arrays (``head.npz``, no pickle).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ARRAYS = ("mean", "std", "w1", "b1", "w2", "b2")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    hidden: int = 64  # 0: a linear head (logistic regression)
+    use_distance: bool = True  # the cell's distance to the memory is an input
+    steps: int = 1500
+    batch: int = 2048
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    max_negatives: int = 200_000
+    ring: int = 1  # cells around a labelled defect that are neither positive nor negative (masks are rough)
+    unmasked_top: int = 4  # without masks: the cells of a defective image least like the good parts
+
+
+def cell_inputs(cells: np.ndarray, dist: np.ndarray, use_distance: bool) -> np.ndarray:
+    """``[..., C]`` features and ``[...]`` distances → ``[M, C(+1)]`` float32 head inputs."""
+    c = cells.shape[-1]
+    x = cells.reshape(-1, c).astype(np.float32, copy=False)
+    if use_distance:
+        x = np.concatenate([x, dist.reshape(-1, 1).astype(np.float32)], axis=1)
+    return np.ascontiguousarray(x)
+
+
+class Head:
+    """Standardise, (Linear → ReLU →) Linear; the cell score is softplus of the logit (positive, monotone)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], use_distance: bool, device: torch.device | str = "cpu") -> None:
+        self.use_distance = use_distance
+        self.device = torch.device(device)
+        self.t = {
+            k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(self.device) for k in ARRAYS
+        }
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.t["mean"].shape[0])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        z = (x.to(self.device, torch.float32) - t["mean"]) / t["std"]
+        if t["w1"].numel():
+            z = torch.relu(z @ t["w1"] + t["b1"])
+        return z @ t["w2"] + t["b2"]
+
+    def cell_scores(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return F.softplus(self.logits(x))
+
+    def score_cells(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` features and ``[B, h·w]`` distances → ``[B, h·w]`` cell scores."""
+        b, c = features.shape[:2]
+        x = features.permute(0, 2, 3, 1).reshape(-1, c).to(self.device, torch.float32)
+        if self.use_distance:
+            x = torch.cat([x, distances.reshape(-1, 1).to(self.device, torch.float32)], dim=1)
+        return self.cell_scores(x).reshape(b, -1)
+
+    def to_bytes(self) -> bytes:
+        out = io.BytesIO()
+        np.savez(out, **{k: v.cpu().numpy() for k, v in self.t.items()})  # type: ignore[arg-type]
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, use_distance: bool, device: torch.device | str = "cpu") -> Head:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ARRAYS}
+        return cls(arrays, use_distance, device)
+
+
+def _ring(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
+    """Cells within ``width`` of a positive cell (2-D dilation of ``[N, h·w]`` masks)."""
+    if width <= 0:
+        return mask
+    n = mask.shape[0]
+    m = torch.from_numpy(mask.reshape(n, 1, *grid).astype(np.float32))
+    grown = F.max_pool2d(m, 2 * width + 1, stride=1, padding=width)
+    return grown.reshape(n, -1).numpy() > 0
+
+
+def positives_without_masks(dist: np.ndarray, top: int) -> np.ndarray:
+    """Image-level labels only: the ``top`` cells of each defective image farthest from the good memory."""
+    pos = np.zeros(dist.shape, dtype=bool)
+    idx = np.argsort(-dist, axis=1)[:, :top]
+    np.put_along_axis(pos, idx, True, axis=1)
+    return pos
+
+
+def train_head(
+    cells: np.ndarray,
+    dist: np.ndarray,
+    positive: np.ndarray | None,
+    defective: np.ndarray,
+    settings: HeadSettings,
+    grid: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> Head:
+    """Train on images' cells: ``cells [N, h·w, C]``, ``dist [N, h·w]``, ``defective [N]``.
+
+    ``positive [N, h·w]`` marks defect cells (from masks); None: image-level labels,
+    the cells least like the good parts stand for the defect. Negatives are every
+    cell of the good images and the cells of defective images away from the defect.
+    """
+    n, hw, _c = cells.shape
+    if grid is None:
+        grid = (1, hw)
+    if positive is None:
+        positive = np.zeros((n, hw), dtype=bool)
+        positive[defective] = positives_without_masks(dist[defective], settings.unmasked_top)
+    positive = positive & defective[:, None]
+    near = _ring(positive, grid, settings.ring)
+    if not positive.any():
+        raise ValueError("no defect cells to learn from (are the masks empty?)")
+    negative = ~near
+    rng = np.random.default_rng(seed)
+    neg_idx = np.flatnonzero(negative.ravel())
+    if len(neg_idx) > settings.max_negatives:
+        neg_idx = rng.choice(neg_idx, settings.max_negatives, replace=False)
+    pos_idx = np.flatnonzero(positive.ravel())
+    x_all = cell_inputs(cells, dist, settings.use_distance)
+    x_pos = torch.from_numpy(x_all[pos_idx])
+    x_neg = torch.from_numpy(x_all[neg_idx])
+    both = torch.cat([x_pos, x_neg])
+    mean = both.mean(0)
+    std = both.std(0).clamp_min(1e-6)
+    d = both.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    hidden = settings.hidden
+    if hidden:
+        w1 = (torch.randn(d, hidden, generator=g) * (2.0 / d) ** 0.5).requires_grad_()
+        b1 = torch.zeros(hidden, requires_grad=True)
+        w2 = (torch.randn(hidden, generator=g) * (1.0 / hidden) ** 0.5).requires_grad_()
+        params = [w1, b1, w2]
+    else:
+        w1 = torch.zeros(d, 0)
+        b1 = torch.zeros(0)
+        w2 = torch.zeros(d, requires_grad=True)
+        params = [w2]
+    b2 = torch.zeros((), requires_grad=True)
+    params.append(b2)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    half = settings.batch // 2
+    for _step in range(settings.steps):
+        # Balanced batches: as many defect cells as good ones, whatever their numbers.
+        pi = torch.randint(len(x_pos), (half,), generator=g)
+        ni = torch.randint(len(x_neg), (half,), generator=g)
+        x = (torch.cat([x_pos[pi], x_neg[ni]]) - mean) / std
+        y = torch.cat([torch.ones(half), torch.zeros(half)])
+        z = torch.relu(x @ w1 + b1) if hidden else x
+        loss = F.binary_cross_entropy_with_logits(z @ w2 + b2, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    arrays = {
+        "mean": mean.numpy(),
+        "std": std.numpy(),
+        "w1": w1.detach().numpy(),
+        "b1": b1.detach().numpy(),
+        "w2": w2.detach().numpy(),
+        "b2": b2.detach().numpy().reshape(1),
+    }
+    return Head(arrays, settings.use_distance)

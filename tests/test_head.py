@@ -1,0 +1,100 @@
+"""Learning from labelled defects: the head in the bundle, through the one scoring path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
+from anomalyd.engines.inspector import open_inspector
+from anomalyd.model import bundle as bundle_io
+from anomalyd.model.bundle import BundleError, load_bundle
+from anomalyd.model.head import Head, HeadSettings, train_head
+from anomalyd.model.images import read_rgb
+from anomalyd.sample import DEFECTS, write_sample
+from tests.conftest import ANOMALYD
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other parts than the fit's and the test's: 3 of each defect, with masks (as a line would label them)."""
+    return write_sample(tmp_path_factory.mktemp("labelled"), train=0, test_good=0, per_defect=3, seed=21)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A line's good parts (60, as a first teaching would collect) and test parts."""
+    return write_sample(tmp_path_factory.mktemp("line"), train=60, test_good=8, per_defect=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def head_bundle(line: Path, labelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("head") / "bundle"
+    run = subprocess.run(
+        [*ANOMALYD, "fit", "--good", str(line / "train" / "good"), "--out", str(out),
+         "--defects", str(labelled / "test"), "--masks", str(labelled / "ground_truth"), "--coreset-ratio", "0.02"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_a_head_learned_from_labelled_defects_is_in_the_bundle(head_bundle: Path, labelled: Path) -> None:
+    manifest = json.loads((head_bundle / "manifest.json").read_text())
+    head = manifest["head"]
+    assert head["defect_images"] == 3 * len(DEFECTS) and head["masked_images"] == 3 * len(DEFECTS)
+    assert set(head["defect_types"]) == set(DEFECTS)
+    assert bundle_io.HEAD in manifest["files"]
+    loaded = load_bundle(head_bundle)
+    assert isinstance(loaded.head(), Head)
+
+
+def test_the_head_judges_parts_it_never_saw(head_bundle: Path, line: Path) -> None:
+    """Scored through the daemon's inspector on the test parts (not the labelled ones): defects fail, good pass."""
+    bundle = load_bundle(head_bundle)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    threshold = bundle.suggested_threshold
+    scores: dict[str, list[float]] = {}
+    for folder in sorted((line / "test").iterdir()):
+        scores[folder.name] = [inspector.inspect(read_rgb(f)).score for f in sorted(folder.glob("*.png"))]
+    inspector.close()
+    good = scores.pop("good")
+    assert all(np.isfinite(good)) and sum(s >= threshold for s in good) <= 1
+    defects = [s for v in scores.values() for s in v]
+    assert sum(s >= threshold for s in defects) >= len(defects) - 2, (threshold, scores)
+    assert float(np.median(defects)) > 1.5 * float(np.median(good))
+
+
+def test_a_damaged_head_is_refused(head_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    copy.mkdir()
+    for f in head_bundle.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / bundle_io.HEAD).read_bytes())
+    data[-20] ^= 0xFF
+    (copy / bundle_io.HEAD).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"head\.npz: checksum mismatch"):
+        load_bundle(copy)
+
+
+def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None:
+    rng = np.random.default_rng(0)
+    n, hw, c = 20, 64, 8
+    cells = rng.normal(size=(n, hw, c)).astype(np.float32)
+    dist = np.abs(rng.normal(size=(n, hw))).astype(np.float32)
+    defective = np.arange(n) < 10
+    # The defect: feature 0 high in one cell of each defective image, which is also far from the memory.
+    for i in np.flatnonzero(defective):
+        cells[i, 5, 0] += 6.0
+        dist[i, 5] += 4.0
+    head = train_head(cells, dist, None, defective, HeadSettings(hidden=16, steps=300), (8, 8))
+    import torch
+
+    x = np.concatenate([cells.reshape(-1, c), dist.reshape(-1, 1)], 1)
+    s = head.cell_scores(torch.from_numpy(x)).reshape(n, hw).numpy()
+    assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
