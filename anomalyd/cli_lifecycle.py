@@ -73,6 +73,14 @@ def cmd_teach(args: argparse.Namespace) -> int:
         where.append("recipe = ?")
         params.append(args.recipe)
     db = _db(args.data_dir)
+    labels: dict[int, tuple[str, str, int]] = {}
+    if args.labelled:
+        from anomalyd.daemon.labels import current_labels
+
+        labels = current_labels(db)  # type: ignore[assignment]
+        ids = sorted(labels)
+        where.append(f"inspection_id IN ({','.join('?' * len(ids)) or 'NULL'})")
+        params += ids
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(
@@ -86,15 +94,36 @@ def cmd_teach(args: argparse.Namespace) -> int:
             if not src.is_file():
                 missing += 1  # the archive quota removed it
                 continue
-            target = args.out / f"{row['inspection_id']:010d}{src.suffix}"
+            label = labels.get(row["inspection_id"])
+            # --labelled: defects/line/ for fit --defects, good/ (false rejects) for fit --good
+            folder = args.out if label is None else args.out / ("defects/line" if label[0] == "defect" else "good")
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{row['inspection_id']:010d}{src.suffix}"
             shutil.copy2(src, target)
             keys = ("inspection_id", "part_id", "time_ns", "verdict", "score", "recipe", "bundle_id", "source")
-            sources.write(json.dumps({"file": target.name, "archive": str(src), **{k: row[k] for k in keys}}) + "\n")
+            entry = {"file": str(target.relative_to(args.out)), "archive": str(src), **{k: row[k] for k in keys}}
+            if label is not None:
+                entry.update(label=label[0], labelled_by=label[1], labelled_at_ns=label[2])
+            sources.write(json.dumps(entry) + "\n")
             copied += 1
-    filters = {k: getattr(args, k) for k in ("ids", "since", "until", "verdict", "recipe") if getattr(args, k)}
+    filters = {
+        k: getattr(args, k) for k in ("ids", "since", "until", "verdict", "recipe", "labelled") if getattr(args, k)
+    }
     AuditLog(db).append("teach", {"out": str(args.out.resolve()), "copied": copied, "filters": filters})
     print(f"{copied} images → {args.out} (sources.jsonl says where each came from); {missing} no longer archived")
     return 0 if copied else 1
+
+
+# ---------------------------------------------------------------- label
+def cmd_label(args: argparse.Namespace) -> int:
+    from anomalyd.daemon.labels import add_labels
+
+    records = add_labels(_db(args.data_dir), _ids(args.ids), args.label, by_part=args.part, note=args.note or "")
+    for inspection_id, part_id, verdict in records:
+        kind = "escape" if args.label == "defect" and verdict != "NG" else None
+        kind = kind or ("false reject" if args.label == "good" and verdict == "NG" else "confirmed")
+        print(f"inspection {inspection_id} (part {part_id}, {verdict}): {args.label} — {kind}")
+    return 0
 
 
 # ---------------------------------------------------------------- compare
@@ -123,8 +152,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     inspectors = {k: open_inspector(b, AutoEngineConfig(), SearchConfig()) for k, b in bundles.items()}
     thresholds = {k: args.threshold or b.suggested_threshold for k, b in bundles.items()}
     items: list[dict[str, Any]] = []
+    from anomalyd.daemon.labels import current_labels
+
+    line_labels = current_labels(_db(args.data_dir))  # parts a person labelled on the line
     for inspection_id, path in _archived(args.data_dir, args.last):
-        items.append({"inspection_id": inspection_id, "file": str(path), "label": None})
+        said = line_labels.get(inspection_id)
+        label = None if said is None else said[0] == "defect"
+        items.append({"inspection_id": inspection_id, "file": str(path), "label": label})
     if args.labelled:
         from anomalyd.cli_model import _val_images
 
@@ -140,7 +174,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             score = inspector.inspect(frame).score
             item[f"{k}_score"] = round(score, 4)
             item[f"{k}_ng"] = fails(score, thresholds[k])  # the line's rule: a NaN score fails
-    line = [i for i in items if i["label"] is None]
+    line = [i for i in items if i["inspection_id"] is not None]
     labelled = [i for i in items if i["label"] is not None]
     report: dict[str, Any] = {
         "old": {"bundle": bundles["old"].bundle_id, "threshold": thresholds["old"]},
@@ -160,6 +194,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "good_rejected": f"{sum(i[f'{k}_ng'] for i in goods)}/{len(goods)}",
             }
         report["defects_escaping_new"] = [i["file"] for i in defects if not i["new_ng"]]
+        for k in ("old", "new"):  # what a plant counts, on the parts people labelled
+            report[f"escapes_{k}"] = [i["inspection_id"] or i["file"] for i in defects if not i[f"{k}_ng"]]
+            report[f"false_rejects_{k}"] = [i["inspection_id"] or i["file"] for i in goods if i[f"{k}_ng"]]
     print(json.dumps(report, indent=2))
     if args.report:
         import matplotlib
@@ -319,7 +356,20 @@ def add_lifecycle_commands(sub: Any) -> None:
     p.add_argument("--until", help="ISO time or age")
     p.add_argument("--verdict", choices=["OK", "WARN", "NG"], help="only parts with this verdict")
     p.add_argument("--recipe", type=int, help="only parts of this recipe")
+    p.add_argument(
+        "--labelled",
+        action="store_true",
+        help="the labelled parts: defects into OUT/defects/line (fit --defects OUT/defects), good ones into OUT/good",
+    )
     p.set_defaults(func=cmd_teach)
+
+    p = sub.add_parser("label", help="say what parts really were: defect (confirmed, or an escape) or good")
+    p.add_argument("ids", help="inspection ids (4711,4800-4810), or part ids with --part")
+    p.add_argument("label", choices=["defect", "good"])
+    p.add_argument("--part", action="store_true", help="the ids are the PLC's part ids (their newest inspection)")
+    p.add_argument("--data-dir", type=Path, required=True, help="the daemon's data_dir")
+    p.add_argument("--note", help="a few words kept with the label")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("compare", help="score recent archived images (and labelled ones) with two bundles")
     p.add_argument("old", type=Path)

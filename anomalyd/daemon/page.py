@@ -219,7 +219,15 @@ def page_token(token_file: Path | None) -> str | None:
 class PageServer:
     """The aiohttp application, served from its own thread."""
 
-    def __init__(self, feed: PageFeed, host: str, port: int, token: str | None, max_clients: int = 16) -> None:
+    def __init__(
+        self,
+        feed: PageFeed,
+        host: str,
+        port: int,
+        token: str | None,
+        max_clients: int = 16,
+        on_label: Callable[[int, str, str], None] | None = None,
+    ) -> None:
         if not is_loopback(host) and token is None:
             raise StartupError(
                 f"page.host {host} is not loopback: set page.token_file or {TOKEN_ENV} (the page shows "
@@ -228,6 +236,7 @@ class PageServer:
         self.feed, self.host, self.token = feed, host, token
         self.port = port
         self.max_clients = max_clients
+        self.on_label = on_label  # (inspection_id, "defect" | "good", who) → stored and audited
         self.refused_clients = 0
         self._clients: set[asyncio.Queue[bytes]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,6 +270,7 @@ class PageServer:
         app.router.add_get("/", self._page)
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/events", self._events)
+        app.router.add_post("/api/label", self._label)
         app.router.add_get(r"/api/image/{id:\d+}/{kind:frame|overlay|thumb}.jpg", self._image)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         try:
@@ -307,6 +317,28 @@ class PageServer:
         from aiohttp import web
 
         return web.json_response(self.feed.snapshot())
+
+    async def _label(self, request: Any) -> Any:
+        """A person's word on a part: ``{"inspection_id": N, "label": "defect" | "good"}`` (JSON only)."""
+        from aiohttp import web
+
+        if self.on_label is None:
+            raise web.HTTPNotFound(text="labelling is not enabled\n")
+        if request.content_type != "application/json":  # a plain form post from another site is refused
+            raise web.HTTPUnsupportedMediaType(text="application/json only\n")
+        try:
+            body = await request.json()
+            inspection_id, label = int(body["inspection_id"]), str(body["label"])
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text="expected {inspection_id, label}\n") from None
+        if label not in ("defect", "good"):
+            raise web.HTTPBadRequest(text="label: defect or good\n")
+        who = f"operator page ({request.remote})"
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.on_label, inspection_id, label, who)
+        except Exception as exc:  # no record of it, or the audit cannot be written: say so, store nothing
+            raise web.HTTPConflict(text=f"{exc}\n") from None
+        return web.json_response({"inspection_id": inspection_id, "label": label})
 
     async def _image(self, request: Any) -> Any:
         from aiohttp import web

@@ -168,7 +168,12 @@ class Daemon:
         if cfg.page.enabled:
             self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state)
             self.page_server = PageServer(
-                self.page_feed, cfg.page.host, cfg.page.port, page_token(cfg.page.token_file), cfg.page.max_clients
+                self.page_feed,
+                cfg.page.host,
+                cfg.page.port,
+                page_token(cfg.page.token_file),
+                cfg.page.max_clients,
+                on_label=self._label,
             )
             self.recorder.page_feed = self.page_feed
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
@@ -241,6 +246,12 @@ class Daemon:
             handshake.set_records_failing(failing)
         if plc is not None:
             plc.wake()
+
+    def _label(self, inspection_id: int, label: str, who: str) -> None:
+        """From the page: a person's word on a part, stored with the records and audited."""
+        from anomalyd.daemon.labels import add_labels
+
+        add_labels(self.config.daemon.data_dir / "inspections.sqlite", [inspection_id], label, actor=who)  # type: ignore[arg-type]
 
     def _check_certificates(self) -> None:
         """OPC UA: log and export the days left on each certificate; warn 30 days ahead."""
