@@ -87,6 +87,7 @@ def _fit_settings(args: argparse.Namespace) -> Any:
         backbone=args.backbone,
         taps=tuple(args.taps.split(",")) if args.taps else default_taps,
         input_size=_size(args.input_size),
+        smallest_defect_px=args.smallest_defect,
         proj_dim=args.proj_dim,
         coreset_ratio=args.coreset_ratio,
         image_score=args.image_score,
@@ -327,6 +328,13 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="model input HEIGHTxWIDTH or SIZE, multiples of 32; auto (default): the frame's aspect ratio, "
         "224 on the short side",
+    )
+    p.add_argument(
+        "--smallest-defect",
+        type=float,
+        metavar="PX",
+        help="area in frame pixels of the smallest defect to find: the input is sized so it spans a few cells "
+        "(with --defects and --masks: the 10th percentile of the masks' areas)",
     )
     p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")

@@ -43,6 +43,9 @@ class FitSettings:
     input_size: tuple[int, int] | None = None
     short_side: int = 224
     max_side: int = 1024
+    # The smallest defect to find (frame pixels of area): with it the input is sized so that it spans
+    # a few feature cells (defect_short_side); fit --defects with masks takes it from the masks.
+    smallest_defect_px: float | None = None
     proj_dim: int | None = None
     coreset_ratio: float = 0.01
     coreset_max: int = 16384
@@ -103,11 +106,32 @@ def _batches(items: list[Path], size: int) -> Iterable[list[Path]]:
         yield items[i : i + size]
 
 
+CELLS_PER_DEFECT = 2.5  # a defect should span at least this many feature cells across
+
+
+def defect_short_side(frame_short: int, stride: int, smallest_defect_px: float, short_side: int = 224) -> int:
+    """The model input's short side so that the smallest defect spans ``CELLS_PER_DEFECT`` cells.
+
+    A defect of area A frame pixels is about d = 2·sqrt(A/π) across; a feature cell
+    covers ``stride`` input pixels, i.e. stride·frame_short/input_short frame pixels.
+    Wanting d ≥ 2.5 cells gives input_short = 2.5·stride·frame_short/d, never below
+    the default and never above the frame (no upsampling). BSData: pits of 300 px
+    (d ≈ 20), stride 8, 460-pixel frames → 460, i.e. the frame's own resolution.
+    """
+    d = 2.0 * float(np.sqrt(max(smallest_defect_px, 1.0) / np.pi))
+    wanted = CELLS_PER_DEFECT * stride * frame_short / d
+    return int(min(frame_short, max(short_side, wanted)))
+
+
 def _input_size(files: list[Path], settings: FitSettings) -> tuple[int, int]:
     if settings.input_size is not None:
         return settings.input_size
     first = read_rgb(files[0])
     hw = (settings.roi[3], settings.roi[2]) if settings.roi else (first.shape[0], first.shape[1])
+    if settings.smallest_defect_px is not None:
+        stride = feature_stride(settings.backbone, settings.taps)
+        short = defect_short_side(min(hw), stride, settings.smallest_defect_px, settings.short_side)
+        return aspect_input_size(hw, short, max(settings.max_side, max(hw) + 32))
     return aspect_input_size(hw, settings.short_side, settings.max_side)
 
 
@@ -233,6 +257,14 @@ class Defect:
     mask: Path | None = None
 
 
+def mask_area(defect: Defect) -> int:
+    """Defect pixels in the image's mask (0 without one)."""
+    if defect.mask is None:
+        return 0
+    mask = cv2.imread(str(defect.mask), cv2.IMREAD_GRAYSCALE)
+    return int(np.count_nonzero(mask)) if mask is not None else 0
+
+
 def defect_cells(defect: Defect, grid: tuple[int, int], roi: tuple[int, int, int, int] | None) -> np.ndarray | None:
     """``[h·w]`` True on the feature cells a mask touches (None without a mask)."""
     if defect.mask is None:
@@ -305,6 +337,10 @@ def fit(
     folders = [good_dir] if isinstance(good_dir, Path) else list(good_dir)
     files = sorted({f for folder in folders for f in list_images(folder)})
     sources = [{"folder": str(f), "images": len(list_images(f)), "taught": _taught(f)} for f in folders]
+    if defects and settings.smallest_defect_px is None and settings.input_size is None:
+        areas = [a for a in (mask_area(d) for d in defects) if a]
+        if areas:  # the 10th percentile: one speck of a mask does not force the frame's full size
+            settings = replace(settings, smallest_defect_px=float(np.percentile(areas, 10)))
     fraction = settings.holdout_fraction * (2 if defects else 1)
     train, holdout = split_holdout(files, fraction, settings.seed)
     head_good: list[Path] = []
