@@ -71,6 +71,8 @@ def main() -> int:
         help="labelled defective images per fold: N or all; N:image = image-level labels only (no masks)",
     )
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--steps", type=int, default=HeadSettings().steps)
+    p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -103,9 +105,17 @@ def main() -> int:
         dist = np.stack([nearest_distances(torch.from_numpy(x), bank).numpy() for x in cells])
         return cells, dist
 
-    te_cells, te_dist = cells_and_dist(fte)
-    hg_cells, hg_dist = cells_and_dist(ftr[[index[f] for f in head_good]])
-    ca_cells, ca_dist = cells_and_dist(ftr[[index[f] for f in calib]])
+    dist_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz"
+    te_cells = fte.permute(0, 2, 3, 1).reshape(len(fte), gh * gw, c).numpy().astype(np.float32)
+    hg_feats, ca_feats = ftr[[index[f] for f in head_good]], ftr[[index[f] for f in calib]]
+    hg_cells = hg_feats.permute(0, 2, 3, 1).reshape(len(hg_feats), gh * gw, c).numpy().astype(np.float32)
+    ca_cells = ca_feats.permute(0, 2, 3, 1).reshape(len(ca_feats), gh * gw, c).numpy().astype(np.float32)
+    if dist_cache.is_file():
+        with np.load(dist_cache, allow_pickle=False) as z:
+            te_dist, hg_dist, ca_dist = z["te"], z["hg"], z["ca"]
+    else:
+        te_dist, hg_dist, ca_dist = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
+        np.savez(dist_cache, te=te_dist, hg=hg_dist, ca=ca_dist)
     print(f"bank {len(bank)}, distances {time.perf_counter() - started:.0f} s", file=sys.stderr)
     mapper = AnomalyMapper((gh, gw), (h, w), settings.sigma)
 
@@ -160,7 +170,7 @@ def main() -> int:
                 if not image_level:
                     positive = np.zeros(x_dist.shape, bool)
                     positive[: len(train_idx)] = pit_cells[train_idx]
-                hs = HeadSettings(hidden=args.hidden)
+                hs = HeadSettings(hidden=args.hidden, steps=args.steps, hard_rounds=args.hard_rounds)
                 head: Head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k)
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:

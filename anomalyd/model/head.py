@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 
 ARRAYS = ("mean", "std", "w1", "b1", "w2", "b2")
+# The cell score is softplus(logit + 8): about logit + 8 wherever good parts fall (logits down to about -6),
+# so the calibration's ratio to the highest held-back good part and its robust spread stay linear, not
+# exponential as softplus(logit) would be for the very negative logits of good cells.
+LOGIT_SHIFT = 8.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class HeadSettings:
     max_negatives: int = 200_000
     ring: int = 1  # cells around a labelled defect that are neither positive nor negative (masks are rough)
     unmasked_top: int = 4  # without masks: the cells of a defective image least like the good parts
+    unmasked_rounds: int = 2  # … then this many rounds of re-choosing them by the head's own score
+    hard_rounds: int = 0  # rounds of retraining with the good cells the head scored highest (hard negatives)
+    hard_share: float = 0.02  # … the top 2 % of the good cells
 
 
 def cell_inputs(cells: np.ndarray, dist: np.ndarray, use_distance: bool) -> np.ndarray:
@@ -45,7 +52,7 @@ def cell_inputs(cells: np.ndarray, dist: np.ndarray, use_distance: bool) -> np.n
 
 
 class Head:
-    """Standardise, (Linear → ReLU →) Linear; the cell score is softplus of the logit (positive, monotone)."""
+    """Standardise, (Linear → ReLU →) Linear; the cell score is softplus(logit + 8) (positive, monotone)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], use_distance: bool, device: torch.device | str = "cpu") -> None:
         self.use_distance = use_distance
@@ -59,6 +66,10 @@ class Head:
         return int(self.t["mean"].shape[0])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         t = self.t
         z = (x.to(self.device, torch.float32) - t["mean"]) / t["std"]
         if t["w1"].numel():
@@ -67,7 +78,7 @@ class Head:
 
     def cell_scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return F.softplus(self.logits(x))
+            return F.softplus(self._logits(x) + LOGIT_SHIFT)
 
     def score_cells(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` features and ``[B, h·w]`` distances → ``[B, h·w]`` cell scores."""
@@ -126,21 +137,47 @@ def train_head(
     if grid is None:
         grid = (1, hw)
     if positive is None:
-        positive = np.zeros((n, hw), dtype=bool)
-        positive[defective] = positives_without_masks(dist[defective], settings.unmasked_top)
+        # Image-level labels (multiple-instance): start from the cells least like the good parts, then
+        # let the head itself pick the cells of each defective image that look most like defects, and relearn.
+        chosen = np.zeros((n, hw), dtype=bool)
+        chosen[defective] = positives_without_masks(dist[defective], settings.unmasked_top)
+        for _round in range(settings.unmasked_rounds):
+            head = train_head(cells, dist, chosen, defective, settings, grid, seed)
+            x = torch.from_numpy(cell_inputs(cells[defective], dist[defective], settings.use_distance))
+            scores = head.cell_scores(x).reshape(int(defective.sum()), hw).numpy()
+            chosen = np.zeros((n, hw), dtype=bool)
+            chosen[defective] = positives_without_masks(scores, settings.unmasked_top)
+        positive = chosen
     positive = positive & defective[:, None]
     near = _ring(positive, grid, settings.ring)
     if not positive.any():
         raise ValueError("no defect cells to learn from (are the masks empty?)")
     negative = ~near
     rng = np.random.default_rng(seed)
-    neg_idx = np.flatnonzero(negative.ravel())
+    neg_all = np.flatnonzero(negative.ravel())
+    neg_idx = neg_all
     if len(neg_idx) > settings.max_negatives:
         neg_idx = rng.choice(neg_idx, settings.max_negatives, replace=False)
     pos_idx = np.flatnonzero(positive.ravel())
     x_all = cell_inputs(cells, dist, settings.use_distance)
     x_pos = torch.from_numpy(x_all[pos_idx])
     x_neg = torch.from_numpy(x_all[neg_idx])
+    head = _fit_mlp(x_pos, x_neg, None, settings, seed)
+    for _round in range(settings.hard_rounds):
+        # Hard negatives: the good cells the head likes most (droplets, soiling, scratches of the
+        # groove) are rare among random negatives; half of each batch now comes from them.
+        logits = torch.cat(
+            [head.logits(torch.from_numpy(x_all[neg_all[i : i + 65536]])) for i in range(0, len(neg_all), 65536)]
+        )
+        top = max(1, int(len(neg_all) * settings.hard_share))
+        hard = neg_all[torch.topk(logits, top).indices.numpy()]
+        head = _fit_mlp(x_pos, x_neg, torch.from_numpy(x_all[hard]), settings, seed)
+    return head
+
+
+def _fit_mlp(
+    x_pos: torch.Tensor, x_neg: torch.Tensor, x_hard: torch.Tensor | None, settings: HeadSettings, seed: int
+) -> Head:
     both = torch.cat([x_pos, x_neg])
     mean = both.mean(0)
     std = both.std(0).clamp_min(1e-6)
@@ -161,17 +198,27 @@ def train_head(
     params.append(b2)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     half = settings.batch // 2
-    for _step in range(settings.steps):
-        # Balanced batches: as many defect cells as good ones, whatever their numbers.
-        pi = torch.randint(len(x_pos), (half,), generator=g)
-        ni = torch.randint(len(x_neg), (half,), generator=g)
-        x = (torch.cat([x_pos[pi], x_neg[ni]]) - mean) / std
-        y = torch.cat([torch.ones(half), torch.zeros(half)])
-        z = torch.relu(x @ w1 + b1) if hidden else x
-        loss = F.binary_cross_entropy_with_logits(z @ w2 + b2, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    quarter = half // 2
+    with torch.enable_grad():
+        for _step in range(settings.steps):
+            # Balanced batches: as many defect cells as good ones, whatever their numbers.
+            pi = torch.randint(len(x_pos), (half,), generator=g)
+            if x_hard is None:
+                neg = x_neg[torch.randint(len(x_neg), (half,), generator=g)]
+            else:
+                neg = torch.cat(
+                    [
+                        x_neg[torch.randint(len(x_neg), (half - quarter,), generator=g)],
+                        x_hard[torch.randint(len(x_hard), (quarter,), generator=g)],
+                    ]
+                )
+            x = (torch.cat([x_pos[pi], neg]) - mean) / std
+            y = torch.cat([torch.ones(half), torch.zeros(half)])
+            z = torch.relu(x @ w1 + b1) if hidden else x
+            loss = F.binary_cross_entropy_with_logits(z @ w2 + b2, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     arrays = {
         "mean": mean.numpy(),
         "std": std.numpy(),
