@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -105,7 +106,13 @@ def test_a_reload_adds_a_recipe_without_a_restart(daemon_factory, e2e_bundle: Pa
     r.config.write_text(yaml.safe_dump(raw))
     r.process.send_signal(signal.SIGHUP)
     log_file = r.config.parent / "daemon.log"
-    wait_until(lambda: '"recipes_loading": [3]' in log_file.read_text(), 30.0, "the reload taken")
+
+    def loaded_3() -> bool:  # recipe 3 is there (until then a trigger for it is answered 12 or 13 at once)
+        lines = [json.loads(x) for x in log_file.read_text().splitlines() if x.startswith("{")]
+        return any(e.get("event") == "recipe.loaded" and e.get("recipe") == 3 for e in lines)
+
+    wait_until(loaded_3, 60.0, "recipe 3 loaded")
+    assert r.plc.wait_for(lambda s: s.trigger_ready and not s.recipe_changing, 5.0) is not None
     res = r.plc.inspect_once(30.0, part_id=2, recipe=3)  # waits for recipe_changing to fall, then triggers
     assert res is not None and res.attributed and res.status.fail and res.status.error_code == 0
     assert r.process.pid == pid and r.process.poll() is None
