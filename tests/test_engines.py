@@ -301,3 +301,12 @@ def test_a_non_finite_feature_gives_a_non_finite_distance(searcher) -> None:  # 
     d = searcher(bank, torch.device("cpu")).search(queries).numpy()
     assert not np.isfinite(d[3]) and not np.isfinite(d[7])
     assert np.isfinite(np.delete(d, [3, 7])).all()
+
+
+def test_faiss_gpu_is_never_tried_where_its_wheels_have_no_kernels() -> None:
+    """faiss-gpu-cu12 ships sm_70/sm_80 code only: Hopper (9.0) and Blackwell (10.0, 12.0) would abort."""
+    from anomalyd.engines.search import faiss_gpu_supports
+
+    assert faiss_gpu_supports((7, 0)) and faiss_gpu_supports((8, 6)) and faiss_gpu_supports((8, 9))
+    assert not faiss_gpu_supports((6, 1)) and not faiss_gpu_supports((9, 0))
+    assert not faiss_gpu_supports((10, 0)) and not faiss_gpu_supports((12, 0))

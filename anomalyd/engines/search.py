@@ -27,6 +27,23 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+# faiss-gpu-cu12's wheels carry GPU code for sm_70 and sm_80 only, without PTX (their README: compute
+# capability 7.0-8.9). On Hopper or Blackwell, index_cpu_to_gpu aborts the whole process ("CUDA error
+# 209 no kernel image", faiss-wheels #151): no try can catch an abort, so it is never attempted there.
+FAISS_GPU_CAPABILITIES = ((7, 0), (8, 9))
+
+
+def faiss_gpu_supports(capability: tuple[int, int]) -> bool:
+    """Whether the faiss-gpu wheels have kernels for a GPU of this compute capability."""
+    low, high = FAISS_GPU_CAPABILITIES
+    return low <= tuple(capability) <= high
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
+
+
 # Batches of at least this many queries take faiss's GEMM path (see FaissSearcher).
 BLAS_FROM_QUERIES = 20
 
@@ -56,6 +73,12 @@ class FaissSearcher:
         if device.type == "cuda":
             if not faiss_has_gpu():
                 raise EngineError("faiss on cuda asked for, but the installed faiss has no GPU support")
+            capability = device_capability(device)
+            if not faiss_gpu_supports(capability):
+                raise EngineError(
+                    f"faiss on {device}: compute capability {capability[0]}.{capability[1]} has no kernels in the "
+                    "faiss-gpu wheels (7.0-8.9); use search.type: torch (or auto, which takes it)"
+                )
             import faiss.contrib.torch_utils
 
             with torch.cuda.device(device):

@@ -82,7 +82,11 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
     if config.type != "auto":
         return SEARCHERS[config.type](bank, device, threads)  # type: ignore[no-any-return]
     if device.type == "cuda":
-        if search.faiss_has_gpu():
+        capability = search.device_capability(device)
+        if search.faiss_has_gpu() and not search.faiss_gpu_supports(capability):
+            choice = "torch"  # faiss would abort the process on this GPU (see search.FAISS_GPU_CAPABILITIES)
+            log.info("search.faiss_gpu_unsupported", capability=f"{capability[0]}.{capability[1]}", using="torch")
+        elif search.faiss_has_gpu():
             choice = "faiss"
         else:
             choice = "torch"
