@@ -310,3 +310,18 @@ def test_faiss_gpu_is_never_tried_where_its_wheels_have_no_kernels() -> None:
     assert faiss_gpu_supports((7, 0)) and faiss_gpu_supports((8, 6)) and faiss_gpu_supports((8, 9))
     assert not faiss_gpu_supports((6, 1)) and not faiss_gpu_supports((9, 0))
     assert not faiss_gpu_supports((10, 0)) and not faiss_gpu_supports((12, 0))
+
+
+def test_tensorrt_factories_without_a_gpu_are_an_engine_error() -> None:
+    """TensorRT's Builder/Runtime raise TypeError ("factory function returned nullptr") with no usable GPU."""
+    from anomalyd.engines.base import EngineError
+    from anomalyd.engines.tensorrt_engine import _made
+
+    def nullptr_factory(_logger: object) -> object:
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    with pytest.raises(EngineError, match=r"could not create its builder .*nullptr.*nvidia-smi"):
+        _made(nullptr_factory, "builder", object())
+    with pytest.raises(EngineError, match=r"runtime \(returned nothing\)"):
+        _made(lambda _logger: None, "runtime", object())
+    assert _made(lambda _logger: "ok", "runtime", object()) == "ok"

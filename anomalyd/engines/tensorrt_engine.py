@@ -102,9 +102,29 @@ def attach_timing_cache(config: Any, cache_path: Path) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=True)
 
 
+def _made(factory: Any, what: str, *args: Any) -> Any:
+    """``trt.Builder(logger)`` / ``trt.Runtime(logger)``, or an EngineError a person can act on.
+
+    Without a usable GPU or driver TensorRT's factories raise ``TypeError: … factory
+    function returned nullptr`` (or return None): a start-up fault, not a crash loop.
+    """
+    try:
+        made = factory(*args)
+    except (TypeError, RuntimeError) as exc:
+        made, why = None, str(exc)
+    else:
+        why = "returned nothing"
+    if made is None:
+        raise EngineError(
+            f"TensorRT could not create its {what} ({why}): is the NVIDIA driver loaded and the GPU visible "
+            "(nvidia-smi), and does the TensorRT build match the driver's CUDA? engine: onnxruntime runs without it"
+        )
+    return made
+
+
 def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace_mb: int) -> tuple[bytes, bytes | None]:
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = _made(trt.Builder, "builder", logger)
     # TensorRT 8.x (JetPack 5, 6.0) needs the explicit-batch flag; from 10 it is the only mode.
     flags = 0 if _major(trt) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
@@ -152,7 +172,7 @@ class TensorRtExtractor:
         self.device = resolve_device(config.device)  # always with an index: cuda:N
         if self.device.type != "cuda":
             raise EngineError("the tensorrt engine needs a CUDA device")
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = _made(trt.Runtime, "runtime", trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(self.device):
             plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
             self._engine = self._deserialize(plan)
