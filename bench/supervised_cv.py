@@ -6,7 +6,7 @@ Protocol (BSData pitting): the memory bank is fit's coreset of train/good (80 %;
 10 % held back as the head's good examples, 10 % to calibrate, as ``fit
 --defects`` splits them). The 15 camera views (``split.csv``, ``position_angle``)
 are shuffled into 5 folds of 3; for each fold the head learns from the pitted
-test frames of the other 12 views (their masks, or with ``--no-masks`` image
+test frames of the other 12 views (their masks, or with ``N:image`` in ``--curve`` image
 labels only) and their good test frames, and the frames of the 3 held-out views
 are scored: no surface is in both. Then the threshold is the one fit would
 suggest from the calibration hold-out. A **learning curve** repeats it with
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "explore"))
-from bsd_scores import cached_features
+from bsd_scores import cached_features  # the cache the explorations share
+from oracle import escape_at_fr  # the operating point the explorations report
 
 from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
@@ -43,12 +44,6 @@ from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.fit import Defect, FitSettings, defect_cells, split_holdout
 from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.nearest import nearest_distances
-
-
-def escape_at_fr(labels: np.ndarray, scores: np.ndarray, fr: float = 0.02) -> float:
-    good = np.sort(scores[~labels])
-    thr = good[min(len(good) - 1, int(np.ceil((1 - fr) * len(good))) - 1)] + 1e-9
-    return float(np.mean(scores[labels] < thr))
 
 
 def pixel_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
@@ -189,7 +184,6 @@ def main() -> int:
             maps[held] /= thr
         ng = scores >= 1.0
         small_maps = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0].numpy()
-        pit = labels
         cut = np.sort(scores[~labels])[int(np.ceil(0.98 * (~labels).sum())) - 1] + 1e-9
         name = "good parts only" if point == "0" else f"{point} labelled defective images"
         name += " (image labels, no masks)" if image_level else ""
@@ -201,7 +195,7 @@ def main() -> int:
             "escapes_at_2pct_fr": round(escape_at_fr(labels, scores), 4),
             "small_pit_escapes_at_2pct_fr": round(float(np.mean(scores[small] < cut)), 4),
             "pixel_auroc": round(auroc(pix_masks.ravel(), small_maps.ravel()), 4),
-            "aupro": round(aupro(pix_masks[pit], small_maps[pit]), 4),
+            "aupro": round(aupro(pix_masks[labels], small_maps[labels]), 4),
         }
         print(name, json.dumps(results[name]), flush=True)
     report = {

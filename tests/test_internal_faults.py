@@ -25,17 +25,8 @@ from anomalyd.daemon.reloader import reload_config
 from anomalyd.drivers.plc.layout import Command
 from anomalyd.drivers.plc.modbus import ModbusServerLink, RegisterServer
 from anomalyd.ports import free_port
-from tests.harness import stop
+from tests.harness import stop, wait_until
 from tests.test_judge import _part, _rows, _station
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"{what} not within {timeout} s")
 
 
 def test_a_fault_after_the_answer_never_answers_the_part_again(
@@ -122,10 +113,10 @@ def test_the_plc_worker_survives_a_fault_it_did_not_foresee() -> None:
     worker = PlcWorker(link, hs, heartbeat_s=0.05, poll_s=0.01, reconnect_max_s=0.2, on_refused=refused.append)
     worker.start()
     try:
-        wait_for(lambda: calls["n"] > 10, what="the worker polls again after the fault")
+        wait_until(lambda: calls["n"] > 10, what="the worker polls again after the fault")
         assert worker.alive and worker.connected
         beat = hs.status.heartbeat
-        wait_for(lambda: hs.status.heartbeat > beat + 2, what="heartbeats")
+        wait_until(lambda: hs.status.heartbeat > beat + 2, what="heartbeats")
     finally:
         worker.stop()
 
@@ -138,15 +129,15 @@ def test_server_modes_report_no_plc_until_a_client_reads(tmp_path: Path) -> None
     worker = PlcWorker(link, hs, heartbeat_s=0.05, poll_s=0.01, reconnect_max_s=0.2, on_connection=states.append)
     worker.start()
     try:
-        wait_for(lambda: worker.connected, what="serving")
+        wait_until(lambda: worker.connected, what="serving")
         time.sleep(0.2)
         assert not worker.up and states == []  # serving, but no PLC
         s = socket.create_connection(("127.0.0.1", config.port), timeout=2)
         s.sendall(struct.pack(">HHHBBHH", 1, 0, 6, 1, 3, config.status_register, 2))
         assert s.recv(64)[7] == 3
-        wait_for(lambda: states == [True], what="a client reading")
+        wait_until(lambda: states == [True], what="a client reading")
         s.close()
-        wait_for(lambda: states == [True, False], timeout=5, what="no client reading for 10 heartbeats")
+        wait_until(lambda: states == [True, False], timeout=5, what="no client reading for 10 heartbeats")
     finally:
         worker.stop()
 
@@ -229,7 +220,7 @@ def test_a_daemon_whose_plc_is_down_is_not_healthy(daemon_factory, e2e_bundle: P
         h = health()
         return None if h["plc"] else h
 
-    state = wait_for(plc_down, what="the PLC seen down")
+    state = wait_until(plc_down, what="the PLC seen down")
     assert state["healthy"] is False
     body = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
     assert "anomalyd_plc_reconnects_total 0.0" in body  # the first connect is not a re-connection

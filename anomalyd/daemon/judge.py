@@ -39,6 +39,7 @@ class Judge:
         self.camera = camera
         self.recorder = recorder
         self.on_answer = on_answer  # e.g. wake the PLC worker so the result is written now
+        self._answered: Answer | None = None  # the current part's answer, once published
 
     def judge(self, part: Part) -> Answer | None:
         """Answer ``part`` exactly once; an unexpected fault fails it with code 8 and the loop goes on.
@@ -46,7 +47,7 @@ class Judge:
         A fault after the answer was published (recording, the page, a log line)
         is logged and never answers the part a second time.
         """
-        self._answered: Answer | None = None
+        self._answered = None
         try:
             return self._judge(part)
         except Exception as exc:

@@ -78,7 +78,7 @@ class PlcWorker:
         seen = getattr(self.link, "client_seen", None)
         return self.connected and (seen is None or bool(seen(self.client_timeout_s)))
 
-    def _notify_connection(self, _changed: bool | None = None) -> None:
+    def _notify_connection(self) -> None:
         """Tell on_connection when :attr:`up` changes (connect, disconnect, a server's client comes or goes)."""
         up = self.up
         if up == self._peer_up:
@@ -153,7 +153,7 @@ class PlcWorker:
                         self.reconnect_times_s.append(time.monotonic() - lost_at)
                     log.info("plc.connected", link=self.link.name, recovered=logged_down)
                     logged_down = False
-                    self._notify_connection(True)
+                    self._notify_connection()
                 else:
                     if not logged_down and self._fatal is None:
                         log.error("plc.unreachable", link=self.link.name, retry_max_s=self.reconnect_max_s)
@@ -177,7 +177,7 @@ class PlcWorker:
                 lost_at = time.monotonic()
                 log.error("plc.disconnected", link=self.link.name, error=str(exc))
                 logged_down = True
-                self._notify_connection(False)
+                self._notify_connection()
                 continue
             except Exception as exc:  # any other fault (a driver's, a listener's): drop the link, reopen it
                 self.connected = False
@@ -186,7 +186,7 @@ class PlcWorker:
                     log.exception("plc.worker_error", link=self.link.name)
                     self._last_fault = type(exc)
                 logged_down = True
-                self._notify_connection(False)
+                self._notify_connection()
                 with contextlib.suppress(Exception):
                     self.link.close()
                 self._stop.wait(backoff)

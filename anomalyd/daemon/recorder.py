@@ -86,7 +86,6 @@ class Recorder:
         self.ids.open()  # its space is taken now: a full disk later cannot stop it being saved
         self.archive = RejectArchive(data / "archive", archive.quota_mb, archive.min_free_mb)
         self.archive_config = archive
-        self.metrics = metrics
         self.bundle_id = bundle_id
         self.config_id = ""
         self.counts: dict[str, int] = {

@@ -148,9 +148,8 @@ class Bundle:
 
     def extractor_state(self) -> dict[str, torch.Tensor]:
         try:
-            return torch.load(  # type: ignore[no-any-return]
-                io.BytesIO(self.blob(EXTRACTOR_WEIGHTS)), map_location="cpu", weights_only=True
-            )
+            weights = io.BytesIO(self.blob(EXTRACTOR_WEIGHTS))
+            return torch.load(weights, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
         except Exception as exc:  # torch raises its own types for a damaged or hostile file
             raise BundleError(f"{self.file(EXTRACTOR_WEIGHTS)}: not plain tensor weights ({exc})") from None
 

@@ -70,11 +70,15 @@ def keygen(out: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def _read_key(path: Path, what: str) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise SignatureError(f"{path}: cannot read the signing key ({exc.strerror})") from None
+        raise SignatureError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _read_key(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -85,10 +89,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_trusted_key(path: Path) -> TrustedKey:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SignatureError(f"{path}: cannot read the trusted key ({exc.strerror})") from None
+    data = _read_key(path, "trusted key")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
