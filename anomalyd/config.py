@@ -365,6 +365,12 @@ class DaemonConfig(Section):
         90.0, "Keep records", "Delete records older than this.", "days", gt=0, le=36500
     )
     records_retention_count: int = setting(1_000_000, "Keep at most", "Most records kept.", ge=1, le=10**10)
+    line: str = setting(
+        "",
+        "Line name",
+        "Names this station in metrics (anomalyd_build_info), MQTT messages and the page ('': the host name).",
+        max_length=64,
+    )
 
 
 class PageConfig(Section):
@@ -415,6 +421,48 @@ class RecordsConfig(Section):
         ge=0.0625,
         le=100_000,
     )
+
+
+class MqttConfig(Section):
+    """Results to the MES (and a fleet) over MQTT; off unless enabled."""
+
+    enabled: bool = setting(False, "MQTT", "Publish every answer and the daemon's state to an MQTT broker.")
+    host: str = setting("127.0.0.1", "Broker", "Host name or address of the broker.", min_length=1)
+    port: int = setting(1883, "Broker port", "1883 plain, usually 8883 with TLS.", ge=1, le=65535)
+    topic_prefix: str = setting(
+        "",
+        "Topic prefix",
+        "Results on <prefix>/result, state on <prefix>/state ('': anomalyd/<daemon.line>).",
+        pattern=r"^[^#+]*$",
+    )
+    client_id: str = setting("", "Client id", "MQTT client id ('': anomalyd-<daemon.line>).")
+    tls: bool = setting(False, "TLS", "Connect with TLS (the broker's certificate checked against ca_file).")
+    ca_file: Path | None = setting(None, "CA file", "CA certificate(s) the broker's certificate must chain to.")
+    cert_file: Path | None = setting(None, "Client certificate", "Client certificate for mutual TLS.")
+    key_file: Path | None = setting(None, "Client key", "Key of the client certificate.")
+    username: str = setting("", "User", "User name for the broker ('': none).")
+    password_file: Path | None = setting(
+        None, "Password file", "File holding the user's password (kept out of the YAML, readable by the service)."
+    )
+    keepalive_s: int = setting(30, "Keep-alive", "MQTT keep-alive; the last will fires after 1.5×.", "s", ge=5, le=3600)
+    queue_size: int = setting(
+        10_000,
+        "Queue",
+        "Results kept while the broker is away, sent in order when it returns; beyond, the oldest is dropped "
+        "(counted; the records database has every result).",
+        ge=10,
+        le=10_000_000,
+    )
+
+    @model_validator(mode="after")
+    def _tls_pieces(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
+        if (self.ca_file or self.cert_file) and not self.tls:
+            raise ValueError("mqtt.ca_file/cert_file need tls: true")
+        if self.password_file is not None and not self.username:
+            raise ValueError("mqtt.password_file needs mqtt.username")
+        return self
 
 
 class ArchiveConfig(Section):
@@ -474,6 +522,7 @@ class AppConfig(Section):
     )
     page: PageConfig = setting(PageConfig(), "Operator page", "The screen beside the line.")
     drift: DriftConfig = setting(DriftConfig(), "Drift alarm", "Warn before a drifting camera rejects parts.")
+    mqtt: MqttConfig = setting(MqttConfig(), "MQTT", "Results to the MES over MQTT.")
 
     @model_validator(mode="after")
     def _default_recipe_exists(self) -> AppConfig:

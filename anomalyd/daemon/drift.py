@@ -31,6 +31,7 @@ class DriftState:
     reference: float
     drifting: bool
     parts: int
+    window_median: float  # of the parts so far, also before min_parts (exported; the alarm waits for min_parts)
 
 
 class DriftTracker:
@@ -50,10 +51,11 @@ class DriftTracker:
             scores = self._scores.setdefault(key, deque(maxlen=self.window))
             self._reference[key] = reference
             scores.append(score)
-            median = float(np.median(scores)) if len(scores) >= self.min_parts else None
+            window_median = float(np.median(scores))
+            median = window_median if len(scores) >= self.min_parts else None
             drifting = median is not None and abs(median - reference) > self.margin
             self._alarm[recipe] = drifting
-            return DriftState(recipe, median, reference, drifting, len(scores))
+            return DriftState(recipe, median, reference, drifting, len(scores), window_median)
 
     @property
     def any_drifting(self) -> bool:
@@ -86,8 +88,8 @@ class DriftWatch:
 
     def observe(self, recipe: int, bundle_id: str, reference: float, score: float) -> None:
         state = self.tracker.add(recipe, bundle_id, reference, score)
-        if state.median is not None:
-            self.metrics.score_median.labels(recipe=str(recipe)).set(state.median)
+        self.metrics.score_median.labels(recipe=str(recipe)).set(state.window_median)
+        self.metrics.score_reference.labels(recipe=str(recipe)).set(reference)
         self.metrics.drift.labels(recipe=str(recipe)).set(1 if state.drifting else 0)
         if state.drifting != self._was.get(recipe, False):
             self._was[recipe] = state.drifting

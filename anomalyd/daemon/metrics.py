@@ -1,27 +1,74 @@
-"""Prometheus metrics and /healthz on loopback (by default)."""
+"""Prometheus metrics and /healthz on loopback (by default).
+
+Names follow Prometheus' conventions (promtool-clean): durations in seconds, one
+histogram per meaning (per-stage time, the model's total, frame to result) so a
+sum over a label means something, counters end in ``_total``, no ``_created``
+series, and a build-info gauge that carries the version and the line's name.
+"""
 
 from __future__ import annotations
 
 import json
+import platform
+import socket
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from anomalyd import __version__
 from anomalyd.errors import StartupError
 
-_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500)
+# `_created` gauges double every counter's series and no dashboard reads them.
+prometheus_client.disable_created_metrics()
+
+_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+def line_name(configured: str) -> str:
+    """The line's name in metrics and messages: as configured, else the host's name."""
+    return configured or socket.gethostname()
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, line: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.inspections = Counter("anomalyd_inspections", "Inspections by verdict", ["verdict"], registry=r)
-        self.latency = Histogram(
-            "anomalyd_latency_ms", "Latency per stage in milliseconds", ["stage"], buckets=_BUCKETS_MS, registry=r
+        self.build_info = Gauge(
+            "anomalyd_build_info",
+            "Always 1; the labels say which build runs on which line",
+            ["version", "python", "line"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version(), line=line_name(line)).set(1)
+        self.inspections = Counter(
+            "anomalyd_inspections", "Answers by verdict the PLC was told", ["verdict"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "anomalyd_stage_duration_seconds",
+            "Time per model stage (preprocess, extract, search, map)",
+            ["stage"],
+            buckets=_BUCKETS_S,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "anomalyd_inference_duration_seconds",
+            "The model's time per frame, all stages",
+            buckets=_BUCKETS_S,
+            registry=r,
+        )
+        self.frame_to_result_seconds = Histogram(
+            "anomalyd_frame_to_result_seconds",
+            "From the frame (or trigger) to the result written for the PLC",
+            buckets=_BUCKETS_S,
+            registry=r,
         )
         self.deadline_misses = Counter("anomalyd_deadline_misses", "Results later than the budget", registry=r)
         self.errors = Counter("anomalyd_errors", "Errors by PLC error code", ["code"], registry=r)
@@ -39,7 +86,16 @@ class Metrics:
             "anomalyd_drift", "1 while a recipe's scores drift from its calibration", ["recipe"], registry=r
         )
         self.score_median = Gauge(
-            "anomalyd_score_median", "Rolling median of the parts' scores", ["recipe"], registry=r
+            "anomalyd_score_median",
+            "Median normalised score of the recipe's last drift.window parts (from its first part on)",
+            ["recipe"],
+            registry=r,
+        )
+        self.score_reference = Gauge(
+            "anomalyd_score_reference",
+            "Median normalised score of the good images held back at fit (what drift compares with)",
+            ["recipe"],
+            registry=r,
         )
         self.records_unwritten = Gauge(
             "anomalyd_records_unwritten",
@@ -48,14 +104,82 @@ class Metrics:
         )
         self.audit_ok = Gauge("anomalyd_audit_chain_ok", "1 while the audit log's hash chain is whole", registry=r)
         self.audit_ok.set(1)
-        self.certificate_days = Gauge(
-            "anomalyd_certificate_days_left", "Days until an OPC UA certificate expires", ["certificate"], registry=r
+        self.certificate_expiry = Gauge(
+            "anomalyd_opcua_certificate_expiry_timestamp_seconds",
+            "When an OPC UA certificate in use expires (Unix time)",
+            ["certificate"],
+            registry=r,
         )
-        self.ids_ok = Gauge("anomalyd_id_counter_ok", "1 while the inspection counter can be saved", registry=r)
+        self.ids_ok = Gauge("anomalyd_inspection_ids_ok", "1 while the inspection counter can be saved", registry=r)
         self.ids_ok.set(1)
+        self.mqtt_connected = Gauge("anomalyd_mqtt_connected", "1 while the MQTT broker is connected", registry=r)
+        self.mqtt_published = Counter("anomalyd_mqtt_published", "Results the MQTT broker acknowledged", registry=r)
+        self.mqtt_dropped = Counter(
+            "anomalyd_mqtt_dropped", "Results dropped from a full MQTT queue (the records keep them)", registry=r
+        )
+        self.mqtt_waiting = Gauge(
+            "anomalyd_mqtt_waiting", "Results queued for or in flight to the MQTT broker", registry=r
+        )
         self.missed_triggers = Counter(
             "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
         )
+
+
+class LabelledOutcomes(Collector):
+    """Escapes and false rejects among the labelled parts, read from the records database at scrape time.
+
+    Labels come from the page and from ``anomalyd label`` (another process), so
+    they are counted from the database, never on the inspection loop; a scrape
+    reads it at most every ``every_s`` seconds.
+    """
+
+    def __init__(self, database: Path, every_s: float = 5.0) -> None:
+        self.database, self.every_s = database, every_s
+        self._at = -float("inf")
+        self._counts: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+
+    def counts(self) -> tuple[int, int, int] | None:
+        """(escapes, false rejects, labelled parts); None while the database cannot be read."""
+        with self._lock:
+            if time.monotonic() - self._at >= self.every_s:
+                self._at = time.monotonic()
+                self._counts = self._read()
+            return self._counts
+
+    def _read(self) -> tuple[int, int, int] | None:
+        if not self.database.exists():
+            return (0, 0, 0)
+        try:
+            db = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1.0)
+            try:
+                has = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'labels'").fetchone()
+                if not has:
+                    return (0, 0, 0)
+                row = db.execute(
+                    "SELECT SUM(l.label = 'defect' AND i.verdict != 'NG'), SUM(l.label = 'good' AND i.verdict = 'NG'), "
+                    "COUNT(*) FROM (SELECT inspection_id, label FROM labels WHERE seq IN "
+                    "(SELECT MAX(seq) FROM labels GROUP BY inspection_id)) AS l "
+                    "JOIN inspections AS i ON i.inspection_id = l.inspection_id"
+                ).fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+        return (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.counts()
+        if counts is None:
+            return
+        escapes, false_rejects, labelled = counts
+        yield GaugeMetricFamily(
+            "anomalyd_labelled_escapes", "Parts that passed and were later labelled defect (kept records)", escapes
+        )
+        yield GaugeMetricFamily(
+            "anomalyd_labelled_false_rejects", "Parts that failed and were labelled good (kept records)", false_rejects
+        )
+        yield GaugeMetricFamily("anomalyd_labelled_parts", "Parts with a label (kept records)", labelled)
 
 
 class MetricsServer:
@@ -98,7 +222,6 @@ class MetricsServer:
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self._thread.start()
-        self.started = time.time()
 
     def close(self) -> None:
         self.server.shutdown()

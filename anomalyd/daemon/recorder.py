@@ -13,11 +13,12 @@ from anomalyd.daemon.archive import ArchiveItem, RejectArchive
 from anomalyd.daemon.decision import Verdict
 from anomalyd.daemon.handshake import Answer, ErrorCode
 from anomalyd.daemon.id_counter import IdCounter
+from anomalyd.daemon.mes import MqttPublisher
 from anomalyd.daemon.metrics import Metrics
 from anomalyd.daemon.page import PageFeed
 from anomalyd.daemon.records import Record, RecordStore
 from anomalyd.drivers.camera.base import Frame
-from anomalyd.engines.inspector import Inspection
+from anomalyd.engines.inspector import STAGES, Inspection
 from anomalyd.log import get_logger
 
 log = get_logger(__name__)
@@ -99,6 +100,7 @@ class Recorder:
         # The loop records inspections, the PLC worker refused triggers: one at a time.
         self._lock = threading.Lock()
         self.page_feed: PageFeed | None = None  # the operator page, when served
+        self.mes: MqttPublisher | None = None  # results to the MES, when configured
         self.missing_at_start = 0
 
     def _records_state(self, failing: bool) -> None:
@@ -137,7 +139,9 @@ class Recorder:
         self.ids.reserve(outcome.inspection_id)  # before anything else: an id the PLC saw is never reissued
         with self._lock:
             self._count(outcome)
-            self._store(outcome)
+            record, overlay = self._store(outcome)
+            if self.mes is not None:  # under the lock: the MES gets results in the order they were recorded
+                self.mes.offer(record, overlay)  # one append: publishing is its own thread
         self.metrics.records_pending.set(self.records.pending)
         self.metrics.records_unwritten.set(self.records.unwritten)
         if self.page_feed is not None:
@@ -162,52 +166,56 @@ class Recorder:
             self.metrics.missed_triggers.labels(code=str(int(o.code))).inc()
         if o.inspection is not None:
             self.metrics.score.set(o.inspection.score)
-            for stage, ms in o.inspection.timings_ms.items():
-                self.metrics.latency.labels(stage=stage).observe(ms)
+            timings = o.inspection.timings_ms
+            for stage in STAGES:
+                if stage in timings:
+                    self.metrics.stage_seconds.labels(stage=stage).observe(timings[stage] / 1000.0)
+            if "total" in timings:
+                self.metrics.inference_seconds.observe(timings["total"] / 1000.0)
         if not o.answer.refused:
-            self.metrics.latency.labels(stage="frame_to_result").observe(o.latency_ms)
+            self.metrics.frame_to_result_seconds.observe(o.latency_ms / 1000.0)
 
-    def _store(self, o: Outcome) -> None:
+    def _store(self, o: Outcome) -> tuple[Record, str | None]:
+        """Record the outcome (and archive its images); the record and the overlay's path."""
         now = time.time_ns()
-        archive_path = None
+        archive_path = overlay_path = None
         every = self.archive_config.ok_sample_every
         wanted = o.label == "NG" or (every and o.inspection_id % every == 0)
         if self.archive_config.enabled and o.frame is not None and wanted:
-            frame_path, overlay_path = self.archive.paths_for(o.inspection_id, o.label, now)
+            frame_path, overlay_path_ = self.archive.paths_for(o.inspection_id, o.label, now)
             inspection, shape = o.inspection, o.frame.image.shape
             fmap = (lambda: inspection.frame_map(shape)) if inspection is not None else None
             score_now = inspection.score if inspection is not None else None
-            item = ArchiveItem(frame_path, overlay_path, o.frame.image, fmap, o.threshold, score_now, o.label)
+            item = ArchiveItem(frame_path, overlay_path_, o.frame.image, fmap, o.threshold, score_now, o.label)
             if self.archive.add(item):
-                archive_path = str(frame_path)
+                archive_path, overlay_path = str(frame_path), str(overlay_path_)
         t = o.inspection.timings_ms if o.inspection is not None else {}
         score = o.inspection.score if o.inspection is not None else None
-        self.records.add(
-            Record(
-                inspection_id=o.inspection_id,
-                time_ns=now,
-                verdict=o.label,
-                score=score,
-                threshold=o.threshold,
-                error_code=int(o.code),
-                latency_ms=o.latency_ms,
-                preprocess_ms=t.get("preprocess"),
-                extract_ms=t.get("extract"),
-                search_ms=t.get("search"),
-                map_ms=t.get("map"),
-                defect_area_px=o.verdict.defect_area_px if o.verdict else None,
-                archive_path=archive_path,
-                source=o.frame.source if o.frame else None,
-                frame_id=o.frame.frame_id if o.frame else None,
-                bundle_id=o.bundle_id or self.bundle_id,
-                config_hash=self.config_id,
-                recipe=o.recipe,
-                part_id=o.answer.part_id,
-                late=int(o.answer.late),
-                refused=int(o.answer.refused),
-                model_verdict=o.verdict.label if o.verdict is not None else None,
-            )
+        record = Record(
+            inspection_id=o.inspection_id,
+            time_ns=now,
+            verdict=o.label,
+            score=score,
+            threshold=o.threshold,
+            error_code=int(o.code),
+            latency_ms=o.latency_ms,
+            preprocess_ms=t.get("preprocess"),
+            extract_ms=t.get("extract"),
+            search_ms=t.get("search"),
+            map_ms=t.get("map"),
+            defect_area_px=o.verdict.defect_area_px if o.verdict else None,
+            archive_path=archive_path,
+            source=o.frame.source if o.frame else None,
+            frame_id=o.frame.frame_id if o.frame else None,
+            bundle_id=o.bundle_id or self.bundle_id,
+            config_hash=self.config_id,
+            recipe=o.recipe,
+            part_id=o.answer.part_id,
+            late=int(o.answer.late),
+            refused=int(o.answer.refused),
+            model_verdict=o.verdict.label if o.verdict is not None else None,
         )
+        self.records.add(record)
         log.info(
             "inspection",
             id=o.inspection_id,
@@ -218,6 +226,7 @@ class Recorder:
             error_code=int(o.code),
             late=o.answer.late,
         )
+        return record, overlay_path
 
     def close(self, last_issued: int | None = None) -> None:
         self.records.close()

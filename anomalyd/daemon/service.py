@@ -28,7 +28,8 @@ from anomalyd.daemon.dispatch import Dispatcher
 from anomalyd.daemon.drift import DriftTracker, DriftWatch
 from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake
 from anomalyd.daemon.judge import Judge
-from anomalyd.daemon.metrics import Metrics, MetricsServer
+from anomalyd.daemon.mes import MqttPublisher
+from anomalyd.daemon.metrics import LabelledOutcomes, Metrics, MetricsServer, line_name
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.page import PageFeed, PageServer, page_token
 from anomalyd.daemon.plc_worker import PlcWorker
@@ -52,10 +53,12 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.daemon.line)
+        self.metrics.registry.register(LabelledOutcomes(config.daemon.data_dir / "inspections.sqlite"))
         self.metrics_server: MetricsServer | None = None
         self.page_server: PageServer | None = None
         self.page_feed: PageFeed | None = None
+        self.mes: MqttPublisher | None = None
         self._audit_cache: list[dict[str, object]] = []
         self._audit_read_at = -1e9
         self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
@@ -177,6 +180,9 @@ class Daemon:
             )
             self.recorder.page_feed = self.page_feed
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
+        if cfg.mqtt.enabled:
+            self.mes = MqttPublisher(cfg.mqtt, line_name(cfg.daemon.line), self.metrics)
+            self.recorder.mes = self.mes
         self.plc.start()
         self.camera.ensure_open()
         self.audit.append(
@@ -261,7 +267,7 @@ class Daemon:
 
         self._next_cert_check = time.monotonic() + 3600.0
         for name, days in certificate_days_left(self.config.plc).items():
-            self.metrics.certificate_days.labels(certificate=name).set(days)
+            self.metrics.certificate_expiry.labels(certificate=name).set(time.time() + days * 86400.0)
             if days < EXPIRY_WARNING_DAYS:
                 log.warning("opcua.certificate_expiring", certificate=name, days_left=days)
             else:
@@ -357,6 +363,8 @@ class Daemon:
             dead.append("archive")
         if self.page_feed is not None and not self.page_feed.alive:
             dead.append("page")
+        if self.mes is not None and not self.mes.alive:
+            dead.append("mqtt")
         return dead
 
     # ------------------------------------------------------------ reload, health, stop
@@ -488,6 +496,8 @@ class Daemon:
             self.page_server.close()
         if self.page_feed is not None:
             self.page_feed.close()
+        if self.mes is not None:
+            self.mes.close()  # after the records: the last results are on their way, then "offline"
         if getattr(self, "recipes", None) is not None:
             self.recipes.close()
         self.notifier.close()
