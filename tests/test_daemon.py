@@ -51,7 +51,8 @@ def test_good_parts_pass_defects_fail_reload_and_clean_exit(daemon_factory, e2e_
 
     # Prometheus and health on loopback.
     body = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
-    assert "anomalyd_inspections_total" in body and 'anomalyd_stage_duration_seconds_bucket{le="0.1",stage="extract"}' in body
+    assert "anomalyd_inspections_total" in body
+    assert 'anomalyd_stage_duration_seconds_bucket{le="0.1",stage="extract"}' in body
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/healthz", timeout=5).read())
     assert health["healthy"] and health["plc"] and health["camera"]
 

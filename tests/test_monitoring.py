@@ -90,7 +90,7 @@ def test_the_daemons_metrics_pass_promtool_and_a_real_prometheus_answers_the_das
     assert "_created" not in body and not re.search(r"^anomalyd_\w*_ms\b", body, re.M)
     stages = set(re.findall(r'anomalyd_stage_duration_seconds_count\{stage="(\w+)"\}', body))
     assert stages == {"preprocess", "extract", "search", "map"}, "stages only: a sum over them means something"
-    assert re.search(r'anomalyd_frame_to_result_seconds_count 4\.0', body)  # the refused trigger is not timed
+    assert re.search(r"anomalyd_frame_to_result_seconds_count 4\.0", body)  # the refused trigger is not timed
     assert re.search(r'anomalyd_build_info\{line="line7",python="[\d.]+",version="[\w.]+"\} 1\.0', body)
     wait_until(lambda: "anomalyd_labelled_parts 1.0" in _scrape(r), 15.0, "the label counted")
     assert re.search(r"anomalyd_labelled_escapes [01]\.0", _scrape(r))

@@ -180,7 +180,7 @@ def test_mqtt_settings_are_checked_at_start(tmp_path: Path) -> None:
 
     config = tmp_path / "anomalyd.yaml"
     config.write_text("mqtt:\n  enabled: true\n  password_file: /etc/pw\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="password_file needs mqtt.username"):
+    with pytest.raises(ConfigError, match=r"password_file needs mqtt\.username"):
         load_config(config)
     config.write_text("mqtt:\n  topic_prefix: 'plant/#'\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="topic_prefix"):
