@@ -363,3 +363,49 @@ def test_opcua_connections_beyond_the_cap_are_refused(
             s.close()
         plc.stop()
     assert station.stop() == 0
+
+
+def test_status_values_carry_the_answers_time_and_only_configured_token_policies(
+    stations, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    """What a SCADA historian reads: each answer field stamped with the time that answer was decided."""
+    import datetime as dt
+
+    from asyncua import Client, ua
+
+    station = OpcUaStation(tmp_path, e2e_bundle, sample_dir, {})
+    stations.append(station)
+    plc = station.plc()
+    url = f"opc.tcp://127.0.0.1:{station.port}/anomalyd"
+    try:
+        before = dt.datetime.now(dt.timezone.utc)
+        answered = plc.inspect_once(10.0, part_id=4242)
+        after = dt.datetime.now(dt.timezone.utc)
+        assert answered is not None and answered.attributed
+        time.sleep(0.5)  # heartbeats go on; the answer's time must not follow them
+
+        async def read() -> tuple[dict[str, ua.DataValue], list[set[str]]]:
+            async with Client(url, timeout=5) as client:
+                values = {
+                    name: await client.get_node(ua.NodeId(f"anomalyd/Status/{name}", 2)).read_data_value()
+                    for name in ("part_id", "score", "pass", "fail", "inspection_id", "heartbeat", "Block")
+                }
+                endpoints = await client.get_endpoints()
+            tokens = [{str(t.TokenType) for t in e.UserIdentityTokens} for e in endpoints]
+            return values, tokens
+
+        values, tokens = asyncio.run(read())
+    finally:
+        plc.stop()
+    assert values["part_id"].Value.Value == 4242  # the values are those of the answer we time
+    answer_fields = ("part_id", "score", "pass", "fail", "inspection_id")
+    decided = {values[n].SourceTimestamp for n in answer_fields}
+    assert len(decided) == 1, "every field of one answer carries one decision time"
+    (stamp,) = decided
+    assert stamp is not None and before <= stamp <= after, (before, stamp, after)
+    for v in values.values():
+        assert v.ServerTimestamp is not None and v.ServerTimestamp >= v.SourceTimestamp  # type: ignore[operator]
+    beat = values["heartbeat"].SourceTimestamp
+    assert beat is not None and beat > stamp + dt.timedelta(seconds=0.3)  # changed since: its own time
+    assert tokens and all(t == {str(ua.UserTokenType.Anonymous)} for t in tokens), tokens  # no user: no UserName
+    assert station.stop() == 0

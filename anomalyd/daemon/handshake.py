@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import IntEnum
@@ -219,6 +220,7 @@ class Handshake:
             threshold=float(threshold),
             latency_ms=float(latency_ms),
             part_id=int(part_id) & 0xFFFFFFFF,
+            decided_at=time.time(),
         )
         if closes_window:
             self._open, self._deadline = None, None

@@ -165,6 +165,9 @@ class Status:
     part_id: int = 0
     missed_triggers: int = 0
     recipe: int = 0
+    # Not in any block: when the answer these fields carry was decided (Unix time; 0: none yet).
+    # OPC UA gives it to clients as the answer's SourceTimestamp.
+    decided_at: float = 0.0
 
 
 @dataclass(frozen=True)

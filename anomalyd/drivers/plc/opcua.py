@@ -41,6 +41,12 @@ log = get_logger(__name__)
 NAMESPACE = "urn:anomalyd"
 APPLICATION_URI = "urn:anomalyd:server"
 _VARIANTS = {"BOOL": "Boolean", "UINT": "UInt16", "UDINT": "UInt32", "REAL": "Float"}
+# The status fields an answer sets: each carries the answer's decision time as its SourceTimestamp.
+ANSWER_FIELDS = frozenset(
+    ("result_valid", "result_toggle", "inspection_id", "pass", "fail", "error", "error_code", "score", "threshold",
+     "latency_ms", "part_id", "busy", "missed_triggers")
+)  # fmt: skip
+_UNSET = object()
 
 
 def node_id(block: str, name: str) -> str:
@@ -178,6 +184,8 @@ class OpcUaServerLink:
         self._command_nodes: dict[str, Any] = {}
         self._block_node: Any = None
         self._ns = 0
+        self._written: dict[str, object] = {}  # each status node's value as last written
+        self._decided_at = 0.0
 
     # ------------------------------------------------------------ server thread
     def open(self) -> None:
@@ -255,8 +263,9 @@ class OpcUaServerLink:
             )
             server.iserver.anomalyd_modes = {mode}  # type: ignore[attr-defined]
             server.iserver.anomalyd_refused = set()  # type: ignore[attr-defined]
-        if users is not None:
-            server.set_identity_tokens([ua.UserNameIdentityToken])
+        # Token policies only for what is configured: a user name, or anonymous (never both, never one
+        # that cannot work, as asyncua's default list would advertise).
+        server.set_identity_tokens([ua.UserNameIdentityToken if users is not None else ua.AnonymousIdentityToken])
         self._ns = await server.register_namespace(NAMESPACE)
         root = await server.nodes.objects.add_object(self._nid("anomalyd"), "anomalyd")
         status = await root.add_object(self._nid("anomalyd/Status"), "Status")
@@ -312,6 +321,8 @@ class OpcUaServerLink:
         return self._call(read())  # type: ignore[no-any-return]
 
     def write_status(self, status: Status) -> None:
+        import datetime as dt
+
         from asyncua import ua
 
         block = pack_status(status, self.config.status_layout)
@@ -319,13 +330,29 @@ class OpcUaServerLink:
         async def write() -> None:
             # One coroutine on the server's loop: a client's Read is served before or after it, and the
             # Block node (written last) always holds one whole answer. Subscribers are notified.
+            # Timestamps (for historians): a new answer's fields carry the time it was decided as their
+            # SourceTimestamp, each one, changed or not; any other field, the time it changed here
+            # (an unchanged one is not rewritten, so it keeps its time); ServerTimestamp is the write.
+            now = ua.DateTime.now(dt.timezone.utc)
+            new_answer = status.decided_at != self._decided_at
+            decided = ua.DateTime.fromtimestamp(status.decided_at, dt.timezone.utc) if status.decided_at else now
             for name, (kind, _m) in STATUS_FIELDS.items():
                 value = getattr(status, "passed" if name == "pass" else name)
+                if new_answer and name in ANSWER_FIELDS:
+                    source = decided
+                elif self._written.get(name, _UNSET) != value:
+                    source = now
+                else:
+                    continue
                 await self._server.write_attribute_value(
-                    self._status_nodes[name].nodeid, ua.DataValue(_variant(value, kind))
+                    self._status_nodes[name].nodeid,
+                    ua.DataValue(_variant(value, kind), SourceTimestamp=source, ServerTimestamp=now),
                 )
+                self._written[name] = value
+            self._decided_at = status.decided_at
             await self._server.write_attribute_value(
-                self._block_node.nodeid, ua.DataValue(ua.Variant(block, ua.VariantType.ByteString))
+                self._block_node.nodeid,
+                ua.DataValue(ua.Variant(block, ua.VariantType.ByteString), SourceTimestamp=now, ServerTimestamp=now),
             )
 
         self._call(write())
