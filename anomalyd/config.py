@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from anomalyd.drivers.plc.layout import CommandLayout, StatusLayout
+from anomalyd.drivers.plc.layout import CommandLayout, StatusLayout, misaligned_32bit
 
 
 def setting(default: Any, title: str, description: str, unit: str | None = None, **bounds: Any) -> Any:
@@ -166,9 +166,32 @@ class ModbusConfig(_PlcCommon):
     word_order: Literal["big", "little"] = setting(
         "big", "Word order", "Order of the two registers of a 32-bit value (big: high word first)."
     )
+    align_32bit: bool = setting(
+        False,
+        "Align 32-bit values",
+        "Every 32-bit value at an even register (PLCs such as Modicon need it): the aligned default layouts "
+        "(latency_ms at register 18, command part_id at register 2); layouts given here are checked instead.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aligned_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("align_32bit") is True:
+            data = dict(data)
+            data.setdefault("status_layout", StatusLayout.aligned())
+            data.setdefault("command_layout", CommandLayout.aligned())
+        return data
 
     @model_validator(mode="after")
     def _blocks_apart(self) -> ModbusConfig:
+        if self.align_32bit:
+            odd = misaligned_32bit(self.status_layout, self.status_register)
+            odd += misaligned_32bit(self.command_layout, self.command_register)
+            if odd:
+                raise ValueError(
+                    "align_32bit: 32-bit values at odd registers: " + ", ".join(odd) + "; put them at byte offsets "
+                    "divisible by 4 and start the blocks at even registers"
+                )
         status = (self.status_register, self.status_register + self.status_layout.size() // 2)
         command = (self.command_register, self.command_register + self.command_layout.size() // 2)
         if _overlap(status, command):

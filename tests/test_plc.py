@@ -271,13 +271,15 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
         capture_output=True,
     )
     csv = (tmp_path / "mb" / "modbus_registers.csv").read_text()
-    assert 'status,2,40003,2..3,,UDINT,"32 bit, low word first",inspection_id' in csv
-    assert "command,100,40101,bit 8,16#0100,BOOL,1 bit,trigger" in csv
-    assert "command,100,40101,bit 9,16#0200,BOOL,1 bit,result_ack" in csv
-    assert "command,100,40101,bit 10,16#0400,BOOL,1 bit,enable" in csv
-    assert 'command,101,40102,101..102,,UDINT,"32 bit, low word first",part_id' in csv
+    assert csv.startswith("block,register,4xxxx,registers,bit,mask,type,word_order,name,meaning\n")
+    assert "status,2,40003,2,,,UDINT,low word first,inspection_id," in csv
+    assert "command,100,40101,1,8,16#0100,BOOL,,trigger," in csv
+    assert "command,100,40101,1,9,16#0200,BOOL,,result_ack," in csv
+    assert "command,100,40101,1,10,16#0400,BOOL,,enable," in csv
+    assert "command,101,40102,2,,,UDINT,low word first,part_id," in csv
     md = (tmp_path / "mb" / "modbus_registers.md").read_text()
     assert "unit id 1" in md and "FC16" in md and "FC03" in md and "0-based" in md
+    assert "odd registers: latency_ms (register 9), part_id (register 101)" in md and "align_32bit" in md
 
 
 def test_readme_tables_are_the_code() -> None:
@@ -362,3 +364,17 @@ def test_blocks_that_overlap_in_one_db_or_register_space_are_refused() -> None:
     S7Config(status_db=9, command_db=9, command_start=34)  # right after the 34-byte status block
     with pytest.raises(ValidationError, match="overlap the command registers"):
         ModbusConfig(status_register=90, command_register=100)
+
+
+def test_align_32bit_lays_every_32bit_value_at_an_even_register_or_says_which_is_not() -> None:
+    from anomalyd.config_loader import ConfigError, parse_config
+    from anomalyd.drivers.plc.layout import misaligned_32bit
+
+    aligned = parse_config("plc:\n  type: modbus-server\n  align_32bit: true\n").plc
+    assert misaligned_32bit(aligned.status_layout, 0) == [] and misaligned_32bit(aligned.command_layout, 100) == []  # type: ignore[union-attr]
+    # The default layout keeps the first version's offsets; its one odd 32-bit status value is latency_ms.
+    assert misaligned_32bit(StatusLayout(), 0) == ["latency_ms (register 9)"]
+    with pytest.raises(ConfigError, match=r"align_32bit: 32-bit values at odd registers: inspection_id \(register 3\)"):
+        parse_config("plc:\n  type: modbus\n  align_32bit: true\n  status_register: 1\n")
+    with pytest.raises(ConfigError, match=r"part_id \(register 101\)"):
+        parse_config("plc:\n  type: modbus\n  align_32bit: true\n  command_layout: {part_id: 2, recipe_request: 6}\n")

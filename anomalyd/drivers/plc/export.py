@@ -128,29 +128,26 @@ def register_map(
     rows = []
     for name, kind, byte, bit, meaning in _cells(layout):
         register = first_register + byte // 2
-        mask = ""
+        words = max(1, SIZES[kind] // 2)
+        row = {
+            "block": block,
+            "register": str(register),  # the first register of the value
+            "4xxxx": str(40001 + register),
+            "registers": str(words),  # how many registers the value spans
+            "bit": "",  # BOOL only: 0..15, bit 15 = MSB
+            "mask": "",  # BOOL only: the bit's value
+            "type": kind,
+            "word_order": "",  # 32-bit only: which register holds the high word
+            "name": name,
+            "meaning": meaning,
+        }
         if kind == "BOOL":
             # Byte 2k is the high byte of register k: S7-style byte order.
             reg_bit = bit + (8 if byte % 2 == 0 else 0)
-            where, width, mask = f"bit {reg_bit}", "1 bit", f"16#{1 << reg_bit:04X}"
-        elif SIZES[kind] == 4:
-            order = "high word first" if word_order == "big" else "low word first"
-            where, width = f"{register}..{register + 1}", f"32 bit, {order}"
-        else:
-            where, width = "", "16 bit"
-        rows.append(
-            {
-                "block": block,
-                "register": str(register),
-                "4xxxx": str(40001 + register),
-                "bit": where,
-                "mask": mask,
-                "type": kind,
-                "width": width,
-                "name": name,
-                "meaning": meaning,
-            }
-        )
+            row.update(bit=str(reg_bit), mask=f"16#{1 << reg_bit:04X}")
+        elif words == 2:
+            row["word_order"] = "high word first" if word_order == "big" else "low word first"
+        rows.append(row)
     return rows
 
 
@@ -169,8 +166,24 @@ def register_map_notes(config: object, side: str) -> str:
         "`4xxxx` is the same register in 1-based Modicon notation (40001 = register 0).\n"
         f"- Status block: {_FUNCTIONS[('status', side)]}.\n"
         f"- Command block: {_FUNCTIONS[('command', side)]}.\n"
-        "- A BOOL is one bit of a register: `mask` is the bit's value (AND the register with it).\n"
-        "- Read the whole status block in one request, so every field belongs to the same answer.\n\n"
+        "- Columns: `register` is a value's first register, `registers` how many it spans (2 for a 32-bit "
+        "value, `word_order` says which holds the high word); `bit` (0..15, 15 = MSB) and `mask` only for a BOOL, "
+        "one bit of its register: AND the register with `mask`.\n"
+        "- Read the whole status block in one request, so every field belongs to the same answer.\n"
+        f"- {_alignment(config)}\n\n"
+    )
+
+
+def _alignment(config: object) -> str:
+    from anomalyd.drivers.plc.layout import misaligned_32bit
+
+    odd = misaligned_32bit(config.status_layout, config.status_register)  # type: ignore[attr-defined]
+    odd += misaligned_32bit(config.command_layout, config.command_register)  # type: ignore[attr-defined]
+    if not odd:
+        return "Every 32-bit value starts at an even register."
+    return (
+        "32-bit values at odd registers: " + ", ".join(odd) + ". A PLC that reads 32-bit values only at even "
+        "registers (Modicon) needs `align_32bit: true`."
     )
 
 

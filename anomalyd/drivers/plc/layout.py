@@ -130,6 +130,12 @@ class StatusLayout(_Layout):
     missed_triggers: int = Field(28, ge=0)
     recipe: int = Field(32, ge=0)
 
+    @classmethod
+    def aligned(cls) -> StatusLayout:
+        """Every 32-bit value at a byte offset divisible by 4 (an even Modbus register, as Modicon needs):
+        the default layout with latency_ms moved from byte 18 (register 9) to byte 36; bytes 18..21 spare."""
+        return cls(latency_ms=36)
+
 
 class CommandLayout(_Layout):
     spec = COMMAND_FIELDS
@@ -138,6 +144,20 @@ class CommandLayout(_Layout):
     enable: str = "0.2"
     part_id: int = Field(2, ge=0)
     recipe_request: int = Field(6, ge=0)
+
+    @classmethod
+    def aligned(cls) -> CommandLayout:
+        """part_id at byte 4 (register 2, even) and recipe_request at byte 2 (a 16-bit value may be anywhere)."""
+        return cls(part_id=4, recipe_request=2)
+
+
+def misaligned_32bit(layout: _Layout, first_register: int) -> list[str]:
+    """32-bit fields that would start at an odd Modbus register: 'name (register N)'."""
+    return [
+        f"{name} (register {first_register + byte // 2})"
+        for name, kind, byte, _ in layout.cells()
+        if SIZES[kind] == 4 and (first_register + byte // 2) % 2
+    ]
 
 
 @dataclass(frozen=True)
