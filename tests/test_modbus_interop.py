@@ -64,7 +64,7 @@ def test_jsmodbus_runs_the_handshake_from_the_aligned_map_alone(
     )
     table = (tmp_path / "map" / "modbus_registers.csv").read_text()
     for line in table.splitlines()[1:]:
-        block, register, _, registers = line.split(",")[:4]
+        _block, register, _, registers = line.split(",")[:4]
         assert registers == "1" or int(register) % 2 == 0, f"a 32-bit value at an odd register: {line}"
     assert "status,18,40019,2,,,REAL,low word first,latency_ms," in table  # moved from register 9
     log = (tmp_path / "daemon.log").open("w")
@@ -80,8 +80,8 @@ def test_jsmodbus_runs_the_handshake_from_the_aligned_map_alone(
 
         wait_until(listening, 90.0, "the daemon serving Modbus")
         plc = subprocess.run(
-            ["node", str(INTEROP / "modbus_plc.js"), "127.0.0.1", str(port), str(tmp_path / "map" / "modbus_registers.csv"),
-             "8", "70000"],
+            ["node", str(INTEROP / "modbus_plc.js"), "127.0.0.1", str(port),
+             str(tmp_path / "map" / "modbus_registers.csv"), "8", "70000"],
             capture_output=True, text=True, timeout=180, env=dict(os.environ, NODE_PATH=str(modules)),
         )  # fmt: skip
         assert plc.returncode == 0, plc.stderr + (tmp_path / "daemon.log").read_text()[-2000:]
