@@ -411,6 +411,14 @@ class PageConfig(Section):
     max_clients: int = setting(
         16, "Most page clients", "Live page streams served at once; the next is answered 503.", ge=1, le=1000
     )
+    stale_after_s: float = setting(
+        60.0,
+        "Stale after",
+        "With no new part for this long, the page greys the last verdict out and says how old it is.",
+        "s",
+        gt=0,
+        le=86400,
+    )
 
 
 class DriftConfig(Section):

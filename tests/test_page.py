@@ -161,3 +161,129 @@ def test_page_streams_are_capped_and_every_client_gets_the_same_result(
         for s in streams:
             s.close()
     assert stop(r) == 0
+
+
+_LAYOUT = """(() => {
+  const r = (el) => { const b = el.getBoundingClientRect(); return {x: b.left, y: b.top, w: b.width, h: b.height}; };
+  const view = document.getElementById('view'), im = view.querySelector('img');
+  const cs = getComputedStyle(view), border = parseFloat(cs.borderLeftWidth);
+  const inner = {w: view.clientWidth, h: view.clientHeight};
+  const k = Math.min(inner.w / im.naturalWidth, inner.h / im.naturalHeight);  // object-fit: contain
+  return {overflow: document.documentElement.scrollWidth - window.innerWidth, vw: window.innerWidth,
+          vh: window.innerHeight, view: r(view), inner, border, natural: [im.naturalWidth, im.naturalHeight],
+          drawn: [im.naturalWidth * k, im.naturalHeight * k], scale: k, rendering: getComputedStyle(im).imageRendering,
+          verdict: r(document.getElementById('verdict')),
+          verdictFont: parseFloat(getComputedStyle(document.getElementById('verdict')).fontSize),
+          age: document.getElementById('age').textContent, error: document.getElementById('error').textContent};
+})()"""
+
+
+def test_the_page_is_a_line_screen_from_a_phone_to_a_1920_panel(
+    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium); the layouts were not tested")
+    r = daemon_factory(e2e_bundle, sample_dir, page__stale_after_s=3)
+    url = f"http://127.0.0.1:{r.page_port}/"
+    assert r.plc.inspect_once(10.0, part_id=1) is not None
+    r.plc.set_command(enable=False)  # the last answer: refused, its error in words
+    assert r.plc.wait_for(lambda s: not s.trigger_ready, 2.0)
+    assert r.plc.inspect_once(5.0, part_id=2, interlock=False) is not None
+    r.plc.set_command(enable=True)
+    assert r.plc.inspect_once(10.0, part_id=3) is not None  # the shown one: with an image
+    browser = Browser(chromium, free_port(), tmp_path / "profile")
+    layouts: dict[tuple[int, int], dict[str, Any]] = {}
+    try:
+
+        async def steps(page: Any) -> dict[str, Any]:
+            await page.call("Page.enable")
+            for width, height in ((1920, 1080), (1280, 800), (390, 844)):
+                await page.call(
+                    "Emulation.setDeviceMetricsOverride",
+                    width=width, height=height, deviceScaleFactor=1, mobile=width < 600,
+                )  # fmt: skip
+                await page.call("Page.navigate", url=url)
+                await page.wait_for(
+                    "document.getElementById('part') && document.getElementById('part').textContent === '3'"
+                )
+                await page.wait_for(
+                    "document.querySelector('#view img') && document.querySelector('#view img').naturalWidth > 0"
+                )
+                layouts[(width, height)] = await page.evaluate(_LAYOUT)
+                await page.screenshot(tmp_path / f"page-{width}x{height}.png")
+            # The error of a refused part in words, from the filmstrip's item (the page's own rendering).
+            words = await page.evaluate(
+                "(() => { const it = [...items.values()].find(i => i.part_id === 2);"
+                " showResult(it); return document.getElementById('error').textContent; })()"
+            )
+            timeout = await page.evaluate(
+                "(() => { showResult({inspection_id: 99, part_id: 77, recipe: 0, verdict: 'NG', score: null,"
+                " late_score: 0.4, threshold: 1, error_code: 2, error_text: 'no result within daemon.budget_ms',"
+                " late: true, timeout: true, latency_ms: 130, time: now(), has_image: false});"
+                " return [document.getElementById('score').textContent,"
+                " document.getElementById('inspection').textContent]; })()"
+            )
+            # The PLC goes away: the banner says so and the last verdict is greyed out as stale.
+            await asyncio.get_running_loop().run_in_executor(None, r.plc.stop)
+            await page.wait_for("document.getElementById('banner').textContent.includes('PLC DOWN')", 20.0)
+            banner = await page.evaluate(
+                "[getComputedStyle(document.getElementById('banner')).display,"
+                " document.getElementById('verdict').className,"
+                " document.getElementById('banner').getBoundingClientRect().height]"
+            )
+            await page.screenshot(tmp_path / "page-plc-down.png")
+            return {"words": words, "timeout": timeout, "banner": banner}
+
+        seen = browser.run(steps)
+    finally:
+        browser.close()
+    for (width, height), m in layouts.items():
+        where = f"{width}x{height}: {m}"
+        assert m["overflow"] <= 0, f"wider than the screen at {where}"
+        # The image fills its panel (one side touches it) and is scaled up with crisp pixels.
+        assert max(m["drawn"][0] / m["inner"]["w"], m["drawn"][1] / m["inner"]["h"]) > 0.99, where
+        assert m["scale"] > 1.0 and m["rendering"] == "pixelated", where
+        assert m["verdict"]["h"] >= 60 and m["verdictFont"] >= 56, where
+        assert m["verdict"]["x"] >= 0 and m["verdict"]["x"] + m["verdict"]["w"] <= width, where
+        assert m["verdict"]["y"] + m["verdict"]["h"] <= height, f"the verdict needs scrolling at {where}"
+        assert "part 3" in m["age"] and "ago" in m["age"], where
+    big, panel, phone = layouts[(1920, 1080)], layouts[(1280, 800)], layouts[(390, 844)]
+    assert big["drawn"][1] > 600 and panel["drawn"][1] > 450, "most of the screen's height is the part"
+    assert phone["drawn"][0] >= 340 and phone["view"]["w"] >= 370, "on a phone the image spans the width"
+    assert big["verdictFont"] > panel["verdictFont"], "a bigger panel, a bigger verdict"
+    assert (
+        seen["words"]
+        == "trigger (or hardware-triggered frame) while enable = 0: answered at once, not inspected (code 7)"
+    )
+    assert seen["timeout"] == ["timeout", "99 (timeout)"]
+    display, verdict_class, height = seen["banner"]
+    assert display == "block" and verdict_class == "stale" and height > 20
+    (ROOT / "var").mkdir(exist_ok=True)
+    for shot in tmp_path.glob("page-*.png"):
+        shutil.copy(shot, ROOT / "var" / shot.name)
+
+
+def test_a_timeout_part_shows_the_deadlines_verdict_not_the_models_late_score() -> None:
+    import numpy as np
+
+    from anomalyd.daemon.handshake import Answer, ErrorCode
+    from anomalyd.daemon.page import PageFeed
+    from anomalyd.daemon.recorder import Outcome
+    from anomalyd.drivers.plc.layout import Status
+    from anomalyd.engines.inspector import Inspection
+
+    feed = PageFeed(4, lambda: {})
+    try:
+        late = Inspection(0.42, 0.42, np.zeros((4, 4), np.float32), None, {})
+        status = Status(inspection_id=7, part_id=70, fail=True, error=True, error_code=int(ErrorCode.OVER_BUDGET))
+        feed.offer(Outcome(Answer(status, late=True), 130.0, inspection=late))
+        ok = Status(inspection_id=8, part_id=71, passed=True, threshold=1.0)
+        feed.offer(Outcome(Answer(ok), 20.0, inspection=Inspection(0.3, 0.3, np.zeros((4, 4), np.float32), None, {})))
+        wait_until(lambda: feed.find(8) is not None, what="both items")
+        timeout, normal = feed.find(7).public(), feed.find(8).public()  # type: ignore[union-attr]
+    finally:
+        feed.close()
+    assert timeout["timeout"] and timeout["score"] is None and timeout["late_score"] == 0.42
+    assert timeout["verdict"] == "NG" and timeout["error_text"].startswith("no result within daemon.budget_ms")
+    assert not normal["timeout"] and normal["score"] == 0.3 and normal["error_text"] == ""

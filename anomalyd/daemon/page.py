@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from anomalyd.config import is_loopback
+from anomalyd.daemon.handshake import ERROR_MEANINGS, ErrorCode
 from anomalyd.errors import StartupError
 from anomalyd.log import get_logger
 from anomalyd.overlay import encode_jpeg, overlay_heatmap
@@ -58,6 +59,9 @@ class PageItem:
     late: bool
     latency_ms: float
     time: float
+    error_text: str = ""  # the error code in words (the README's table)
+    timeout: bool = False  # failed at the deadline (code 2): ``score`` is None, the model's is ``late_score``
+    late_score: float | None = None
     images: dict[str, bytes] = field(default_factory=dict, repr=False)  # frame, overlay, thumb
 
     def public(self) -> dict[str, Any]:
@@ -104,17 +108,22 @@ class PageFeed:
             self.skipped_items += 1
 
     def _item(self, outcome: Any) -> PageItem:
+        model_score = outcome.inspection.score if outcome.inspection is not None else None
+        timeout = outcome.code == ErrorCode.OVER_BUDGET
         item = PageItem(
             inspection_id=outcome.inspection_id,
             part_id=outcome.answer.part_id,
             recipe=outcome.recipe,
             verdict=outcome.label,
-            score=outcome.inspection.score if outcome.inspection is not None else None,
+            score=None if timeout else model_score,  # a timeout's verdict is the deadline's, not the model's
             threshold=outcome.threshold,
             error_code=int(outcome.code),
             late=outcome.answer.late,
             latency_ms=round(outcome.latency_ms, 2),
             time=time.time(),
+            error_text=ERROR_MEANINGS.get(outcome.code, "unknown error") if outcome.code else "",
+            timeout=timeout,
+            late_score=model_score if timeout else None,
         )
         with self._lock:
             if not outcome.answer.refused:

@@ -230,6 +230,9 @@ class Daemon:
             "drifting": status.drift,
             "audit": self._recent_audit(),
             "audit_broken": self.audit_problem,
+            "now": time.time(),  # the page computes ages on the daemon's clock, not the browser's
+            "stale_after_s": self.config.page.stale_after_s,
+            "line": line_name(self.config.daemon.line),
         }
 
     def _recent_audit(self) -> list[dict[str, object]]:
