@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -27,6 +28,10 @@ needs_mosquitto = pytest.mark.skipif(
 )
 
 
+# Started as root, mosquitto drops to the user `mosquitto`, who cannot read the test's files: stay root.
+_USER = "user root\n" if os.geteuid() == 0 else ""
+
+
 class Broker:
     """mosquitto on a loopback port, persistent so a subscriber's session outlives a broker restart."""
 
@@ -36,7 +41,7 @@ class Broker:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {folder}/\nlog_dest stderr\n",
+            f"persistence true\npersistence_location {folder}/\nlog_dest stderr\n{_USER}",
             encoding="utf-8",
         )
         self.log = folder / "mosquitto.log"
@@ -185,3 +190,109 @@ def test_mqtt_settings_are_checked_at_start(tmp_path: Path) -> None:
     config.write_text("mqtt:\n  topic_prefix: 'plant/#'\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="topic_prefix"):
         load_config(config)
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (as a plant's PKI would issue)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plant test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    server = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+@needs_mosquitto
+def test_tls_and_a_password_or_no_results(
+    tmp_path: Path,
+    e2e_bundle: Path,
+    sample_dir: Path,
+) -> None:
+    """A broker that wants TLS and a user: with the right password the results arrive, with a wrong one none."""
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed (Debian's mosquitto package has it)")
+    folder = tmp_path / "tls-broker"
+    folder.mkdir()
+    ca, cert, key = _tls_files(folder)
+    users = folder / "users"
+    subprocess.run([passwd, "-b", "-c", str(users), "line7", "right-password"], check=True, capture_output=True)
+    users.chmod(0o600)
+    broker = Broker(folder)
+    broker.conf.write_text(
+        f"listener {broker.port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+        f"allow_anonymous false\npassword_file {users}\npersistence false\nlog_dest stderr\n{_USER}",
+        encoding="utf-8",
+    )
+    broker.start()
+    try:
+        import paho.mqtt.client as mqtt
+
+        sub = Subscriber.__new__(Subscriber)  # the MES side: TLS with the same CA and its own user
+        sub.messages, sub._lock = [], threading.Lock()
+        sub.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="mes-tls", clean_session=True)
+        sub.client.tls_set(ca_certs=str(ca))
+        sub.client.username_pw_set("line7", "right-password")
+        sub.client.on_connect = lambda c, u, f, rc, p: c.subscribe("anomalyd/line7/#", qos=1)
+        sub.client.on_message = sub._message
+        sub.client.connect("127.0.0.1", broker.port)
+        sub.client.loop_start()
+        wait_until(lambda: sub.client.is_connected(), 10.0, "subscriber over TLS")
+        for password, expected in (("wrong-password", 0), ("right-password", 3)):
+            (tmp_path / "pw").write_text(password + "\n")
+            run = tmp_path / password
+            run.mkdir()
+            r = _start(run, e2e_bundle, sample_dir, broker.port, ca, tmp_path / "pw")
+            try:
+                for _ in range(3):
+                    answer = r.plc.inspect_once(10.0)
+                    assert answer is not None and answer.attributed and answer.status.error_code == 0  # line unhurt
+                if expected:
+                    wait_until(lambda: len(sub.of("/result")) >= 3, 15.0, "results over TLS")
+                else:
+                    time.sleep(2.0)
+                    assert _metric(r, "anomalyd_mqtt_connected") == 0 and _metric(r, "anomalyd_mqtt_waiting") == 3
+                    assert '"mqtt.refused"' in (run / "daemon.log").read_text()
+            finally:
+                r.process.kill()
+                r.process.wait()
+                r.plc.stop()
+        assert len(sub.of("/result")) == 3  # none from the daemon with the wrong password
+        sub.close()
+    finally:
+        broker.stop()
+
+
+def _start(folder: Path, bundle: Path, sample_dir: Path, port: int, ca: Path, password: Path) -> Running:
+    from tests.harness import start_daemon
+
+    return start_daemon(
+        folder, bundle, sample_dir / "test", daemon__line="line7",
+        mqtt={"enabled": True, "port": port, "tls": True, "ca_file": str(ca), "username": "line7",
+              "password_file": str(password)},
+    )  # fmt: skip
