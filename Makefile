@@ -1,9 +1,23 @@
 # anomalyd — the two commands: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; set TORCH=torch on a CUDA machine for the default wheel.
+# The CPU build of torch with faiss-cpu (the tests and `search: faiss`). On a CUDA machine one recipe per
+# CUDA major, so torch, TensorRT and faiss agree with the driver (README, "Install on a line PC"):
+#   make venv CUDA=12    driver R525+: torch from PyTorch's cu128 index, TensorRT cu12, faiss-gpu-cu12
+#   make venv CUDA=13    driver R580+: PyPI's torch (CUDA 13), TensorRT cu13, torch search on the GPU
+CUDA ?=
+ifeq ($(CUDA),12)
+TORCH ?= torch
+TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cu128 --extra-index-url https://pypi.org/simple
+EXTRAS ?= dev,gpu-cu12
+else ifeq ($(CUDA),13)
+TORCH ?= torch
+EXTRAS ?= dev,gpu-cu13
+else ifneq ($(CUDA),)
+$(error CUDA=$(CUDA): 12 or 13 (or empty for the CPU))
+endif
 TORCH ?= torch==2.13.0
-# faiss-cpu for the tests and `search: faiss`; on a CUDA box with faiss-gpu: make EXTRAS=dev,faiss-gpu
+TORCH_INDEX ?=
 EXTRAS ?= dev,faiss-cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,7 +29,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

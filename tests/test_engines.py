@@ -325,3 +325,122 @@ def test_tensorrt_factories_without_a_gpu_are_an_engine_error() -> None:
     with pytest.raises(EngineError, match=r"runtime \(returned nothing\)"):
         _made(lambda _logger: None, "runtime", object())
     assert _made(lambda _logger: "ok", "runtime", object()) == "ok"
+
+
+def test_faiss_gpu_is_tried_in_a_subprocess_once_and_an_abort_there_is_only_a_no(tmp_path: Path) -> None:
+    """What search: auto relies on before faiss-gpu on a GPU its wheels claim: a probe that may abort."""
+    from anomalyd.engines.search import faiss_gpu_runs
+
+    aborts = [sys.executable, "-c", "import os; os.abort()"]
+    passes = [sys.executable, "-c", "pass"]
+    runs, how = faiss_gpu_runs(0, "gpu A|faiss 1.14", tmp_path, command=aborts)
+    assert not runs and "killed by SIGABRT" in how
+    # Cached per identity: the next start does not probe again (a passing command would say yes).
+    runs, how = faiss_gpu_runs(0, "gpu A|faiss 1.14", tmp_path, command=passes)
+    assert not runs and "cached in" in how
+    # Another GPU, driver or faiss version is probed afresh.
+    assert faiss_gpu_runs(0, "gpu A|faiss 1.15", tmp_path, command=passes) == (True, "probe passed")
+    hangs = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert faiss_gpu_runs(0, "gpu B", None, command=hangs, timeout_s=0.5) == (False, "probe hung for 0 s")
+
+
+def test_a_driver_older_than_the_wheels_cuda_is_named_with_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalyd.engines import cuda_info
+
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n")
+    assert cuda_info.driver_version(proc) == "550.54.14"
+    assert cuda_info.driver_version(tmp_path / "absent") is None
+    monkeypatch.setattr(cuda_info, "driver_cuda", lambda: (12, 4))
+    monkeypatch.setattr(cuda_info, "driver_version", lambda proc=None: "550.54.14")
+    why = cuda_info.mismatch(13, "TensorRT")
+    assert why is not None and "CUDA 13" in why and "R580" in why and "550.54.14" in why and "cu12 build" in why
+    assert cuda_info.mismatch(12, "torch") is None and cuda_info.mismatch(None, "torch") is None
+    assert "driver 550.54.14 (CUDA up to 12.4)" in cuda_info.describe()
+
+
+class _FakeTrtConfig:
+    """TensorRT 10's IBuilderConfig as far as _build uses it: TF32 is on until cleared."""
+
+    def __init__(self) -> None:
+        self.flags = {"TF32"}
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        pass
+
+    def add_optimization_profile(self, profile: object) -> None:
+        pass
+
+    def create_timing_cache(self, data: bytes) -> object:
+        return object()
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        return True
+
+    def get_timing_cache(self) -> None:
+        return None
+
+
+def _fake_tensorrt(built: list[tuple[set[str], bytes]]) -> object:
+    import types
+
+    class Builder:
+        def __init__(self, logger: object) -> None:
+            self.config = _FakeTrtConfig()
+
+        def create_network(self, flags: int) -> object:
+            return types.SimpleNamespace(onnx=b"")
+
+        def create_builder_config(self) -> _FakeTrtConfig:
+            return self.config
+
+        def create_optimization_profile(self) -> object:
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network: object, config: _FakeTrtConfig) -> bytes:
+            built.append((set(config.flags), network.onnx))  # type: ignore[attr-defined]
+            return b"plan"
+
+    class OnnxParser:
+        def __init__(self, network: object, logger: object) -> None:
+            self.network = network
+
+        def parse(self, data: bytes) -> bool:
+            self.network.onnx = data  # type: ignore[attr-defined]
+            return True
+
+    return types.SimpleNamespace(
+        __version__="10.16.0",
+        Logger=type("Logger", (), {"WARNING": 0, "__init__": lambda self, level: None}),
+        Builder=Builder,
+        OnnxParser=OnnxParser,
+        BuilderFlag=types.SimpleNamespace(FP16="FP16", TF32="TF32"),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"),
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(EXPLICIT_BATCH=0),
+    )
+
+
+def test_a_tensorrt_fp32_plan_is_fp32_not_tf32(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT 10 allows TF32 unless told not to: an fp32 plan would miss the 2e-3 tolerance."""
+    import types
+
+    from anomalyd.engines import tensorrt_engine
+    from anomalyd.model.bundle import EXTRACTOR_ONNX
+
+    built: list[tuple[set[str], bytes]] = []
+    monkeypatch.setattr(tensorrt_engine, "gpu_identity", lambda device: types.SimpleNamespace(slug="fake-gpu"))
+    bundle = load_bundle(bundle_dir)
+    for fp16 in (False, True):
+        tensorrt_engine._build(_fake_tensorrt(built), bundle, torch.device("cpu"), fp16, 64)
+    assert built[0][0] == set() and built[1][0] == {"FP16"}  # TF32 cleared in both
+    assert built[0][1] == bundle.blob(EXTRACTOR_ONNX)  # built from the verified bytes

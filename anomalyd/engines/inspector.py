@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,19 @@ class Inspection:
 
     score: float  # normalised: 1.0 = highest held-back good part
     raw_score: float
-    anomaly_map: np.ndarray  # normalised, at the model input size
+    # The normalised map at the model input size: an array, or (on a GPU) a device tensor that is
+    # copied to the host only when something asks for it (the pixel rule, the archive, the page).
+    map_data: np.ndarray | torch.Tensor
     roi: Roi  # x, y, width, height of the inspected area in the frame
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        data = self.map_data
+        if isinstance(data, torch.Tensor):
+            data = data.float().cpu().numpy()
+            object.__setattr__(self, "map_data", data)  # once; a second thread at worst copies it again
+        return data
 
     def frame_map(self, frame_shape: tuple[int, ...]) -> np.ndarray:
         """The anomaly map placed onto the full frame (zero outside the ROI)."""
@@ -58,24 +68,34 @@ class Inspector:
         self.roi = self.scorer.preprocess.roi
         self.device = extractor.device
         self.reference = bundle.reference_score
-        self._sync: Callable[[], None] = (
-            (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
-        )
+        self._cuda = self.device.type == "cuda"
 
     @property
     def engine_name(self) -> str:
         return f"{self.extractor.name}+{self.searcher.name}"
 
     def inspect(self, frame: np.ndarray) -> Inspection:
-        """Score one frame; timings per stage in milliseconds."""
-        times = [time.perf_counter()]
+        """Score one frame; timings per stage in milliseconds.
+
+        On a GPU the stages are timed with CUDA events on the caller's stream and the
+        frame costs one synchronisation (reading the score), not one per stage and not
+        device-wide (another thread's work, e.g. a recipe capturing its CUDA graph, is
+        not waited for); the map stays on the device until asked for.
+        """
         scorer = self.scorer
+        started = time.perf_counter()
+        events: list[Any] = []
 
         def mark() -> None:
-            self._sync()
-            times.append(time.perf_counter())
+            if self._cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record(torch.cuda.current_stream(self.device))
+                events.append(event)
+            else:
+                events.append(time.perf_counter())
 
         with torch.inference_mode():
+            mark()
             batch, roi = scorer.preprocess(frame)
             mark()
             features = self.extractor.extract(batch)
@@ -83,11 +103,19 @@ class Inspector:
             distances = scorer.cell_scores(features)
             mark()
             amap = scorer.maps(distances) / self.reference
-            score = float(scorer.image_scores(amap)[0])
-            small_map = amap[0].cpu().numpy()
+            score = float(scorer.image_scores(amap)[0])  # the one wait for the device
             mark()
-        timings = {stage: (times[i + 1] - times[i]) * 1000.0 for i, stage in enumerate(STAGES)}
-        timings["total"] = (times[-1] - times[0]) * 1000.0
+            small_map: np.ndarray | torch.Tensor = amap[0] if self._cuda else amap[0].cpu().numpy()
+        total = (time.perf_counter() - started) * 1000.0
+        if self._cuda:
+            events[-1].synchronize()  # done already: the score was read after the last kernel
+            steps = [a.elapsed_time(b) for a, b in itertools.pairwise(events)]
+            # Host work before the first event (cropping on the CPU side, the copy's setup) belongs to preprocess.
+            steps[0] += max(0.0, total - sum(steps))
+        else:
+            steps = [(b - a) * 1000.0 for a, b in itertools.pairwise(events)]
+        timings = dict(zip(STAGES, steps, strict=True))
+        timings["total"] = total
         return Inspection(score, score * self.reference, small_map, roi, timings)
 
     def check_features(self, frame: np.ndarray) -> None:

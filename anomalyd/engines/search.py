@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +52,89 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+# Within the wheels' range faiss-gpu is still tried once in a subprocess before this process relies on it:
+# an abort there (a wheel built for other GPUs, a driver it cannot use) ends only the probe.
+_PROBE = (
+    "import sys, numpy, faiss\n"
+    "r = faiss.StandardGpuResources()\n"
+    "i = faiss.IndexFlatL2(8)\n"
+    "i.add(numpy.ones((4, 8), 'float32'))\n"
+    "g = faiss.index_cpu_to_gpu(r, int(sys.argv[1]), i)\n"
+    "d, l = g.search(numpy.ones((1, 8), 'float32'), 1)\n"
+    "sys.exit(0 if l[0, 0] >= 0 else 3)\n"
+)
+
+
+def probe_cache_dir() -> Path | None:
+    """Where probe results are kept: $ANOMALYD_CACHE_DIR, else ~/.cache/anomalyd (None: not kept)."""
+    configured = os.environ.get("ANOMALYD_CACHE_DIR")
+    folder = Path(configured) if configured else Path.home() / ".cache" / "anomalyd"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder
+
+
+def faiss_gpu_runs(
+    index: int, identity: str, cache_dir: Path | None, command: list[str] | None = None, timeout_s: float = 120.0
+) -> tuple[bool, str]:
+    """Whether faiss can put an index on GPU ``index`` and search it, tried in a subprocess; cached by
+    ``identity`` (GPU, driver, faiss version). Returns (runs, how it was found out)."""
+    cache = cache_dir / f"faiss-gpu-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text(encoding="utf-8"))
+            if known.get("identity") == identity:
+                return bool(known["runs"]), f"{known['how']} (cached in {cache})"
+        except (OSError, ValueError, KeyError):
+            pass
+    try:
+        done = subprocess.run(
+            command or [sys.executable, "-c", _PROBE, str(index)], capture_output=True, text=True, timeout=timeout_s
+        )
+        runs = done.returncode == 0
+        how = (
+            "probe passed" if runs else f"probe failed ({_exit_reason(done.returncode)}): {done.stderr.strip()[-300:]}"
+        )
+    except subprocess.TimeoutExpired:
+        runs, how = False, f"probe hung for {timeout_s:.0f} s"
+    if cache is not None:
+        with contextlib.suppress(OSError):
+            cache.write_text(json.dumps({"identity": identity, "runs": runs, "how": how}), encoding="utf-8")
+    return runs, how
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def faiss_gpu_usable(device: torch.device) -> tuple[bool, str]:
+    """faiss-gpu on ``device``: built with CUDA, kernels for its compute capability, and a probe that ran."""
+    if not faiss_has_gpu():
+        return False, "the installed faiss has no GPU support"
+    capability = device_capability(device)
+    if not faiss_gpu_supports(capability):
+        return False, (
+            f"compute capability {capability[0]}.{capability[1]} has no kernels in the faiss-gpu wheels (7.0-8.9)"
+        )
+    import faiss
+
+    from anomalyd.engines import cuda_info
+
+    identity = (
+        f"{torch.cuda.get_device_name(device)}|{capability}|{cuda_info.driver_version()}|"
+        f"{getattr(faiss, '__version__', '?')}|{device.index or 0}"
+    )
+    runs, how = faiss_gpu_runs(device.index or 0, identity, probe_cache_dir())
+    return runs, how
+
+
 # Batches of at least this many queries take faiss's GEMM path (see FaissSearcher).
 BLAS_FROM_QUERIES = 20
 
@@ -57,7 +148,7 @@ class FaissSearcher:
             import faiss
         except ImportError as exc:
             raise EngineError(
-                "faiss is not installed (pip install 'anomalyd[faiss-cpu]', or [faiss-gpu] on a CUDA box)"
+                "faiss is not installed (pip install 'anomalyd[faiss-cpu]', or [gpu-cu12] on a CUDA 12 machine)"
             ) from exc
         if threads:
             faiss.omp_set_num_threads(threads)
@@ -70,15 +161,11 @@ class FaissSearcher:
         index: Any = faiss.IndexFlatL2(bank.shape[1])
         index.add(np.ascontiguousarray(bank, dtype=np.float32))
         self.device = device
+        self._resources: Any = None
         if device.type == "cuda":
-            if not faiss_has_gpu():
-                raise EngineError("faiss on cuda asked for, but the installed faiss has no GPU support")
-            capability = device_capability(device)
-            if not faiss_gpu_supports(capability):
-                raise EngineError(
-                    f"faiss on {device}: compute capability {capability[0]}.{capability[1]} has no kernels in the "
-                    "faiss-gpu wheels (7.0-8.9); use search.type: torch (or auto, which takes it)"
-                )
+            usable, why = faiss_gpu_usable(device)
+            if not usable:
+                raise EngineError(f"faiss on {device}: {why}; use search.type: torch (or auto, which takes it)")
             import faiss.contrib.torch_utils
 
             with torch.cuda.device(device):
@@ -105,7 +192,10 @@ class FaissSearcher:
         return torch.from_numpy(dist)
 
     def close(self) -> None:
+        # The GPU index before its resources: StandardGpuResources holds scratch memory (hundreds of MB)
+        # that a closed searcher (a replaced recipe) must give back.
         self.index = None
+        self._resources = None
 
 
 @register_searcher("torch")

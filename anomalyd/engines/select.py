@@ -82,15 +82,11 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
     if config.type != "auto":
         return SEARCHERS[config.type](bank, device, threads)  # type: ignore[no-any-return]
     if device.type == "cuda":
-        capability = search.device_capability(device)
-        if search.faiss_has_gpu() and not search.faiss_gpu_supports(capability):
-            choice = "torch"  # faiss would abort the process on this GPU (see search.FAISS_GPU_CAPABILITIES)
-            log.info("search.faiss_gpu_unsupported", capability=f"{capability[0]}.{capability[1]}", using="torch")
-        elif search.faiss_has_gpu():
-            choice = "faiss"
-        else:
-            choice = "torch"
-            log.info("search.faiss_gpu_missing", machine=platform.machine(), using="torch on cuda")
+        # faiss-gpu only where it is known to run on this GPU: an abort cannot be caught (search.faiss_gpu_usable).
+        usable, why = search.faiss_gpu_usable(device) if search.faiss_has_gpu() else (False, "no GPU faiss")
+        choice = "faiss" if usable else "torch"
+        if not usable:
+            log.info("search.faiss_gpu_not_used", reason=why, machine=platform.machine(), using="torch on cuda")
     else:
         choice = "faiss" if search.faiss_installed() else "torch"
     searcher: Searcher = SEARCHERS[choice](bank, device, threads)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from anomalyd.config import TensorRtEngineConfig
+from anomalyd.engines import cuda_info
 from anomalyd.engines.base import EngineError, register_extractor, resolve_device
 from anomalyd.engines.plan_cache import (
     announce_build,
@@ -38,7 +39,7 @@ def _trt() -> Any:
     try:
         import tensorrt
     except ImportError as exc:
-        raise EngineError("tensorrt is not installed (pip install 'anomalyd[gpu]' on a CUDA machine)") from exc
+        raise EngineError("tensorrt is not installed (make venv CUDA=12 or CUDA=13: README, Install)") from exc
     return tensorrt
 
 
@@ -116,8 +117,9 @@ def _made(factory: Any, what: str, *args: Any) -> Any:
         why = "returned nothing"
     if made is None:
         raise EngineError(
-            f"TensorRT could not create its {what} ({why}): is the NVIDIA driver loaded and the GPU visible "
-            "(nvidia-smi), and does the TensorRT build match the driver's CUDA? engine: onnxruntime runs without it"
+            f"TensorRT could not create its {what} ({why}); {cuda_info.describe()}: is the NVIDIA driver loaded "
+            "and the GPU visible (nvidia-smi), and does the TensorRT build match the driver's CUDA? "
+            "engine: onnxruntime runs without it"
         )
     return made
 
@@ -137,6 +139,10 @@ def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     # platform_has_fast_fp16 is deprecated in TensorRT 10; where it is gone, trust the flag.
+    # TensorRT 10 allows TF32 by default: an "fp32" plan would run its matrix products with 10-bit
+    # mantissas, outside the 2e-3 acceptance tolerance. FP32 means FP32 (also the FP32 layers of an FP16 plan).
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if fp16 and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)
     elif fp16:
@@ -163,8 +169,13 @@ class TensorRtExtractor:
             import tensorrt  # noqa: F401
         except ImportError:
             return "tensorrt is not installed"
+        too_new = cuda_info.mismatch(cuda_info.tensorrt_cuda(), "TensorRT")
+        if too_new:
+            return too_new
         if not torch.cuda.is_available():
-            return "no CUDA GPU visible to torch"
+            return cuda_info.mismatch(cuda_info.torch_cuda_major(), "torch") or (
+                f"no CUDA GPU visible to torch ({cuda_info.describe()})"
+            )
         return None
 
     def __init__(self, bundle: Bundle, config: TensorRtEngineConfig) -> None:
@@ -215,11 +226,14 @@ class TensorRtExtractor:
             and self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
         ):
             raise EngineError("TensorRT refused a tensor address")
-        caller = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(caller)  # the input is ready on the caller's stream
-        if not self._context.execute_async_v3(self._stream.cuda_stream):
-            raise EngineError("TensorRT execution failed")
-        caller.wait_stream(self._stream)
+        # TensorRT runs in the current CUDA context: with device cuda:N, N must be current for the call,
+        # whichever device the calling thread had (a second GPU, a thread that never chose one).
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(caller)  # the input is ready on the caller's stream
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise EngineError("TensorRT execution failed")
+            caller.wait_stream(self._stream)
         # The buffers belong to the caller's stream from here: keep them alive until used there.
         x.record_stream(self._stream)
         out.record_stream(self._stream)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from anomalyd.config import TorchEngineConfig
+from anomalyd.engines import cuda_info
 from anomalyd.engines.base import EngineError, register_extractor, resolve_device
 from anomalyd.model.bundle import Bundle
 from anomalyd.model.features import PatchFeatures, build_patch_features
@@ -32,7 +33,9 @@ class TorchExtractor:
     @staticmethod
     def unavailable(config: TorchEngineConfig) -> str | None:
         if config.device.startswith("cuda") and not torch.cuda.is_available():
-            return "this torch build sees no CUDA GPU"
+            return cuda_info.mismatch(cuda_info.torch_cuda_major(), "torch") or (
+                f"this torch build sees no CUDA GPU ({cuda_info.describe()})"
+            )
         return None
 
     def __init__(self, bundle: Bundle, config: TorchEngineConfig) -> None:
@@ -67,7 +70,10 @@ class TorchExtractor:
                 self._run(self._static_in)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self._graph):
+        # thread_local: a recipe reload captures in a background thread while the loop thread goes on
+        # inspecting (synchronising, copying); in the default "global" mode those calls from another thread
+        # invalidate the capture and fail both the part and the recipe load.
+        with torch.inference_mode(), torch.cuda.graph(self._graph, stream=stream, capture_error_mode="thread_local"):
             self._static_out = self._run(self._static_in)
         self.name += "-graph"
 

@@ -10,6 +10,8 @@ reduce to an image score. What fit calibrated on is what runs on the line.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ class Preprocessor:
         self.roi = roi
         self.device = device
         self._resamplers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pinned: dict[tuple[Any, str], tuple[torch.Tensor, Any]] = {}
 
     def region(self, frame_shape: tuple[int, ...]) -> Roi:
         """The inspected area of a frame of this shape; a ROI that does not fit is an error."""
@@ -56,7 +59,7 @@ class Preprocessor:
         if self.device.type == "cuda":
             # The frame crosses to the GPU once; crop and resize happen there, with
             # OpenCV's area weights so GPU and CPU see the same model input.
-            t = torch.from_numpy(frame).to(self.device, non_blocking=True)[y : y + h, x : x + w]
+            t = self._to_device(frame)[y : y + h, x : x + w]
             t = t.permute(2, 0, 1).float()
             if (h, w) != self.input_size:
                 rows, cols = self._resample(h, w)
@@ -64,6 +67,21 @@ class Preprocessor:
             return t.unsqueeze(0), roi
         small = resize_for_model(frame[y : y + h, x : x + w], self.input_size)
         return torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1))).unsqueeze(0).float(), roi
+
+    def _to_device(self, frame: np.ndarray) -> torch.Tensor:
+        """The frame on the GPU through a pinned staging buffer (a truly asynchronous copy, not a
+        pageable one that the driver stages itself); the buffer is reused once its last copy is done."""
+        key = (frame.shape, frame.dtype.str)
+        staged = self._pinned.get(key)
+        if staged is None:
+            buffer = torch.empty(frame.shape, dtype=torch.from_numpy(frame[:0]).dtype, pin_memory=True)
+            staged = self._pinned[key] = (buffer, torch.cuda.Event())
+        buffer, copied = staged
+        copied.synchronize()  # the previous frame's copy out of this buffer has finished
+        buffer.numpy()[...] = frame
+        on_device = buffer.to(self.device, non_blocking=True)
+        copied.record(torch.cuda.current_stream(self.device))
+        return on_device
 
     def batch(self, frames: list[np.ndarray]) -> torch.Tensor:
         """Several frames as one ``[B, 3, H, W]`` batch (fit and calibration)."""
