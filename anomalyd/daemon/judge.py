@@ -6,8 +6,6 @@ import math
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.decision import Verdict, decide
 from anomalyd.daemon.dispatch import Part
@@ -74,13 +72,17 @@ class Judge:
         except Exception as exc:  # any model failure fails this part, not the daemon
             log.exception("model.failed", frame_id=part.frame.frame_id)
             return self._answer(part, recipe, None, None, ErrorCode.MODEL_ERROR, str(exc))
-        if not (math.isfinite(inspection.score) and np.isfinite(inspection.anomaly_map).all()):
+        if not (math.isfinite(inspection.score) and inspection.map_finite()):
             # nan >= threshold is False: a non-finite number would pass the part.
             return self._answer(
                 part, recipe, inspection, None, ErrorCode.MODEL_ERROR, "non-finite score or anomaly map"
             )
         _x, _y, w, h = inspection.roi
-        verdict = decide(inspection.score, inspection.anomaly_map, w * h, recipe.spec.thresholds, recipe.threshold)
+        rules = recipe.spec.thresholds
+        # The map crosses to the host here only for the pixel rule (checked finite above); else when the
+        # archive or the page asks for it, on their threads.
+        amap = inspection.anomaly_map if rules.pixel is not None else None
+        verdict = decide(inspection.score, amap, w * h, rules, recipe.threshold)
         answer = self._answer(part, recipe, inspection, verdict, ErrorCode.OK, "")
         if self.drift is not None and answer is not None:  # after the answer: the watch never delays or changes it
             try:

@@ -39,6 +39,13 @@ class Inspection:
             object.__setattr__(self, "map_data", data)  # once; a second thread at worst copies it again
         return data
 
+    def map_finite(self) -> bool:
+        """Every map value finite, checked where the map is (one number from the GPU, not the map)."""
+        data = self.map_data
+        if isinstance(data, torch.Tensor):
+            return bool(torch.isfinite(data).all())
+        return bool(np.isfinite(data).all())
+
     def frame_map(self, frame_shape: tuple[int, ...]) -> np.ndarray:
         """The anomaly map placed onto the full frame (zero outside the ROI)."""
         x, y, w, h = self.roi
