@@ -44,6 +44,9 @@ PY310 ?= $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null |
 	(v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.10' | tail -1); \
 	 [ -n "$$v" ] && "$$(pyenv root)/versions/$$v/bin/python3.10" -c 'import sys; print(sys.executable)'))
 TORCH310 ?= torch==2.13.0
+# NumPy 1.x as well, as NVIDIA's JetPack 6 torch wheels are built against it (pip then takes an OpenCV
+# that supports it): this leg is Python 3.10 with NumPy 1.26, the other NumPy 2.
+NUMPY310 ?= numpy<2
 VENV310 ?= .venv-py310
 COMPAT_TESTS ?= tests/test_cli_flow.py tests/test_model.py tests/test_daemon.py tests/test_bundle_guard.py \
 	tests/test_records_guard.py tests/test_internal_faults.py
@@ -55,10 +58,10 @@ test-py310:
 	  $(PY310) -m venv $(VENV310); \
 	  $(VENV310)/bin/python -m pip install -q --upgrade pip; \
 	  $(VENV310)/bin/python -m pip install -q "$(TORCH310)"; \
-	  $(VENV310)/bin/python -m pip install -q -e ".[$(EXTRAS)]"; \
+	  $(VENV310)/bin/python -m pip install -q -e ".[$(EXTRAS)]" "$(NUMPY310)"; \
 	  touch $(VENV310)/.installed; \
 	fi; \
-	echo "test-py310: $$($(VENV310)/bin/python --version) on $(COMPAT_TESTS)"; \
+	echo "test-py310: $$($(VENV310)/bin/python --version), numpy $$($(VENV310)/bin/python -c 'import numpy; print(numpy.__version__)') on $(COMPAT_TESTS)"; \
 	$(VENV310)/bin/python -m pytest -q $(COMPAT_TESTS)
 
 lint: $(STAMP)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+# NumPy 2 renamed trapz to trapezoid; NumPy 1.26 (NVIDIA's JetPack 6 torch wheels) has only trapz.
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # type: ignore[attr-defined]
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -46,7 +49,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> Curve:
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (trapezoidal, like scikit-learn's roc_auc_score)."""
     c = roc_curve(labels, scores)
-    return float(np.trapezoid(c.y, c.x))
+    return float(_trapezoid(c.y, c.x))
 
 
 def pro_curve(masks: np.ndarray, maps: np.ndarray) -> Curve:
@@ -98,4 +101,4 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
         x0, x1, y0, y1 = x[cut - 1], x[cut], y[cut - 1], y[cut]
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
         x, y = np.r_[x[:cut], fpr_limit], np.r_[y[:cut], y_lim]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return float(_trapezoid(y, x) / fpr_limit)
