@@ -254,7 +254,8 @@ def _switch(args: argparse.Namespace, action: str, target: Path) -> int:
     link: Path = args.link
     if link.exists() and not link.is_symlink():
         raise AnomalydError(
-            f"{link} is a folder, not a link; point model.bundle (or the recipe's bundle) at a link (README)"
+            f"{link} is a folder, not a link; point model.bundle (or the recipe's bundle) at a link "
+            "(docs/technician.md)"
         )
     from anomalyd.cli_signing import trusted_from
 

@@ -129,7 +129,8 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
 
         print(
             "fit: image-level labels only (no --masks): on BSData they did not help (cross-validated image AUROC "
-            "0.86-0.88 against 0.90 without labels, README); compare the bundle with the one in use before promoting",
+            "0.86-0.88 against 0.90 without labels, docs/accuracy.md); compare the bundle with the one in use "
+            "before promoting",
             file=sys.stderr,
         )
     manifest = fit(args.good, target, settings, val, progress, defects)

@@ -77,7 +77,7 @@ def test_the_page_updates_by_itself_in_a_real_browser(
     assert first in ("OK", "NG", "WARN") and verdict in ("OK", "NG", "WARN") and width > 0
     status = r.plc.read_status()
     assert verdict == ("OK" if status.passed else "NG") or verdict == "WARN"
-    # Keep the screenshot for the README (docs/operator-page.png) and as a test artefact.
+    # Keep the screenshot for docs/technician.md (docs/operator-page.png) and as a test artefact.
     shot = tmp_path / "page.png"
     assert shot.stat().st_size > 10_000
     (ROOT / "var").mkdir(exist_ok=True)

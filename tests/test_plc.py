@@ -283,14 +283,14 @@ def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
 
 
 def test_readme_tables_are_the_code() -> None:
-    """The README's block and error tables are what the daemon writes (no drift)."""
+    """The PLC guide's block and error tables are what the daemon writes (no drift)."""
     from anomalyd.daemon.handshake import ERROR_MEANINGS
     from anomalyd.drivers.plc import export
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "plc.md").read_text(encoding="utf-8")
     for layout in (StatusLayout(), CommandLayout()):
         for row in export.table(layout, "x").splitlines()[4:]:
-            assert row in readme, f"README lacks the row {row}"
+            assert row in readme, f"docs/plc.md lacks the row {row}"
     for code, meaning in ERROR_MEANINGS.items():
         assert f"| {int(code)} | {meaning} |" in readme
     from anomalyd.drivers.plc.opcua import node_table

@@ -4,7 +4,7 @@ No I/O and no clock of its own: the PLC worker and the inspection loop feed it
 what they read and the time, and publish what it returns, so every rule of the
 result contract is unit-tested without a PLC.
 
-The contract (README, "PLC integration"):
+The contract (docs/plc.md, "PLC integration"):
 
 * Each accepted trigger opens one *window*, named by a :class:`Ticket`. A result
   is published only into the window of the trigger whose frame it scored; the
@@ -39,7 +39,7 @@ from anomalyd.drivers.plc.layout import Command, Status
 
 
 class ErrorCode(IntEnum):
-    """Values of the status block's ``error_code`` (the README's table)."""
+    """Values of the status block's ``error_code`` (docs/plc.md)."""
 
     OK = 0
     CAMERA_TIMEOUT = 1

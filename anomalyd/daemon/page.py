@@ -59,7 +59,7 @@ class PageItem:
     late: bool
     latency_ms: float
     time: float
-    error_text: str = ""  # the error code in words (the README's table)
+    error_text: str = ""  # the error code in words (docs/plc.md)
     timeout: bool = False  # failed at the deadline (code 2): ``score`` is None, the model's is ``late_score``
     late_score: float | None = None
     images: dict[str, bytes] = field(default_factory=dict, repr=False)  # frame, overlay, thumb

@@ -80,7 +80,7 @@ def mismatch(built_for: int | None, what: str) -> str | None:
     return (
         f"{what} is built for CUDA {built_for}, which needs an NVIDIA driver of the {series} series or newer; "
         f"this driver ({driver_version() or 'version unknown'}) supports CUDA "
-        f"{supports[0]}.{supports[1]}: install the cu{supports[0]} build (README, GPU) or update the driver"
+        f"{supports[0]}.{supports[1]}: install the cu{supports[0]} build (docs/deployment.md) or update the driver"
     )
 
 

@@ -28,7 +28,7 @@ def _auto_candidates(config: AutoEngineConfig) -> list[Any]:
     """TensorRT, then torch on CUDA, then ONNX Runtime on the CPU."""
     return [
         TensorRtEngineConfig(threads=config.threads),
-        # The CUDA graph measured 3.8 → 1.6 ms per frame on an H200 (README): worth it by default.
+        # The CUDA graph measured 3.8 → 1.6 ms per frame on an H200 (docs/accuracy.md): worth it by default.
         TorchEngineConfig(device="cuda", threads=config.threads, cuda_graph=True),
         OnnxRuntimeEngineConfig(threads=config.threads),
     ]

@@ -39,7 +39,7 @@ def _trt() -> Any:
     try:
         import tensorrt
     except ImportError as exc:
-        raise EngineError("tensorrt is not installed (make venv CUDA=12 or CUDA=13: README, Install)") from exc
+        raise EngineError("tensorrt is not installed (make venv CUDA=12 or CUDA=13: docs/deployment.md)") from exc
     return tensorrt
 
 

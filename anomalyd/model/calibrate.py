@@ -7,7 +7,7 @@ unusual as the most unusual good part we held back".
 The suggested threshold: with ``ENOUGH_HOLDOUT`` held-back parts or more it
 sits one robust spread (1.4826 × the median absolute deviation of the
 held-back scores) above the highest of them: the margin scales with how much
-good parts vary instead of being a fixed 10 %. Measured (README): BSData
+good parts vary instead of being a fixed 10 %. Measured (docs/accuracy.md): BSData
 pitting 1 % false rejects and 36 % escapes (the fixed 10 %: 0 % and 41.5 %;
 no margin: 2 % and 33 %); MVTec bottle 5 % (1 of 20) and 0 % (the fixed
 10 %: 0 % and 0 %; no margin: 10 % and 0 %). With fewer held-back parts their

@@ -34,7 +34,7 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Choices that shape the model; the defaults are the measured ones (README)."""
+    """Choices that shape the model; the defaults are the measured ones (docs/accuracy.md)."""
 
     backbone: str = "efficientnet_lite0"
     taps: tuple[str, ...] = ("stage3", "stage5")

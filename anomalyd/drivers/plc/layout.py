@@ -34,7 +34,7 @@ def parse_bit(address: str) -> tuple[int, int]:
     return byte, bit
 
 
-# name → (type, meaning); the order is the order of the table in the README.
+# name → (type, meaning); the order is the order of the table in docs/plc.md.
 STATUS_FIELDS: dict[str, tuple[FieldType, str]] = {
     "ready": ("BOOL", "model loaded, camera and PLC up"),
     "busy": ("BOOL", "the part of the last accepted trigger is being inspected"),

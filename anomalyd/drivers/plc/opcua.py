@@ -55,7 +55,7 @@ def node_id(block: str, name: str) -> str:
 
 
 def node_table() -> list[dict[str, str]]:
-    """Every node a client uses: identifier, type, access, meaning (for plc-layout and the README)."""
+    """Every node a client uses: identifier, type, access, meaning (for plc-layout and docs/plc.md)."""
     rows = [
         {"node": node_id("Status", name), "type": _VARIANTS[kind], "access": "read", "meaning": meaning}
         for name, (kind, meaning) in STATUS_FIELDS.items()

@@ -1,7 +1,7 @@
 """A simulated PLC on loopback: a real python-snap7 Server or pymodbus server.
 
 It owns the command block and plays the PLC's side of the interlock exactly as
-the README asks a PLC program to: raise ``trigger`` (with a fresh ``part_id`` in
+docs/plc.md asks a PLC program to: raise ``trigger`` (with a fresh ``part_id`` in
 the same write) only while ``trigger_ready`` = 1 and ``trigger_ack`` has fallen;
 copy the status block in one read; take the first answer whose
 ``result_toggle`` differs, check its ``part_id``; keep an own result timeout;
