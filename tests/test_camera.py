@@ -198,3 +198,33 @@ def test_harvesters_buffers_are_requeued() -> None:
         assert len(set(ids)) == 60
     finally:
         cam.close()
+
+
+def test_a_lost_camera_is_reopened_after_reopen_backoff_s_doubling(tmp_path: Path) -> None:
+    """camera.reopen_backoff_s is the first wait; each failed reopen doubles it up to 10 s (a stand-in camera)."""
+    from anomalyd.config import HarvestersCameraConfig
+    from anomalyd.daemon.camera_supervisor import CameraSupervisor
+    from anomalyd.daemon.handshake import Handshake
+    from anomalyd.daemon.metrics import Metrics
+    from anomalyd.drivers.camera.base import CameraDisconnected
+
+    attempts: list[float] = []
+    clock = [0.0]
+
+    class Unplugged:
+        name = "unplugged"
+
+        def open(self) -> None:
+            attempts.append(clock[0])
+            raise CameraDisconnected("no device")
+
+        def close(self) -> None:
+            pass
+
+    config = HarvestersCameraConfig(cti=[tmp_path / "producer.cti"], reopen_backoff_s=3.0)
+    supervisor = CameraSupervisor(config, Handshake(), Metrics(), camera=Unplugged())  # type: ignore[arg-type]
+    supervisor._opened_once = True  # it had been open: a lost camera, not refused settings at start
+    for step in range(0, 400):
+        clock[0] = step / 10
+        assert not supervisor.ensure_open(now=clock[0])
+    assert attempts == [0.0, 3.0, 9.0, 19.0, 29.0, 39.0], attempts  # waits 3, 6, then 10 (the cap)

@@ -31,7 +31,10 @@ class CameraSupervisor:
         self.ok = False
         self.expected_shape: tuple[int, ...] | None = None
         self._reported_down = False
-        self._backoff_s = BACKOFF_FIRST_S
+        # camera.reopen_backoff_s (GenICam cameras) is the first wait; it doubles up to 10 s (or that value).
+        self._first_backoff_s = float(getattr(config, "reopen_backoff_s", BACKOFF_FIRST_S))
+        self._max_backoff_s = max(BACKOFF_MAX_S, self._first_backoff_s)
+        self._backoff_s = self._first_backoff_s
         self._next_attempt = 0.0
         self._opened_once = False
 
@@ -53,14 +56,14 @@ class CameraSupervisor:
                 raise  # refused settings at start-up: a person must fix them (exit 2)
             self.lost(str(exc))
             self._next_attempt = now + self._backoff_s
-            self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
+            self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
             return False
         if self._reported_down:
             log.info("camera.recovered", camera=self.name)
         self.ok = True
         self._opened_once = True
         self._reported_down = False
-        self._backoff_s = BACKOFF_FIRST_S
+        self._backoff_s = self._first_backoff_s
         self.expected_shape = None
         self.metrics.camera_connected.set(1)
         self.metrics.ready.set(1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from anomalyd import __version__
@@ -112,6 +112,19 @@ class Metrics:
         )
         self.ids_ok = Gauge("anomalyd_inspection_ids_ok", "1 while the inspection counter can be saved", registry=r)
         self.ids_ok.set(1)
+        # Counts kept by the workers themselves, read at scrape time (bound by their owners).
+        self._counts: dict[str, Callable[[], float]] = {}
+        for name, help_text in (
+            ("records_dropped", "Records dropped from memory while the database refused them (each also on stderr)"),
+            ("archive_skipped", "Reject images not saved (disk quota or free-space reserve)"),
+            ("page_skipped_images", "Results shown on the page without images (the page was behind)"),
+            (
+                "page_skipped_results",
+                "Results the page never showed (it was far behind; the PLC and records have them)",
+            ),
+        ):
+            self._counts[name] = lambda: 0.0
+            r.register(_CountFrom(f"anomalyd_{name}", help_text, self._counts, name))
         self.mqtt_connected = Gauge("anomalyd_mqtt_connected", "1 while the MQTT broker is connected", registry=r)
         self.mqtt_published = Counter("anomalyd_mqtt_published", "Results the MQTT broker acknowledged", registry=r)
         self.mqtt_dropped = Counter(
@@ -123,6 +136,20 @@ class Metrics:
         self.missed_triggers = Counter(
             "anomalyd_missed_triggers", "Triggers answered without an inspection, by error code", ["code"], registry=r
         )
+
+    def count_from(self, name: str, read: Callable[[], float]) -> None:
+        """Export a worker's own count (``records_dropped`` …) as the counter ``anomalyd_<name>_total``."""
+        if name not in self._counts:
+            raise KeyError(f"no counter {name!r}")
+        self._counts[name] = read
+
+
+class _CountFrom(Collector):
+    def __init__(self, name: str, help_text: str, sources: dict[str, Callable[[], float]], key: str) -> None:
+        self.name, self.help_text, self.sources, self.key = name, help_text, sources, key
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.help_text, value=float(self.sources[self.key]()))
 
 
 class LabelledOutcomes(Collector):

@@ -86,6 +86,8 @@ class Recorder:
         self.ids = IdCounter(data / "inspection_id", on_state=on_ids, on_ceiling=on_id_limit)
         self.ids.open()  # its space is taken now: a full disk later cannot stop it being saved
         self.archive = RejectArchive(data / "archive", archive.quota_mb, archive.min_free_mb)
+        metrics.count_from("records_dropped", lambda: self.records.lost)
+        metrics.count_from("archive_skipped", lambda: self.archive.skipped)
         self.archive_config = archive
         self.bundle_id = bundle_id
         self.config_id = ""

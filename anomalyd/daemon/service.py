@@ -170,6 +170,9 @@ class Daemon:
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
         if cfg.page.enabled:
             self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state)
+            feed = self.page_feed
+            self.metrics.count_from("page_skipped_images", lambda: feed.skipped_images)
+            self.metrics.count_from("page_skipped_results", lambda: feed.skipped_items)
             self.page_server = PageServer(
                 self.page_feed,
                 cfg.page.host,
