@@ -99,6 +99,7 @@ def _fit_settings(args: argparse.Namespace) -> Any:
         device=args.device,
         roi=_roi(args.roi),
         seed=args.seed,
+        search_dims=args.search_dims,
     )
 
 
@@ -346,6 +347,13 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
         "(with --defects and --masks: the 10th percentile of the masks' areas)",
     )
     p.add_argument("--proj-dim", type=int, help="reduce patch features to this many channels")
+    p.add_argument(
+        "--search-dims",
+        type=int,
+        default=48,
+        metavar="N",
+        help="with --defects: search the memory in the bank's first N principal components (0: all features)",
+    )
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
     p.add_argument(
         "--memory",

@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
     p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
+    p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -95,12 +96,24 @@ def main() -> int:
         np.save(bank_cache, bank.numpy(), allow_pickle=False)
         del flat
 
+    search_bank, project = bank, None
+    if args.pca:
+        from anomalyd.model.coreset import pca_projection
+
+        mean, basis = pca_projection(bank.numpy(), args.pca)
+        project = (torch.from_numpy(mean), torch.from_numpy(basis))
+        search_bank = (bank - project[0]) @ project[1]
+
     def cells_and_dist(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         cells = feats.permute(0, 2, 3, 1).reshape(len(feats), gh * gw, c).numpy().astype(np.float32)
-        dist = np.stack([nearest_distances(torch.from_numpy(x), bank).numpy() for x in cells])
+        queries = [torch.from_numpy(x) for x in cells]
+        if project is not None:
+            queries = [(q - project[0]) @ project[1] for q in queries]
+        dist = np.stack([nearest_distances(q, search_bank).numpy() for q in queries])
         return cells, dist
 
-    dist_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz"
+    suffix = f"_pca{args.pca}" if args.pca else ""
+    dist_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}{suffix}.npz"
     te_cells = fte.permute(0, 2, 3, 1).reshape(len(fte), gh * gw, c).numpy().astype(np.float32)
     hg_feats, ca_feats = ftr[[index[f] for f in head_good]], ftr[[index[f] for f in calib]]
     hg_cells = hg_feats.permute(0, 2, 3, 1).reshape(len(hg_feats), gh * gw, c).numpy().astype(np.float32)

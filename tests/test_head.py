@@ -98,3 +98,35 @@ def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None
     x = np.concatenate([cells.reshape(-1, c), dist.reshape(-1, 1)], 1)
     s = head.cell_scores(torch.from_numpy(x)).reshape(n, hw).numpy()
     assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
+
+
+def test_with_a_head_the_memory_is_searched_in_the_banks_principal_components(head_bundle: Path, line: Path) -> None:
+    """fit --defects stores the projection; the daemon's path searches in it (the head learned those distances)."""
+    import torch
+
+    manifest = json.loads((head_bundle / "manifest.json").read_text())
+    assert manifest["search_projection"] == 48 and bundle_io.PROJECTION in manifest["files"]
+    bundle = load_bundle(head_bundle)
+    projection = bundle.search_projection()
+    assert projection is not None
+    mean, basis = projection
+    assert basis.shape == (manifest["feature_dim"], 48)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    frame = read_rgb(sorted((line / "test" / "good").glob("*.png"))[0])
+    with torch.inference_mode():
+        batch, _ = inspector.scorer.preprocess(frame)
+        features = inspector.extractor.extract(batch)
+        got = inspector.scorer.search(features)[0].numpy()
+    inspector.close()
+    cells = features[0].permute(1, 2, 0).reshape(-1, features.shape[1]).numpy()
+    bank = bundle.memory_bank()
+    projected = ((cells - mean) @ basis)[:, None, :] - ((bank - mean) @ basis)[None]
+    expected = np.sqrt((projected**2).sum(-1).min(1))
+    full = np.sqrt(((cells[:, None, :] - bank[None]) ** 2).sum(-1).min(1))
+    assert np.allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(got, full, rtol=1e-3, atol=1e-3)  # not the full-feature distance
+
+
+def test_a_good_parts_only_bundle_searches_all_features(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert "search_projection" not in manifest and load_bundle(bundle_dir).search_projection() is None

@@ -71,7 +71,9 @@ class Inspector:
         self.bundle = bundle
         self.extractor = extractor
         self.searcher = searcher
-        self.scorer = Scorer(bundle.spec, extractor, searcher, roi, bundle.head(extractor.device))
+        self.scorer = Scorer(
+            bundle.spec, extractor, searcher, roi, bundle.head(extractor.device), bundle.search_projection()
+        )
         self.roi = self.scorer.preprocess.roi
         self.device = extractor.device
         self.reference = bundle.reference_score

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
+import numpy as np
 import torch
 
 from anomalyd.config import (
@@ -69,6 +70,9 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
     GPU build of faiss, torch.
     """
     bank = bundle.memory_bank()
+    projection = bundle.search_projection()
+    if projection is not None:  # the bank in the coordinates the Scorer projects its queries to
+        bank = np.ascontiguousarray((bank - projection[0]) @ projection[1], dtype=np.float32)
     device = extractor_device if config.device == "auto" else resolve_device(config.device)
     if bundle.spec.memory.kind == "local":
         # A position-aware bank is searched cell by cell (one batched GEMM); faiss has no such index.

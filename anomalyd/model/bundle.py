@@ -38,6 +38,7 @@ EXTRACTOR_WEIGHTS = "extractor.pt"
 MEMORY_BANK = "memory_bank.npy"
 REQUIRED_FILES = (EXTRACTOR_ONNX, EXTRACTOR_WEIGHTS, MEMORY_BANK)
 HEAD = "head.npz"  # present when the model learned from labelled defects (manifest ``head``)
+PROJECTION = "search_projection.npz"  # present with manifest ``search_projection``: mean [C], basis [C, N]
 # Far above any real bundle (a Lite0 ONNX is ~14 MB, a large bank a few hundred MB).
 MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
@@ -146,6 +147,27 @@ class Bundle:
             raise BundleError(f"{self.file(HEAD)}: takes {head.input_dim} inputs, the manifest says {want}")
         return head
 
+    def search_projection(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean [C], basis [C, N]) of the space the memory is searched in, or None (the features as they are)."""
+        dims = self.spec.search_projection
+        if dims is None:
+            return None
+        path = self.file(PROJECTION)
+        try:
+            with np.load(io.BytesIO(self.blob(PROJECTION)), allow_pickle=False) as arrays:
+                mean, basis = arrays["mean"], arrays["basis"]
+        except (ValueError, KeyError, EOFError, OSError) as exc:
+            raise BundleError(f"{path}: not a plain array file of the search projection ({exc})") from None
+        c = self.spec.feature_dim
+        if mean.shape != (c,) or basis.shape != (c, dims) or mean.dtype != np.float32 or basis.dtype != np.float32:
+            raise BundleError(
+                f"{path}: mean {mean.shape} {mean.dtype} and basis {basis.shape} {basis.dtype}; "
+                f"the manifest says float32 ({c},) and ({c}, {dims})"
+            )
+        if not (np.isfinite(mean).all() and np.isfinite(basis).all()):
+            raise BundleError(f"{path}: non-finite values")
+        return mean, basis
+
     def extractor_state(self) -> dict[str, torch.Tensor]:
         try:
             weights = io.BytesIO(self.blob(EXTRACTOR_WEIGHTS))
@@ -156,7 +178,11 @@ class Bundle:
 
 def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The files a bundle with this manifest holds (the head only with a ``head`` entry)."""
-    return REQUIRED_FILES + ((HEAD,) if manifest.get("head") else ())
+    return (
+        REQUIRED_FILES
+        + ((HEAD,) if manifest.get("head") else ())
+        + ((PROJECTION,) if manifest.get("search_projection") else ())
+    )
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:

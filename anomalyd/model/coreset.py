@@ -136,3 +136,11 @@ def greedy_coreset_torch(
     if progress is not None:
         progress(count % 256)
     return selected.cpu().numpy()
+
+
+def pca_projection(bank: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [C] and basis [C, dim] of the bank's first ``dim`` principal components (a cheaper search space)."""
+    x = np.asarray(bank, dtype=np.float64)
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean.astype(np.float32), np.ascontiguousarray(vt[:dim].T.astype(np.float32))

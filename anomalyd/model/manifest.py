@@ -87,6 +87,8 @@ class ModelSpec(_Strict):
     map: MapSpec
     memory: MemorySpec = MemorySpec()
     head: HeadSpec | None = None  # None: good parts only
+    # The memory is searched in the bank's first N principal components (search_projection.npz); None: all.
+    search_projection: int | None = Field(default=None, gt=0, le=65536)
 
     @property
     def cells(self) -> int:

@@ -135,9 +135,19 @@ class Scorer:
         searcher: Searcher,
         roi: Roi | None = None,
         head: Head | None = None,
+        projection: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.spec = spec
         self.head = head  # learned from labelled defects: its cell score replaces the distance
+        # The searcher's bank is in these coordinates (bundle.search_projection): queries are projected to match.
+        self._projection = (
+            None
+            if projection is None
+            else (
+                torch.from_numpy(projection[0]).to(extractor.device),
+                torch.from_numpy(projection[1]).to(extractor.device),
+            )
+        )
         self.extractor = extractor
         self.searcher = searcher
         self.device = extractor.device
@@ -151,7 +161,11 @@ class Scorer:
     def search(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` patch features → ``[B, h·w]`` distances to the memory, on the engine's device."""
         b, c = features.shape[:2]
-        return self.searcher.search(features.permute(0, 2, 3, 1).reshape(-1, c)).to(self.device).reshape(b, -1)
+        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
+        if self._projection is not None:
+            mean, basis = self._projection
+            queries = (queries.to(mean.dtype) - mean) @ basis
+        return self.searcher.search(queries).to(self.device).reshape(b, -1)
 
     def cell_scores(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` → ``[B, h·w]``: the distance to the memory, or the head's score of it and the features."""
