@@ -350,7 +350,7 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--search-dims",
         type=int,
-        default=48,
+        default=32,
         metavar="N",
         help="with --defects: search the memory in the bank's first N principal components (0: all features)",
     )

@@ -105,12 +105,14 @@ def test_with_a_head_the_memory_is_searched_in_the_banks_principal_components(he
     import torch
 
     manifest = json.loads((head_bundle / "manifest.json").read_text())
-    assert manifest["search_projection"] == 48 and bundle_io.PROJECTION in manifest["files"]
+    assert manifest["search_projection"] == 32 and bundle_io.PROJECTION in manifest["files"]
+    # Version 3: a reader of version 2 (which knows no projection) refuses it rather than search all features.
+    assert manifest["format_version"] == bundle_io.PROJECTED_FORMAT_VERSION == 3
     bundle = load_bundle(head_bundle)
     projection = bundle.search_projection()
     assert projection is not None
     mean, basis = projection
-    assert basis.shape == (manifest["feature_dim"], 48)
+    assert basis.shape == (manifest["feature_dim"], 32)
     inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
     frame = read_rgb(sorted((line / "test" / "good").glob("*.png"))[0])
     with torch.inference_mode():

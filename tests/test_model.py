@@ -256,3 +256,19 @@ def test_anomaly_map_finds_the_drawn_defect(bundle_dir: Path, sample_dir: Path) 
     assert min(defect) > np.median(good)
     assert sum(inside) >= len(inside) - 1, inside
     assert max(good) < 1.3  # normalised: 1.0 is the most unusual held-back good part
+
+
+def test_the_maps_blur_on_the_cpu_equals_the_torch_convolution() -> None:
+    """OpenCV's separable filter (CPU) and torch's conv2d (the GPU path) give the same map."""
+    import torch.nn.functional as F
+
+    from anomalyd.model.anomaly_map import AnomalyMapper
+
+    mapper = AnomalyMapper((14, 35), (112, 280), 4.0)
+    distances = torch.rand(3, 14 * 35) * 5
+    got = mapper(distances)
+    m = F.interpolate(distances.reshape(3, 1, 14, 35), size=(112, 280), mode="bilinear", align_corners=False)
+    p = mapper.pad
+    m = F.conv2d(F.pad(m, (p, p, 0, 0), mode="reflect"), mapper.kx)
+    expected = F.conv2d(F.pad(m, (0, 0, p, p), mode="reflect"), mapper.ky)[:, 0]
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)

@@ -32,6 +32,10 @@ from anomalyd.model.signing import SIGNATURE, SignatureError, TrustedKey, verify
 FORMAT = "anomalyd-bundle"
 # 2: bundle_id is a hash over the whole manifest body and every file (1: over the files only).
 FORMAT_VERSION = 2
+# 3: the memory is searched in a projection (search_projection.npz). Written only for such bundles, so a
+# reader of version 2 refuses them instead of searching the full features the head never learned from.
+PROJECTED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, PROJECTED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 EXTRACTOR_ONNX = "extractor.onnx"
 EXTRACTOR_WEIGHTS = "extractor.pt"
@@ -188,7 +192,8 @@ def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add checksums of the bundle's files and a bundle id, then write manifest.json."""
     files = {name: sha256_file(path / name) for name in bundle_files(manifest)}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+    version = PROJECTED_FORMAT_VERSION if manifest.get("search_projection") else FORMAT_VERSION
+    manifest = {"format": FORMAT, "format_version": version, **manifest, "files": files}
     manifest.pop("bundle_id", None)
     manifest.pop(SIGNATURE, None)
     manifest["bundle_id"] = manifest_id(manifest)
@@ -254,10 +259,12 @@ def load_bundle(path: Path | str, verify: bool = True, trusted_keys: Sequence[Tr
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not an anomalyd bundle manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or (version == PROJECTED_FORMAT_VERSION) != bool(
+        manifest.get("search_projection")
+    ):
         raise BundleError(
-            f"{manifest_path}: format version {version!r}, this anomalyd reads version {FORMAT_VERSION}; "
-            "refit the model with this version"
+            f"{manifest_path}: format version {version!r}, this anomalyd reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (3 with a search projection); refit the model with this version"
         )
     if manifest.get("bundle_id") != manifest_id(manifest):
         raise BundleError(
