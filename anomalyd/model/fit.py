@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,21 +89,30 @@ def aspect_input_size(frame_hw: tuple[int, int], short_side: int = 224, max_side
     return snap(h * scale), snap(w * scale)
 
 
-class ModuleExtractor:
-    """The freshly fitted patch-feature module as an engine extractor (fit's calibration runs the runtime path)."""
+class OnnxFitExtractor:
+    """The freshly exported network under ONNX Runtime: fit's CPU work (features, the head's inputs,
+    calibration) runs what the daemon runs, and faster: a 448x1120 frame took 45 ms against 288 ms with
+    torch's eager module on 2 cores (500 ms a frame in batches of 16)."""
 
-    name = "torch-fit"
+    name = "onnxruntime-fit"
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, onnx: bytes, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
         self.device = torch.device("cpu")
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.module(images)  # type: ignore[no-any-return]
+        # One image a run: larger batches at these sizes only thrash the cache.
+        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        return torch.cat([torch.from_numpy(self.session.run(None, {self.input: x[None]})[0]) for x in array])
 
     def close(self) -> None:
-        pass
+        del self.session
 
 
 def _batches(items: list[Path], size: int) -> Iterable[list[Path]]:
@@ -140,21 +150,29 @@ def _input_size(files: list[Path], settings: FitSettings) -> tuple[int, int]:
 
 
 def extract_features(
-    model: nn.Module, files: list[Path], settings: FitSettings, progress: Callable[[int], None]
+    model: nn.Module,
+    files: list[Path],
+    settings: FitSettings,
+    progress: Callable[[int], None],
+    extractor: OnnxFitExtractor | None = None,
 ) -> torch.Tensor:
     """[N, C, h, w] patch features of the files on the CPU, in batches (the runtime's preprocessing).
 
-    The CPU resizes (as the CPU runtime does); the network runs on the fit device.
+    The CPU resizes (as the CPU runtime does); the network runs on the fit device, or under ONNX Runtime
+    when ``extractor`` is given (fit does so on the CPU).
     """
     device = resolve_device(settings.device)
     prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
-    model.to(device)
+    if extractor is None:
+        model.to(device)
     out = []
     with torch.inference_mode():
         for chunk in _batches(files, settings.batch_size):
-            out.append(model(prepare.batch([read_rgb(p) for p in chunk]).to(device)).cpu())
+            batch = prepare.batch([read_rgb(p) for p in chunk])
+            out.append(extractor.extract(batch) if extractor is not None else model(batch.to(device)).cpu())
             progress(len(chunk))
-    model.to("cpu")
+    if extractor is None:
+        model.to("cpu")
     return torch.cat(out)
 
 
@@ -294,7 +312,9 @@ def learn_head(
     """The supervised head from labelled defects and good images held back from the memory."""
     spec = scorer.spec
     files = [d.image for d in defects] + good
-    feats = extract_features(model, files, settings, progress("labelled", len(files)))
+    cpu_network = scorer.extractor if isinstance(scorer.extractor, OnnxFitExtractor) else None
+    on_cpu = cpu_network if resolve_device(settings.device).type == "cpu" else None
+    feats = extract_features(model, files, settings, progress("labelled", len(files)), on_cpu)
     with torch.inference_mode():
         dist = torch.cat([scorer.search(feats[i : i + 16]) for i in range(0, len(feats), 16)]).numpy()
     cells = feats.permute(0, 2, 3, 1).reshape(len(files), spec.cells, -1).numpy()
@@ -365,8 +385,14 @@ def fit(
         raise ValueError(f"input size {h}x{w}: height and width must be multiples of 32")
     settings = replace(settings, input_size=(h, w))
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights)
+    # The ONNX export first: the bundle's file, and what fit's CPU work runs on (OnnxFitExtractor).
+    with tempfile.TemporaryDirectory(prefix="anomalyd-fit-") as folder:
+        export_onnx(model, (h, w), Path(folder) / bundle_io.EXTRACTOR_ONNX)
+        onnx = (Path(folder) / bundle_io.EXTRACTOR_ONNX).read_bytes()
+    network = OnnxFitExtractor(onnx)
     lap("prepare")
-    feats = extract_features(model, train, settings, progress("features", len(train)))
+    on_cpu = network if resolve_device(settings.device).type == "cpu" else None
+    feats = extract_features(model, train, settings, progress("features", len(train)), on_cpu)
     lap("features")
     n, _c, gh, gw = feats.shape
     bank, memory = build_memory(feats, settings, progress)
@@ -398,13 +424,13 @@ def fit(
         searcher = LocalSearcher(bank_np, spec, cpu)
     else:
         searcher = TorchSearcher(bank_np, cpu)
-    scorer = Scorer(spec, ModuleExtractor(model), searcher, projection=projection)
+    scorer = Scorer(spec, network, searcher, projection=projection)
     head_entry: dict[str, object] | None = None
     if defects:
         # The head learns from the distances the daemon will compute (in the projection, where there is one).
         head, head_entry = learn_head(scorer, model, list(defects), head_good, settings, progress)
         spec = ModelSpec.model_validate({**spec.model_dump(), "head": head_entry})
-        scorer = Scorer(spec, ModuleExtractor(model), searcher, head=head, projection=projection)
+        scorer = Scorer(spec, network, searcher, head=head, projection=projection)
         lap("head")
     holdout_raw = score_files(scorer, holdout, settings.batch_size, progress("calibrate", len(holdout)))
     calib = calibration(holdout_raw)
@@ -424,7 +450,7 @@ def fit(
     if projection is not None:
         np.savez(out_dir / bundle_io.PROJECTION, mean=projection[0], basis=projection[1])
     torch.save(model.state_dict(), out_dir / bundle_io.EXTRACTOR_WEIGHTS)
-    export_onnx(model, (h, w), out_dir / bundle_io.EXTRACTOR_ONNX)
+    (out_dir / bundle_io.EXTRACTOR_ONNX).write_bytes(onnx)
     normalisation = spec.normalisation.model_dump()
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
