@@ -106,10 +106,6 @@ class RejectArchive:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30.0)

@@ -43,10 +43,6 @@ class Dataset:
     def train_good(self) -> Path:
         return self.root / "train" / "good"
 
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({s.defect_type for s in self.samples if s.is_defect})
-
 
 def load_dataset(root: Path) -> Dataset:
     """Read the test split of an MVTec-layout folder."""

@@ -6,8 +6,6 @@ distances never leave it.
 
 from __future__ import annotations
 
-import math
-
 import cv2
 import numpy as np
 import torch
@@ -50,8 +48,3 @@ class AnomalyMapper:
             m = F.conv2d(F.pad(m, (p, p, 0, 0), mode="reflect"), self.kx)
             m = F.conv2d(F.pad(m, (0, 0, p, p), mode="reflect"), self.ky)
         return m[:, 0]
-
-
-def grid_for(input_size: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Feature-grid size for an input size and the shallowest tap's stride."""
-    return math.ceil(input_size[0] / stride), math.ceil(input_size[1] / stride)

@@ -155,7 +155,6 @@ class RegisterServer:
         self.evicted = 0
         self.last_status_read: float | None = None
         self._registers: list[int] | None = None
-        self._lock = threading.Lock()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
