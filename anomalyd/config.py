@@ -204,8 +204,29 @@ class ModbusConfig(_PlcCommon):
         return self
 
 
+def _refuse_keys(data: Any, refused: dict[str, str]) -> Any:
+    """Settings a backend inherits but cannot honour: an error that says what to do, never silently ignored."""
+    if isinstance(data, dict):
+        for key, why in refused.items():
+            if key in data:
+                raise ValueError(f"{key}: {why}; remove the key")
+    return data
+
+
 class ModbusServerConfig(ModbusConfig):
     type: Literal["modbus-server"] = "modbus-server"  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused(cls, data: Any) -> Any:
+        return _refuse_keys(
+            data,
+            {
+                "unit": "a modbus-server answers requests for any unit id",
+                "timeout_s": "a modbus-server waits for no one (a silent client is dropped after idle_timeout_s)",
+            },
+        )
+
     host: str = setting("127.0.0.1", "Listen address", "Address the daemon serves registers on.")
     port: int = setting(5020, "TCP port", "Port the daemon serves registers on.", ge=1, le=65535)
     max_clients: int = setting(
@@ -227,6 +248,14 @@ class OpcUaServerConfig(_PlcCommon):
     """The daemon serves the blocks over OPC UA (for PLCs and SCADA that may not use S7 PUT/GET)."""
 
     type: Literal["opcua-server"] = "opcua-server"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused(cls, data: Any) -> Any:
+        return _refuse_keys(
+            data, {"command_layout": "OPC UA clients write the Command nodes, not a block (docs/plc.md, OPC UA)"}
+        )
+
     host: str = setting("127.0.0.1", "Listen address", "Loopback by default; elsewhere security is required.")
     port: int = setting(4840, "TCP port", "OPC UA port (4840 is the registered one).", ge=1, le=65535)
     security: Literal["none", "sign", "sign_and_encrypt"] = setting(

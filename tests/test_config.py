@@ -200,3 +200,15 @@ def test_reload_refuses_a_truncated_file(tmp_path: Path) -> None:
     path.write_text("plc: {type: none}\ndaemon: {trigger: free_run}\nthresholds:\n  image: 1.9\n", encoding="utf-8")
     applied = reload_config(path, current, sections)
     assert applied.applied and applied.config.thresholds.image == 1.9
+
+
+@pytest.mark.parametrize(
+    ("plc", "key"),
+    [("{type: modbus-server, unit: 3}", "unit"), ("{type: modbus-server, timeout_s: 2}", "timeout_s"),
+     ("{type: opcua-server, command_layout: {part_id: 4}}", "command_layout")],
+)  # fmt: skip
+def test_a_setting_the_backend_cannot_honour_is_an_error_not_ignored(plc: str, key: str) -> None:
+    from anomalyd.config_loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=rf"{key}: .*remove the key"):
+        parse_config(f"plc: {plc}\n", "line.yaml")
