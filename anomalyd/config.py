@@ -182,11 +182,16 @@ class ModbusConfig(_PlcCommon):
             data.setdefault("command_layout", CommandLayout.aligned())
         return data
 
+    def misaligned_32bit(self) -> list[str]:
+        """Both blocks' 32-bit values that start at an odd register: 'name (register N)'."""
+        return misaligned_32bit(self.status_layout, self.status_register) + misaligned_32bit(
+            self.command_layout, self.command_register
+        )
+
     @model_validator(mode="after")
     def _blocks_apart(self) -> ModbusConfig:
         if self.align_32bit:
-            odd = misaligned_32bit(self.status_layout, self.status_register)
-            odd += misaligned_32bit(self.command_layout, self.command_register)
+            odd = self.misaligned_32bit()
             if odd:
                 raise ValueError(
                     "align_32bit: 32-bit values at odd registers: " + ", ".join(odd) + "; put them at byte offsets "

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -125,7 +124,7 @@ def test_the_daemons_metrics_pass_promtool_and_a_real_prometheus_answers_the_das
     try:
         wait_until(scraped, 60.0, "three scrapes by Prometheus")
         _inspect_and_label(r)  # parts between scrapes: rates and increases have something to show
-        time.sleep(2.5)
+        wait_until(lambda: query("sum(anomalyd_inspections_total) >= 10"), 30.0, "the new parts scraped")
         for expr in _dashboard_queries():
             if expr.startswith("label_values("):
                 assert query("group by (instance) (anomalyd_build_info)"), "the line picker finds the daemon"

@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,7 +161,8 @@ def test_every_answer_reaches_the_mes_in_order_through_an_outage(
         assert _metric(r, "anomalyd_mqtt_waiting") == 10
         broker.start()
         wait_until(lambda: len(sub.of("/result")) >= 16, 60.0, "the queued results after the outage")
-        time.sleep(0.5)  # nothing more may come: three were dropped
+        # Nothing more may come (three were dropped): the daemon has nothing left to send.
+        wait_until(lambda: _metric(r, "anomalyd_mqtt_waiting") == 0, 15.0, "the queue empty")
         after = [m["inspection_id"] for m in sub.of("/result")[6:]]
         expected = [a.status.inspection_id for a in during[3:]]  # type: ignore[union-attr]
         assert after == expected, "the 10 newest, in order, each once"
@@ -275,7 +275,14 @@ def test_tls_and_a_password_or_no_results(
                 if expected:
                     wait_until(lambda: len(sub.of("/result")) >= 3, 15.0, "results over TLS")
                 else:
-                    time.sleep(2.0)
+                    wait_until(
+                        lambda: (
+                            '"mqtt.refused"' in (run / "daemon.log").read_text()  # noqa: B023
+                            and _metric(r, "anomalyd_mqtt_waiting") == 3  # noqa: B023
+                        ),
+                        15.0,
+                        "the broker's refusal, the three results waiting",
+                    )
                     assert _metric(r, "anomalyd_mqtt_connected") == 0 and _metric(r, "anomalyd_mqtt_waiting") == 3
                     assert '"mqtt.refused"' in (run / "daemon.log").read_text()
             finally:

@@ -382,7 +382,9 @@ def test_status_values_carry_the_answers_time_and_only_configured_token_policies
         answered = plc.inspect_once(10.0, part_id=4242)
         after = dt.datetime.now(dt.timezone.utc)
         assert answered is not None and answered.attributed
-        time.sleep(0.5)  # heartbeats go on; the answer's time must not follow them
+        # Heartbeats go on (100 ms each); the answer's time must not follow them.
+        beat = plc.read_status().heartbeat
+        assert plc.wait_for(lambda s: (s.heartbeat - beat) % 65536 >= 5, 5.0)
 
         async def read() -> tuple[dict[str, ua.DataValue], list[set[str]]]:
             async with Client(url, timeout=5) as client:

@@ -18,6 +18,15 @@ from tests.harness import stop, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def chromium() -> str:
+    """Debian's headless Chromium, or a skip that says the page was not tested in a browser."""
+    found = find_chromium()
+    if found is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium); the page was not tested in a browser")
+    return found
+
+
 def _get(url: str) -> tuple[int, bytes]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -28,11 +37,8 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def test_the_page_updates_by_itself_in_a_real_browser(
-    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path, chromium: str
 ) -> None:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium here (Debian: apt-get install chromium); the page was not tested in a browser")
     r = daemon_factory(e2e_bundle, sample_dir)
     url = f"http://127.0.0.1:{r.page_port}/"
     for part in (1, 2, 3):
@@ -179,11 +185,8 @@ _LAYOUT = """(() => {
 
 
 def test_the_page_is_a_line_screen_from_a_phone_to_a_1920_panel(
-    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
+    daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path, chromium: str
 ) -> None:
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("no Chromium here (Debian: apt-get install chromium); the layouts were not tested")
     r = daemon_factory(e2e_bundle, sample_dir, page__stale_after_s=3)
     url = f"http://127.0.0.1:{r.page_port}/"
     assert r.plc.inspect_once(10.0, part_id=1) is not None

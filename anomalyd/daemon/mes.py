@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,6 @@ class MqttPublisher:
         self._mids = threading.Lock()  # never held while calling paho (its callbacks take its own locks)
         self._unacked: set[int] = set()
         self._acked_early: set[int] = set()
-        self.dropped = 0
 
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id or f"anomalyd-{line}", clean_session=True
@@ -130,10 +130,6 @@ class MqttPublisher:
         return self._thread.is_alive()
 
     @property
-    def connected(self) -> bool:
-        return self._connected
-
-    @property
     def waiting(self) -> int:
         """Results not yet acknowledged by the broker (queued here and in flight)."""
         with self._mids:
@@ -145,7 +141,6 @@ class MqttPublisher:
         with self._cond:
             if len(self._queue) >= self._size:
                 self._queue.popleft()
-                self.dropped += 1
                 self.metrics.mqtt_dropped.inc()
                 if not self._outage_logged:
                     self._outage_logged = True
@@ -212,8 +207,6 @@ class MqttPublisher:
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Send what can be sent within ``timeout_s``, say offline (retained), disconnect."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         while self._connected and self.waiting and time.monotonic() < deadline:
             time.sleep(0.02)

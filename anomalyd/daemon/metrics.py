@@ -38,7 +38,7 @@ def line_name(configured: str) -> str:
 
 
 class Metrics:
-    def __init__(self, line: str = "") -> None:
+    def __init__(self, line: str = "") -> None:  # line: the resolved name (line_name); "" → the host's
         self.registry = CollectorRegistry()
         r = self.registry
         self.build_info = Gauge(

@@ -53,7 +53,8 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
-        self.metrics = Metrics(config.daemon.line)
+        self.line = line_name(config.daemon.line)  # metrics, MQTT and the page name the station alike
+        self.metrics = Metrics(self.line)
         self.metrics.registry.register(LabelledOutcomes(config.daemon.data_dir / "inspections.sqlite"))
         self.metrics_server: MetricsServer | None = None
         self.page_server: PageServer | None = None
@@ -184,7 +185,7 @@ class Daemon:
             self.recorder.page_feed = self.page_feed
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
         if cfg.mqtt.enabled:
-            self.mes = MqttPublisher(cfg.mqtt, line_name(cfg.daemon.line), self.metrics)
+            self.mes = MqttPublisher(cfg.mqtt, self.line, self.metrics)
             self.recorder.mes = self.mes
         self.plc.start()
         self.camera.ensure_open()
@@ -235,7 +236,7 @@ class Daemon:
             "audit_broken": self.audit_problem,
             "now": time.time(),  # the page computes ages on the daemon's clock, not the browser's
             "stale_after_s": self.config.page.stale_after_s,
-            "line": line_name(self.config.daemon.line),
+            "line": self.line,
         }
 
     def _recent_audit(self) -> list[dict[str, object]]:
@@ -269,11 +270,12 @@ class Daemon:
         """OPC UA: log and export the days left on each certificate; warn 30 days ahead."""
         if not isinstance(self.config.plc, OpcUaServerConfig):
             return
-        from anomalyd.drivers.plc.opcua import EXPIRY_WARNING_DAYS, certificate_days_left
+        from anomalyd.drivers.plc.opcua import EXPIRY_WARNING_DAYS, certificate_expiry
 
         self._next_cert_check = time.monotonic() + 3600.0
-        for name, days in certificate_days_left(self.config.plc).items():
-            self.metrics.certificate_expiry.labels(certificate=name).set(time.time() + days * 86400.0)
+        for name, expires in certificate_expiry(self.config.plc).items():
+            self.metrics.certificate_expiry.labels(certificate=name).set(expires)
+            days = round((expires - time.time()) / 86400.0, 2)
             if days < EXPIRY_WARNING_DAYS:
                 log.warning("opcua.certificate_expiring", certificate=name, days_left=days)
             else:

@@ -65,6 +65,9 @@ _PROBE = (
 )
 
 
+_PROBED: dict[str, tuple[bool, str]] = {}  # this process's answers: the file and the probe are read once
+
+
 def probe_cache_dir() -> Path | None:
     """Where probe results are kept: $ANOMALYD_CACHE_DIR, else ~/.cache/anomalyd (None: not kept)."""
     configured = os.environ.get("ANOMALYD_CACHE_DIR")
@@ -81,12 +84,17 @@ def faiss_gpu_runs(
 ) -> tuple[bool, str]:
     """Whether faiss can put an index on GPU ``index`` and search it, tried in a subprocess; cached by
     ``identity`` (GPU, driver, faiss version). Returns (runs, how it was found out)."""
+    if command is None and identity in _PROBED:
+        return _PROBED[identity]
     cache = cache_dir / f"faiss-gpu-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
             known = json.loads(cache.read_text(encoding="utf-8"))
             if known.get("identity") == identity:
-                return bool(known["runs"]), f"{known['how']} (cached in {cache})"
+                found = bool(known["runs"]), f"{known['how']} (cached in {cache})"
+                if command is None:
+                    _PROBED[identity] = found
+                return found
         except (OSError, ValueError, KeyError):
             pass
     try:
@@ -102,6 +110,8 @@ def faiss_gpu_runs(
     if cache is not None:
         with contextlib.suppress(OSError):
             cache.write_text(json.dumps({"identity": identity, "runs": runs, "how": how}), encoding="utf-8")
+    if command is None:
+        _PROBED[identity] = (runs, how)
     return runs, how
 
 

@@ -174,11 +174,8 @@ def register_map_notes(config: object, side: str) -> str:
     )
 
 
-def _alignment(config: object) -> str:
-    from anomalyd.drivers.plc.layout import misaligned_32bit
-
-    odd = misaligned_32bit(config.status_layout, config.status_register)  # type: ignore[attr-defined]
-    odd += misaligned_32bit(config.command_layout, config.command_register)  # type: ignore[attr-defined]
+def _alignment(config: object) -> str:  # a Modbus config
+    odd = config.misaligned_32bit()  # type: ignore[attr-defined]
     if not odd:
         return "Every 32-bit value starts at an even register."
     return (

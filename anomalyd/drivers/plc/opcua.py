@@ -131,10 +131,8 @@ def _load_certificate(path: Path) -> Any:
     return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
 
 
-def certificate_days_left(config: OpcUaServerConfig) -> dict[str, float]:
-    """Days until each certificate in use expires: the server's own and every trusted client's."""
-    import datetime as dt
-
+def certificate_expiry(config: OpcUaServerConfig) -> dict[str, float]:
+    """When (Unix time) each certificate in use expires: the server's own and every trusted client's."""
     paths: list[tuple[str, Path]] = []
     if config.certificate is not None:
         paths.append(("server", config.certificate))
@@ -142,7 +140,6 @@ def certificate_days_left(config: OpcUaServerConfig) -> dict[str, float]:
     if trusted is not None:
         files = [trusted] if trusted.is_file() else sorted(f for f in trusted.iterdir() if f.is_file())
         paths += [(f"client:{f.name}", f) for f in files if f.suffix.lower() in (".der", ".pem", ".crt")]
-    now = dt.datetime.now(dt.timezone.utc)
     out: dict[str, float] = {}
     for name, path in paths:
         try:
@@ -150,7 +147,7 @@ def certificate_days_left(config: OpcUaServerConfig) -> dict[str, float]:
         except (OSError, ValueError) as exc:
             log.warning("opcua.certificate_unreadable", certificate=str(path), error=str(exc))
             continue
-        out[name] = round((cert.not_valid_after_utc - now).total_seconds() / 86400.0, 2)
+        out[name] = cert.not_valid_after_utc.timestamp()
     return out
 
 
