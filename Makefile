@@ -1,8 +1,9 @@
 # anomalyd — the two commands: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch with faiss-cpu (the tests and `search: faiss`). On a CUDA machine one recipe per
-# CUDA major, so torch, TensorRT and faiss agree with the driver (README, "Install on a line PC"):
+# The CPU build of torch with faiss-cpu (the tests and `search: faiss`) and OpenVINO (`engine: openvino`).
+# On a CUDA machine one recipe per CUDA major, so torch, TensorRT and faiss agree with the driver
+# (docs/deployment.md):
 #   make venv CUDA=12    driver R525+: torch from PyTorch's cu128 index, TensorRT cu12, faiss-gpu-cu12
 #   make venv CUDA=13    driver R580+: PyPI's torch (CUDA 13), TensorRT cu13, torch search on the GPU
 CUDA ?=
@@ -18,11 +19,11 @@ $(error CUDA=$(CUDA): 12 or 13 (or empty for the CPU))
 endif
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,faiss-cpu
+EXTRAS ?= dev,faiss-cpu,openvino
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-py310 demo lint bench-latency bench-peer bench-soak clean
+.PHONY: venv test test-fast test-py310 demo lint bench-latency bench-peer bench-soak clean
 
 venv: $(STAMP)
 
@@ -36,6 +37,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	@$(MAKE) --no-print-directory test-py310
+
+# The fast layer alone: in-process specifications with stand-ins for the model and the camera (no process
+# started, no network run; tests/conftest.py says how the layers are kept apart). Under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e and not model" tests
 
 # Python 3.10 (JetPack 6's) as well: the subset that covers fit, score, eval and the daemon end to end,
 # in its own venv. Found as python3.10 or under pyenv; skipped, saying so, where there is none. There is

@@ -54,38 +54,24 @@ def _when(text: str) -> int:
 # ---------------------------------------------------------------- teach
 def cmd_teach(args: argparse.Namespace) -> int:
     from anomalyd.daemon.audit import AuditLog
+    from anomalyd.daemon.records import archived_records
 
-    where, params = ["archive_path IS NOT NULL"], []
-    if args.ids:
-        ids = _ids(args.ids)
-        where.append(f"inspection_id IN ({','.join('?' * len(ids))})")
-        params += ids
-    if args.since:
-        where.append("time_ns >= ?")
-        params.append(_when(args.since))
-    if args.until:
-        where.append("time_ns <= ?")
-        params.append(_when(args.until))
-    if args.verdict:
-        where.append("verdict = ?")
-        params.append(args.verdict)
-    if args.recipe is not None:
-        where.append("recipe = ?")
-        params.append(args.recipe)
     db = _db(args.data_dir)
     labels: dict[int, tuple[str, str, int]] = {}
+    ids: list[int] | None = _ids(args.ids) if args.ids else None
     if args.labelled:
         from anomalyd.daemon.labels import current_labels
 
         labels = current_labels(db)  # type: ignore[assignment]
-        ids = sorted(labels)
-        where.append(f"inspection_id IN ({','.join('?' * len(ids)) or 'NULL'})")
-        params += ids
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            f"SELECT * FROM inspections WHERE {' AND '.join(where)} ORDER BY inspection_id", params
-        ).fetchall()
+        ids = sorted(labels) if ids is None else sorted(set(ids) & set(labels))
+    rows = archived_records(
+        db,
+        ids=ids,
+        since_ns=_when(args.since) if args.since else None,
+        until_ns=_when(args.until) if args.until else None,
+        verdict=args.verdict,
+        recipe=args.recipe,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     copied, missing = 0, 0
     with (args.out / "sources.jsonl").open("a", encoding="utf-8") as sources:
@@ -141,9 +127,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
     from anomalyd.cli_signing import trusted_from
-    from anomalyd.config import AutoEngineConfig, SearchConfig
-    from anomalyd.daemon.decision import fails
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.config import SearchConfig
+    from anomalyd.decision import fails
+    from anomalyd.engines.auto_engine import AutoEngineConfig
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
     from anomalyd.model.images import read_rgb
 
@@ -160,9 +147,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         label = None if said is None else said[0] == "defect"
         items.append({"inspection_id": inspection_id, "file": str(path), "label": label})
     if args.labelled:
-        from anomalyd.cli_model import _val_images
+        from anomalyd.evaluation.dataset import labelled_images
 
-        files, labels = _val_images(args.labelled)
+        files, labels = labelled_images(args.labelled)
         items += [
             {"inspection_id": None, "file": str(f), "label": bool(lab)} for f, lab in zip(files, labels, strict=True)
         ]

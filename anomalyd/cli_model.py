@@ -8,8 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from anomalyd.cli_signing import add_trusted_key_option, trusted_from
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -32,27 +30,11 @@ def _roi(text: str | None) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
-def _val_images(folder: Path) -> tuple[list[Path], np.ndarray]:
-    """``--val DIR``: an MVTec-layout folder (test/…) or a folder of good/ and defect subfolders."""
-    from anomalyd.model.images import list_images
-
-    root = folder / "test" if (folder / "test").is_dir() else folder
-    files: list[Path] = []
-    labels: list[bool] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        imgs = list_images(sub)
-        files += imgs
-        labels += [sub.name != "good"] * len(imgs)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no images in subfolders (expected good/ and defect folders)")
-    return files, np.array(labels)
-
-
 def defect_images(folder: Path, masks: Path | None) -> list[Any]:
     """``--defects D [--masks M]``: every image under D (recursively); its type is its folder's name,
     its mask ``M/<type>/<stem>_mask.png`` when that exists (MVTec's ground_truth layout)."""
-    from anomalyd.model.fit import Defect
     from anomalyd.model.images import IMAGE_SUFFIXES
+    from anomalyd.training.fit import Defect
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
@@ -80,7 +62,7 @@ def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _fit_settings(args: argparse.Namespace) -> Any:
-    from anomalyd.model.fit import FitSettings
+    from anomalyd.training.fit import FitSettings
 
     default_taps = FitSettings.taps if args.backbone.startswith("efficientnet_lite") else ("layer2", "layer3")
     return FitSettings(
@@ -108,7 +90,7 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
     import os
 
     from anomalyd.errors import AnomalydError
-    from anomalyd.model.fit import fit
+    from anomalyd.training.fit import fit
 
     if (args.out is None) == (args.into is None):
         raise AnomalydError("fit needs --out FOLDER or --into BUNDLES_FOLDER (a new versioned bundle)")
@@ -120,8 +102,10 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
         from anomalyd.model.signing import load_private_key
 
         load_private_key(args.sign_key)  # a key that cannot be read fails now, not after the fit
+    from anomalyd.evaluation.dataset import labelled_images
+
     settings = _fit_settings(args)
-    val = _val_images(args.val) if args.val else None
+    val = labelled_images(args.val) if args.val else None
     defects = defect_images(args.defects, args.masks) if args.defects else []
     if args.masks and defects and not any(d.mask for d in defects):
         raise FileNotFoundError(f"{args.masks}: no mask for any of the defect images (expected TYPE/NAME_mask.png)")
@@ -190,8 +174,8 @@ def score_targets(paths: list[Path]) -> list[tuple[Path, str]]:
 def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
 
     from anomalyd.config import ThresholdsConfig
-    from anomalyd.daemon.decision import decide
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.decision import decide
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
     from anomalyd.model.images import read_rgb
     from anomalyd.overlay import overlay_heatmap, write_rgb
@@ -220,7 +204,7 @@ def cmd_score(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.engines.select import open_inspector
     from anomalyd.evaluation.dataset import load_dataset
     from anomalyd.evaluation.evaluate import compute_metrics, score_dataset
     from anomalyd.evaluation.report import markdown_table, write_report
@@ -228,7 +212,7 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
 
     dataset = load_dataset(args.dataset)
     if args.fit:
-        from anomalyd.model.fit import fit
+        from anomalyd.training.fit import fit
 
         out = args.bundle or (args.report or Path(".")) / "bundle"
         if (out / "manifest.json").exists():  # as fit: bundles are never overwritten
@@ -270,8 +254,13 @@ def cmd_build_engine(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--search", default="auto", choices=["auto", "faiss", "torch"])
+    import typing
+
+    from anomalyd.config import SearchConfig
+    from anomalyd.engines.base import EXTRACTORS
+
+    p.add_argument("--engine", default="auto", choices=list(EXTRACTORS))
+    p.add_argument("--search", default="auto", choices=typing.get_args(SearchConfig.model_fields["type"].annotation))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
 
 

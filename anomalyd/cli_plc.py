@@ -11,84 +11,30 @@ from typing import Any
 
 
 def cmd_plc_layout(args: argparse.Namespace) -> int:
-    from anomalyd.config import AppConfig, ModbusConfig, ModbusServerConfig, S7Config
+    from anomalyd.config import AppConfig
     from anomalyd.config_loader import load_config
-    from anomalyd.drivers.plc import export
+    from anomalyd.drivers.plc.base import PLC_LINKS
 
     config = load_config(args.config) if args.config else AppConfig()
-    plc: Any = config.plc
-    out: Path = args.out
-    if plc.type == "opcua-server":
-        return _opcua_layout(out)
-    if not isinstance(plc, S7Config | ModbusConfig):
-        plc = S7Config()
-    print(export.table(plc.status_layout, "Status block, written by anomalyd"))
-    print(export.table(plc.command_layout, "Command block, written by the PLC"))
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(plc, S7Config):
-        scl = export.scl_source(
-            plc.status_layout, plc.command_layout, plc.status_db, plc.command_db, plc.status_start, plc.command_start
-        )
-        (out / "anomalyd_blocks.scl").write_text(scl, encoding="utf-8")
-        print(
-            f"TIA Portal source → {out / 'anomalyd_blocks.scl'} (DB{plc.status_db} status, DB{plc.command_db} command)"
-        )
-    else:
-        side = "server" if isinstance(plc, ModbusServerConfig) else "client"
-        rows = export.register_map(plc.status_layout, plc.status_register, plc.word_order, "status", side)
-        rows += export.register_map(plc.command_layout, plc.command_register, plc.word_order, "command", side)
-        notes = export.register_map_notes(plc, side)
-        print(notes + export.register_map_markdown(rows))
-        (out / "modbus_registers.csv").write_text(export.register_map_csv(rows), encoding="utf-8")
-        (out / "modbus_registers.md").write_text(export.register_map_markdown(rows, notes), encoding="utf-8")
-        print(f"Modbus register map → {out / 'modbus_registers.csv'} and .md")
-    return 0
-
-
-def _opcua_layout(out: Path) -> int:
-    """The OPC UA nodes: a table on stdout, CSV and Markdown for the PLC programmer."""
-    import csv
-    import io
-
-    from anomalyd.drivers.plc.opcua import NAMESPACE, node_table
-
-    rows = node_table()
-    lines = [
-        f"OPC UA nodes (namespace {NAMESPACE}; string node ids, e.g. nsu={NAMESPACE};s=anomalyd/Status/part_id)",
-        "",
-        "| node | type | access | meaning |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {r['node']} | {r['type']} | {r['access']} | {r['meaning']} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / "opcua_nodes.csv").write_text(buf.getvalue(), encoding="utf-8")
-    (out / "opcua_nodes.md").write_text(text, encoding="utf-8")
-    print(f"OPC UA node table → {out / 'opcua_nodes.csv'} and .md")
+    # Each link writes its own files: SCL for S7, a register map for Modbus, a node table for OPC UA.
+    print(PLC_LINKS[config.plc.type].write_layout(config.plc, args.out))
     return 0
 
 
 def cmd_plc_sim(args: argparse.Namespace) -> int:
-    from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
+    from anomalyd.drivers.plc.sim import SIDES, SimResult, SimulatedPlc
 
-    port = args.port or {"s7": 1102, "modbus": 1502, "opcua": 4840}[args.protocol]
+    side = SIDES[args.protocol]
+    port = args.port or side.port
     plc = SimulatedPlc(args.protocol, port=port)
     plc.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    where = {
-        "s7": f"DB{plc.status_db}/DB{plc.command_db}",
-        "modbus": "registers 0/100",
-        "opcua": "client of the daemon's OPC UA server",
-    }[args.protocol]
     print(
-        f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({where}); waiting for the daemon to be ready", flush=True
+        f"simulated {args.protocol} PLC on 127.0.0.1:{port} ({side.plays}; the daemon's plc.type: {side.link}); "
+        "waiting for the daemon to be ready",
+        flush=True,
     )
     print(
         f"{'id':>8} {'part_id':>8} {'verdict':>7} {'score':>7} {'thr':>6} {'err':>4} {'latency':>9} {'wait':>8}",
@@ -125,7 +71,9 @@ def add_plc_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_plc_layout)
 
     p = sub.add_parser("plc-sim", help="a simulated PLC on loopback that triggers and prints results")
-    p.add_argument("--protocol", choices=["s7", "modbus", "opcua"], default="s7")
+    from anomalyd.drivers.plc.sim import SIDES
+
+    p.add_argument("--protocol", choices=list(SIDES), default="s7")
     p.add_argument("--port", type=int, default=0, help="TCP port (default 1102 for s7, 1502 for modbus)")
     p.add_argument("--trigger-every", type=float, default=500.0, help="ms between triggers (0: serve only)")
     p.add_argument("--count", type=int, default=0, help="stop after this many results (0: run until stopped)")

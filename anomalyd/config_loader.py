@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from anomalyd.config import AppConfig, SimulatedCameraConfig
+from anomalyd.config import AppConfig
+from anomalyd.settings import resolve_paths
 
 
 @dataclass(frozen=True)
@@ -154,39 +155,9 @@ def parse_config(text: str, filename: str = "<config>", base_dir: Path | None = 
 
 
 def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
-    """Relative paths in the file are relative to the file's folder."""
-
-    def rel(p: Path) -> Path:
-        return p if p.is_absolute() else (base / p)
-
-    camera = config.camera
-    if isinstance(camera, SimulatedCameraConfig):
-        camera = camera.model_copy(update={"source": rel(camera.source)})
-    else:
-        camera = camera.model_copy(update={"cti": [rel(p) for p in camera.cti]})
-    recipes = {n: r.model_copy(update={"bundle": rel(r.bundle)}) for n, r in config.recipes.items()}
-    plc = config.plc
-    if plc.type == "opcua-server":
-        plc = plc.model_copy(
-            update={
-                k: rel(getattr(plc, k))
-                for k in ("certificate", "private_key", "trusted_clients", "password_file")
-                if getattr(plc, k) is not None
-            }
-        )
-    token = config.page.token_file
-    return config.model_copy(
-        update={
-            "camera": camera,
-            "model": config.model.model_copy(
-                update={"bundle": rel(config.model.bundle), "trusted_keys": [rel(k) for k in config.model.trusted_keys]}
-            ),
-            "daemon": config.daemon.model_copy(update={"data_dir": rel(config.daemon.data_dir)}),
-            "recipes": recipes,
-            "plc": plc,
-            "page": config.page.model_copy(update={"token_file": rel(token) if token else None}),
-        }
-    )
+    """Relative paths in the file are relative to the file's folder (every field typed ConfigPath)."""
+    resolved: AppConfig = resolve_paths(config, base)
+    return resolved
 
 
 def load_config(path: Path | str) -> AppConfig:

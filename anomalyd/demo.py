@@ -20,7 +20,7 @@ from typing import Literal
 
 import yaml
 
-from anomalyd.drivers.plc.sim import SimResult, SimulatedPlc
+from anomalyd.drivers.plc.sim import SIDES, SimResult, SimulatedPlc
 from anomalyd.ports import free_port
 
 
@@ -30,8 +30,8 @@ def prepare(root: Path, memory: Literal["local", "global"] = "local") -> tuple[P
     ``memory="global"`` fits a PatchCore bank instead (searched by ``search: auto``:
     faiss where installed), for benchmarks that exercise that search.
     """
-    from anomalyd.model.fit import FitSettings, fit
     from anomalyd.sample import write_sample
+    from anomalyd.training.fit import FitSettings, fit
 
     sample, validation = root / "sample", root / "validation"
     bundle = root / ("bundle" if memory == "local" else f"bundle-{memory}")
@@ -44,9 +44,9 @@ def prepare(root: Path, memory: Literal["local", "global"] = "local") -> tuple[P
         # memory catches a missing or moved mark, which a global PatchCore bank lets through.
         kind = "position-aware" if memory == "local" else memory
         print(f"· fitting a {kind} bundle on {sample / 'train' / 'good'} (threshold from {validation})")
-        from anomalyd.cli_model import _val_images
+        from anomalyd.evaluation.dataset import labelled_images
 
-        manifest = fit(sample / "train" / "good", bundle, FitSettings(memory=memory), _val_images(validation))
+        manifest = fit(sample / "train" / "good", bundle, FitSettings(memory=memory), labelled_images(validation))
         print(
             f"  bundle {manifest['bundle_id']}: {manifest['memory_bank_size']} memory patches, "
             f"fit {manifest['fit_seconds']} s"
@@ -61,7 +61,7 @@ def write_config(root: Path, sample: Path, bundle: Path, plc_port: int, page_por
     suggested = load_bundle(bundle).suggested_threshold
     config = {
         "camera": {"type": "simulated", "source": str(sample.resolve()), "order": "sequential"},
-        "plc": {"type": "s7" if protocol == "s7" else "opcua-server", "host": "127.0.0.1", "port": plc_port},
+        "plc": {"type": SIDES[protocol].link, "host": "127.0.0.1", "port": plc_port},
         "model": {"bundle": str(bundle.resolve()), "default_recipe": 1},
         "recipes": {
             1: {"name": "washer, standard", "bundle": str(bundle.resolve())},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from anomalyd.daemon.decision import fails
+from anomalyd.decision import Label, fails
 
 _RED = np.array([230, 20, 20], dtype=np.float32)
 _QUIET = np.array([40, 90, 200], dtype=np.float32)
@@ -70,7 +70,7 @@ def _legend(image: np.ndarray, threshold: float) -> None:
 def _caption(image: np.ndarray, score: float, threshold: float, label: str | None) -> None:
     h, w = image.shape[:2]
     scale = max(0.45, min(h, w) / 600)
-    verdict = label or ("NG" if fails(score, threshold) else "OK")
+    verdict = label or str(Label.NG if fails(score, threshold) else Label.OK)
     _text(image, f"{verdict} {score:.3f} (threshold {threshold:.3f})", (8, int(28 * scale) + 4), scale)
 
 

@@ -32,8 +32,7 @@ def main() -> int:
 
     import genicam
 
-    from anomalyd.config import HarvestersCameraConfig
-    from anomalyd.drivers.camera.harvesters import HarvestersCamera
+    from anomalyd.drivers.camera.harvesters import HarvestersCamera, HarvestersCameraConfig
 
     cti = args.cti or Path(genicam.__file__).parent / "viky.cti"
     config = HarvestersCameraConfig(cti=[cti], nodes={"Width": 400, "Height": 400, "AcquisitionFrameRate": 100.0})

@@ -57,13 +57,11 @@ import anomalyd  # noqa: F401  (first: sets the OpenMP wait policy before torch 
 import numpy as np
 import torch
 
-from anomalyd.config import (
-    AutoEngineConfig,
-    OnnxRuntimeEngineConfig,
-    SearchConfig,
-    TensorRtEngineConfig,
-    TorchEngineConfig,
-)
+from anomalyd.config import SearchConfig
+from anomalyd.engines.auto_engine import AutoEngineConfig
+from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
+from anomalyd.engines.tensorrt_engine import TensorRtEngineConfig
+from anomalyd.engines.torch_engine import TorchEngineConfig
 
 # Tolerances against the float32 CPU reference, in normalised score units (1.0 = the
 # most unusual held-back good part); features relative to their largest magnitude.
@@ -122,7 +120,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def child_reference(args: argparse.Namespace, check: Check) -> None:
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
@@ -164,7 +162,7 @@ def _open(bundle: Any, engine: str, search: str) -> Any:
     from anomalyd.engines import search as searching
     from anomalyd.engines import select  # noqa: F401  (registers the backends)
     from anomalyd.engines.base import EXTRACTORS
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.engines.select import open_inspector
 
     config, _precision, needs_cuda = ENGINES[engine]
     if needs_cuda and not torch.cuda.is_available():
@@ -244,7 +242,7 @@ def child_path(args: argparse.Namespace, check: Check) -> None:
 
 def child_graph_reload(args: argparse.Namespace, check: Check) -> None:
     """A recipe reload on the graph path: B captures in a thread while A inspects (the SIGHUP case)."""
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
 
     if not torch.cuda.is_available():
@@ -325,16 +323,16 @@ def child_tensorrt_plan(args: argparse.Namespace, check: Check) -> None:
 
 def child_tensorrt_restart(args: argparse.Namespace, check: Check) -> None:
     """A second start (this is another process): the plan is loaded, not rebuilt."""
-    from anomalyd.engines import plan_cache
+    from anomalyd.engines.base import EngineHooks
     from anomalyd.engines.tensorrt_engine import TensorRtExtractor
     from anomalyd.model.bundle import load_bundle
 
     _tensorrt_device()
     before = json.loads((args.out / "plan.json").read_text())
     builds: list[float] = []
-    plan_cache.BUILD_HOOKS.append(builds.append)
     started = time.perf_counter()
-    TensorRtExtractor(load_bundle(_bundle_copy(args)), TensorRtEngineConfig(fp16=False)).close()
+    hooks = EngineHooks(on_long_build=builds.append)
+    TensorRtExtractor(load_bundle(_bundle_copy(args)), TensorRtEngineConfig(fp16=False), hooks).close()
     check.notes["open_s"] = round(time.perf_counter() - started, 2)
     check.expect(not builds, "the plan was built again on the second start")
     check.expect(Path(before["plan"]).stat().st_mtime_ns == before["mtime_ns"], "the plan file was rewritten")
@@ -405,7 +403,7 @@ def child_fit(args: argparse.Namespace, check: Check) -> None:
 
 
 def child_auto(args: argparse.Namespace, check: Check) -> None:
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
 
     inspector = open_inspector(load_bundle(args.bundle), AutoEngineConfig(), SearchConfig())

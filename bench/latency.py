@@ -26,11 +26,16 @@ import anomalyd  # noqa: F401  (first: sets the OpenMP wait policy before torch 
 import numpy as np
 import torch
 
-from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig, TensorRtEngineConfig, TorchEngineConfig
+from anomalyd.config import SearchConfig
 from anomalyd.engines.base import EngineError
-from anomalyd.engines.inspector import STAGES, Inspector, open_inspector
+from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
+from anomalyd.engines.openvino_engine import OpenVinoEngineConfig
+from anomalyd.engines.select import open_inspector
+from anomalyd.engines.tensorrt_engine import TensorRtEngineConfig
+from anomalyd.engines.torch_engine import TorchEngineConfig
 from anomalyd.model.bundle import Bundle, load_bundle
 from anomalyd.model.images import list_images, read_rgb
+from anomalyd.model.inspector import STAGES, Inspector
 
 STAGE_KEYS = (*STAGES, "total")
 
@@ -39,6 +44,7 @@ def combos(threads: int) -> list[tuple[str, Any, SearchConfig]]:
     out: list[tuple[str, Any, SearchConfig]] = [
         ("onnxruntime+faiss", OnnxRuntimeEngineConfig(threads=threads), SearchConfig(type="faiss")),
         ("onnxruntime+torch", OnnxRuntimeEngineConfig(threads=threads), SearchConfig(type="torch")),
+        ("openvino+faiss", OpenVinoEngineConfig(threads=threads), SearchConfig(type="faiss")),
         ("torch-cpu+faiss", TorchEngineConfig(device="cpu", threads=threads), SearchConfig(type="faiss")),
     ]
     if torch.cuda.is_available():

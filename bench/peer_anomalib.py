@@ -129,11 +129,12 @@ def side_anomalyd(data: Path, runs: int, threads: int, work: Path, train_dir: Pa
     # isort: split
     import torch
 
-    from anomalyd.config import AutoEngineConfig, SearchConfig
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.config import SearchConfig
+    from anomalyd.engines.auto_engine import AutoEngineConfig
+    from anomalyd.engines.select import open_inspector
     from anomalyd.model.bundle import load_bundle
-    from anomalyd.model.fit import fit
     from anomalyd.model.images import read_rgb
+    from anomalyd.training.fit import fit
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()

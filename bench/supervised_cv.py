@@ -41,9 +41,9 @@ from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.calibrate import calibration, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset
-from anomalyd.model.fit import Defect, FitSettings, defect_cells, split_holdout
 from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.nearest import nearest_distances
+from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
 
 
 def pixel_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

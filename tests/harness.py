@@ -44,6 +44,15 @@ class Running:
             time.sleep(0.05)
         raise AssertionError(f"only {len(rows)} of {count} records")
 
+    def restart(self, log_name: str = "daemon2.log", timeout: float = 90.0) -> Path:
+        """Start the daemon again on the same config (after a kill or a stop); wait until the PLC sees ready."""
+        log = self.config.parent / log_name
+        self.process = subprocess.Popen(
+            [*ANOMALYD, "run", "--config", str(self.config)], stdout=log.open("a"), stderr=subprocess.STDOUT, text=True
+        )
+        assert self.plc.wait_for(lambda s: s.ready, timeout) is not None, log.read_text()[-2000:]
+        return log
+
     def write_config(self, **changes: object) -> None:
         data = json.loads(json.dumps(self.raw))
         for key, value in changes.items():

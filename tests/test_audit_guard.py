@@ -73,6 +73,7 @@ TAMPERING: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(TAMPERING))
 def test_each_tampering_is_found_by_audit_verify(tmp_path: Path, case: str) -> None:
     make_log(tmp_path)
@@ -85,6 +86,7 @@ def test_each_tampering_is_found_by_audit_verify(tmp_path: Path, case: str) -> N
     assert out.stderr.startswith("audit chain broken:") and names in out.stderr, out.stderr
 
 
+@pytest.mark.e2e
 def test_a_promote_that_cannot_be_audited_is_refused_and_the_link_stays(
     e2e_bundle: Path, bundle_dir: Path, tmp_path: Path
 ) -> None:

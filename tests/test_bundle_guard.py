@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.config import AutoEngineConfig, SearchConfig
-from anomalyd.engines.inspector import open_inspector
+from anomalyd.config import SearchConfig
+from anomalyd.engines.auto_engine import AutoEngineConfig
+from anomalyd.engines.select import open_inspector
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.bundle import BundleError, load_bundle
-from anomalyd.model.fit import FitSettings, fit
 from anomalyd.model.images import read_rgb
 from anomalyd.model.signing import load_trusted_key
+from anomalyd.training.fit import FitSettings, fit
 from tests.conftest import ANOMALYD
 from tests.harness import stop, wait_until
 
@@ -178,7 +179,7 @@ def test_a_reload_during_a_load_is_applied_when_the_load_ends(e2e_bundle: Path, 
     assert book.apply(config) == []  # rollback while B is loading: queued
     assert book.state()["loading"] == [0]
     gate.set()
-    assert book.wait_loaded(20)
+    wait_until(lambda: not book.state()["loading"], 20.0, "the queued rollback's load")
     state = book.state()
     assert state["loaded"] == {0: {"name": "", "bundle": a}} and not state["failed"], state
     assert opened[:2] == [a, b] and opened[-1] == a
@@ -186,6 +187,7 @@ def test_a_reload_during_a_load_is_applied_when_the_load_ends(e2e_bundle: Path, 
 
 
 # ---------------------------------------------------------------- signed bundles
+@pytest.mark.e2e
 def test_a_rehashed_manifest_is_refused_when_keys_are_trusted(
     daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
@@ -266,6 +268,7 @@ def _one_line_exit_2(out: subprocess.CompletedProcess[str], *words: str) -> None
         assert word in last, last
 
 
+@pytest.mark.e2e
 def test_a_bank_that_is_a_fifo_or_a_link_out_of_the_bundle_is_not_a_regular_file(
     e2e_bundle: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
@@ -282,6 +285,7 @@ def test_a_bank_that_is_a_fifo_or_a_link_out_of_the_bundle_is_not_a_regular_file
     _one_line_exit_2(_start(tmp_path, fifo, sample_dir), "not a regular file")
 
 
+@pytest.mark.e2e
 def test_a_bank_rebound_to_another_feature_width_is_one_line(
     e2e_bundle: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
@@ -295,6 +299,7 @@ def test_a_bank_rebound_to_another_feature_width_is_one_line(
     _one_line_exit_2(_start(tmp_path, bundle, sample_dir), "the extractor gives", "refit")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("history", [b'{"from": "/x", "to"', b"\x00\xff\xfe binary", b'["a", "b"]\n'])
 def test_a_damaged_rollback_history_is_one_line(e2e_bundle: Path, tmp_path: Path, history: bytes) -> None:
     link = tmp_path / "current"

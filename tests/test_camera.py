@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from anomalyd.config import CameraFaults, HarvestersCameraConfig, Roi, SimulatedCameraConfig
+from anomalyd.config import Roi
 from anomalyd.drivers.camera.base import CameraError, CameraTimeout
-from anomalyd.drivers.camera.harvesters import HarvestersCamera
+from anomalyd.drivers.camera.harvesters import HarvestersCamera, HarvestersCameraConfig
 from anomalyd.drivers.camera.pixel_formats import UnsupportedPixelFormat, to_rgb
-from anomalyd.drivers.camera.simulated import SimulatedCamera
+from anomalyd.drivers.camera.simulated import CameraFaults, SimulatedCamera, SimulatedCameraConfig
 
 
 # ------------------------------------------------------------------ pixel formats
@@ -132,6 +132,7 @@ def viky() -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_harvesters_open_by_serial_grab_and_reopen() -> None:
     config = HarvestersCameraConfig(
         cti=[viky()], serial_number="1", nodes={"Width": 320, "Height": 240, "PixelFormat": "Mono8"}
@@ -154,6 +155,7 @@ def test_harvesters_open_by_serial_grab_and_reopen() -> None:
         again.close()
 
 
+@pytest.mark.e2e
 def test_harvesters_rgba_frames_convert(tmp_path: Path) -> None:
     cam = HarvestersCamera(HarvestersCameraConfig(cti=[viky()], serial_number="0"))
     cam.open()
@@ -165,6 +167,7 @@ def test_harvesters_rgba_frames_convert(tmp_path: Path) -> None:
         cam.close()
 
 
+@pytest.mark.e2e
 def test_harvesters_bad_node_values_are_clear_errors() -> None:
     with pytest.raises(CameraError, match=r"PixelFormat = 'BayerRG8' not accepted; allowed: RGBa8, Mono8"):
         HarvestersCamera(HarvestersCameraConfig(cti=[viky()], nodes={"PixelFormat": "BayerRG8"})).open()
@@ -176,6 +179,7 @@ def test_harvesters_bad_node_values_are_clear_errors() -> None:
         HarvestersCamera(HarvestersCameraConfig(cti=[Path("/nonexistent.cti")])).open()
 
 
+@pytest.mark.e2e
 def test_harvesters_timeout_raises_camera_timeout() -> None:
     cam = HarvestersCamera(HarvestersCameraConfig(cti=[viky()], nodes={"AcquisitionFrameRate": 1.0}))
     cam.open()
@@ -187,6 +191,7 @@ def test_harvesters_timeout_raises_camera_timeout() -> None:
         cam.close()
 
 
+@pytest.mark.e2e
 def test_harvesters_buffers_are_requeued() -> None:
     """Many more frames than buffers: only possible if every buffer goes back to the queue."""
     cam = HarvestersCamera(
@@ -202,11 +207,11 @@ def test_harvesters_buffers_are_requeued() -> None:
 
 def test_a_lost_camera_is_reopened_after_reopen_backoff_s_doubling(tmp_path: Path) -> None:
     """camera.reopen_backoff_s is the first wait; each failed reopen doubles it up to 10 s (a stand-in camera)."""
-    from anomalyd.config import HarvestersCameraConfig
     from anomalyd.daemon.camera_supervisor import CameraSupervisor
     from anomalyd.daemon.handshake import Handshake
     from anomalyd.daemon.metrics import Metrics
     from anomalyd.drivers.camera.base import CameraDisconnected
+    from anomalyd.drivers.camera.harvesters import HarvestersCameraConfig
 
     attempts: list[float] = []
     clock = [0.0]

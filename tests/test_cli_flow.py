@@ -6,7 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ANOMALYD
+
+pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

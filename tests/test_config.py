@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalyd.config import S7Config
 from anomalyd.config_loader import ConfigError, load_config, parse_config
+from anomalyd.drivers.plc.s7 import S7Config
 from tests.conftest import ANOMALYD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +84,7 @@ def test_overlapping_plc_layout_is_rejected() -> None:
     assert line.startswith("line.yaml:3 plc.status_layout") and "overlaps" in line
 
 
+@pytest.mark.e2e
 def test_check_config_cli(tmp_path: Path) -> None:
     ok = subprocess.run([*ANOMALYD, "check-config", str(DEFAULT)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -102,6 +103,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert "thresholds.image: must be > 0 (got -1)" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_schema_documents_every_field() -> None:
     out = subprocess.run([*ANOMALYD, "check-config", "--schema"], capture_output=True, text=True, check=True)
     schema = json.loads(out.stdout)
@@ -116,11 +118,13 @@ def test_schema_documents_every_field() -> None:
 @pytest.mark.parametrize(
     "command", ["fit", "score", "eval", "build-engine", "plc-layout", "plc-sim", "run", "check-config"]
 )
+@pytest.mark.e2e
 def test_cli_help(command: str) -> None:
     out = subprocess.run([*ANOMALYD, command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: anomalyd" in out.stdout
 
 
+@pytest.mark.e2e
 def test_json_log_lines_parse() -> None:
     code = (
         "from anomalyd.log import configure_logging, get_logger\n"
@@ -168,6 +172,7 @@ def test_non_finite_and_overflowing_numbers_are_refused(text: str, message: str)
     assert len(found) == 1 and found[0].startswith(message), found
 
 
+@pytest.mark.e2e
 def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("daemon:\n  budget_ms: 90\nthresholds:\n  image: 1.5  # réglé\n".encode("latin-1"))
@@ -212,3 +217,60 @@ def test_a_setting_the_backend_cannot_honour_is_an_error_not_ignored(plc: str, k
 
     with pytest.raises(ConfigError, match=rf"{key}: .*remove the key"):
         parse_config(f"plc: {plc}\n", "line.yaml")
+
+
+@pytest.mark.e2e
+def test_reading_a_config_loads_no_backend_runtime() -> None:
+    """Every backend's settings sit in its own file, which imports its runtime only when it runs."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "snap7", "asyncua", "pymodbus", "harvesters", "onnxruntime", "openvino", "tensorrt", "faiss"]
+    code = (
+        "import sys; from anomalyd.config_loader import parse_config; "
+        "parse_config('plc: {type: opcua-server}\\nengine: {type: openvino}\\n"
+        "camera: {type: harvesters}\\n', 'x.yaml');"
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_registered_backend_is_a_config_type() -> None:
+    """The unions come from the registries: a backend's file is all it takes to be a `type:`."""
+    from anomalyd.drivers.camera.base import CAMERAS
+    from anomalyd.drivers.plc.base import PLC_LINKS
+    from anomalyd.engines.base import EXTRACTORS
+
+    assert set(PLC_LINKS) == {"s7", "modbus", "modbus-server", "opcua-server", "none"}
+    assert set(CAMERAS) == {"simulated", "harvesters"}
+    assert set(EXTRACTORS) == {"auto", "torch", "onnxruntime", "tensorrt", "openvino"}
+    for section, registry in (("plc", PLC_LINKS), ("camera", CAMERAS), ("engine", EXTRACTORS)):
+        for key in registry:
+            text = f"{section}: {{type: {key}}}\n" + ("daemon: {trigger: free_run}\n" if key == "none" else "")
+            assert getattr(parse_config(text, "x.yaml"), section).type == key
+    with pytest.raises(ConfigError) as err:
+        parse_config("engine:\n  type: openvinoo\n", "x.yaml")
+    assert "x.yaml:2 engine.type" in str(err.value) and "'openvino'" in str(err.value)
+
+
+def test_every_path_setting_is_relative_to_the_file(tmp_path: Path) -> None:
+    """One annotated type marks every path: nested, optional and listed ones are all resolved."""
+    cfg_file = tmp_path / "etc" / "line.yaml"
+    cfg_file.parent.mkdir()
+    cfg_file.write_text(
+        "camera: {type: harvesters, cti: [gentl/a.cti]}\n"
+        "plc: {type: opcua-server, password_file: secret, username: plc}\n"
+        "model: {bundle: b, trusted_keys: [k.pub], default_recipe: 1}\n"
+        "recipes: {1: {bundle: r1}}\n"
+        "mqtt: {tls: true, ca_file: ca.pem}\n",
+        encoding="utf-8",
+    )
+    cfg = load_config(cfg_file)
+    base = cfg_file.parent.resolve()
+    assert cfg.camera.cti == [base / "gentl/a.cti"]  # type: ignore[attr-defined]
+    assert cfg.plc.password_file == base / "secret"  # type: ignore[attr-defined]
+    assert cfg.model.bundle == base / "b" and cfg.model.trusted_keys == [base / "k.pub"]
+    assert cfg.recipes[1].bundle == base / "r1" and cfg.mqtt.ca_file == base / "ca.pem"
+    assert cfg.daemon.data_dir == base / "var"  # a default path as well
+    assert cfg.plc.certificate is None  # type: ignore[attr-defined]

@@ -127,6 +127,7 @@ def test_over_budget_is_failed_never_a_late_pass(
     assert all(row[1] == "NG" and row[2] == ErrorCode.OVER_BUDGET for row in r.rows())
 
 
+@pytest.mark.e2e
 def test_corrupt_bundle_refuses_to_start(e2e_bundle: Path, tmp_path: Path, sample_dir: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(e2e_bundle, bundle)
@@ -151,6 +152,7 @@ def test_corrupt_bundle_refuses_to_start(e2e_bundle: Path, tmp_path: Path, sampl
     assert "extractor.onnx: checksum mismatch" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("unit", ["anomalyd.service", "anomalyd@.service"])
 def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
@@ -270,6 +272,7 @@ def test_refused_trigger_is_answered_with_its_part_id_and_recorded(
     assert records[s.inspection_id]["refused"] == 1 and records[s.inspection_id]["verdict"] == "NG"
 
 
+@pytest.mark.e2e
 def test_a_restart_is_visible_to_the_plc(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
     """A stop clears ready and result_valid, so a PLC waiting for an answer re-triggers after ready."""
     r = daemon_factory(e2e_bundle, sample_dir)

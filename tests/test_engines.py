@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyd.config import (
-    AutoEngineConfig,
-    OnnxRuntimeEngineConfig,
-    SearchConfig,
-    TensorRtEngineConfig,
-    TorchEngineConfig,
-)
+from anomalyd.config import SearchConfig
+from anomalyd.engines.auto_engine import AutoEngineConfig
 from anomalyd.engines.base import EngineError
-from anomalyd.engines.inspector import Inspector, open_inspector
+from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
 from anomalyd.engines.search import FaissSearcher, TorchSearcher
-from anomalyd.engines.select import build_extractor, build_searcher
+from anomalyd.engines.select import build_extractor, build_searcher, open_inspector
+from anomalyd.engines.tensorrt_engine import TensorRtEngineConfig
+from anomalyd.engines.torch_engine import TorchEngineConfig
 from anomalyd.model.bundle import load_bundle
 from anomalyd.model.images import read_rgb
+from anomalyd.model.inspector import Inspector
 
 # Patch scores of two engines agree within this (normalised units; 1.0 = most unusual good part).
 SCORE_TOLERANCE = 1e-3
@@ -78,11 +76,13 @@ def test_gpu_resize_weights_equal_opencv_area_resize(sample_dir: Path) -> None:
     assert np.abs(got - expected).max() <= 1  # float32 summation order may flip a rounding
 
 
-def test_auto_picks_onnxruntime_on_a_cpu_machine(bundle_dir: Path) -> None:
+def test_auto_picks_a_cpu_engine_on_a_cpu_machine(bundle_dir: Path) -> None:
+    """No GPU: ONNX Runtime, or OpenVINO where it is installed and measured faster (tests/test_openvino.py)."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: auto picks a GPU engine")
     extractor = build_extractor(load_bundle(bundle_dir), AutoEngineConfig())
-    assert extractor.name == "onnxruntime"
+    assert extractor.name in ("onnxruntime", "openvino-cpu")
+    assert extractor.device.type == "cpu"
 
 
 def test_unavailable_engine_is_a_clear_error(bundle_dir: Path) -> None:
@@ -140,9 +140,9 @@ def test_auto_moves_on_when_a_candidate_raises_anything(bundle_dir: Path, monkey
         def __init__(self, bundle: object, config: object) -> None:
             raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
 
-    monkeypatch.setitem(EXTRACTORS._entries, "tensorrt", BrokenTensorRt)
+    monkeypatch.setitem(EXTRACTORS._entries, "tensorrt", (TensorRtEngineConfig, BrokenTensorRt))
     extractor = build_extractor(load_bundle(bundle_dir), AutoEngineConfig())
-    assert extractor.name == "onnxruntime"
+    assert extractor.name in ("onnxruntime", "openvino-cpu")
     extractor.close()
 
 
@@ -258,7 +258,7 @@ def test_a_foreign_timing_cache_is_set_aside_and_the_build_goes_on(tmp_path: Pat
 
 
 def test_the_bundles_roi_applies_and_a_different_camera_roi_is_refused(sample_dir: Path, tmp_path: Path) -> None:
-    from anomalyd.model.fit import FitSettings, fit
+    from anomalyd.training.fit import FitSettings, fit
 
     out = tmp_path / "roi_bundle"
     fit(sample_dir / "train" / "good", out, FitSettings(coreset_ratio=0.02, roi=(32, 32, 192, 192)))
@@ -327,6 +327,7 @@ def test_tensorrt_factories_without_a_gpu_are_an_engine_error() -> None:
     assert _made(lambda _logger: "ok", "runtime", object()) == "ok"
 
 
+@pytest.mark.e2e
 def test_faiss_gpu_is_tried_in_a_subprocess_once_and_an_abort_there_is_only_a_no(tmp_path: Path) -> None:
     """What search: auto relies on before faiss-gpu on a GPU its wheels claim: a probe that may abort."""
     from anomalyd.engines.search import faiss_gpu_runs

@@ -50,7 +50,8 @@ def health(r: Running) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
-def test_a_database_locked_for_20_s_by_another_process_loses_no_record(
+@pytest.mark.e2e
+def test_a_database_locked_by_another_process_loses_no_record(
     daemon_factory, e2e_bundle: Path, sample_dir: Path
 ) -> None:
     r = daemon_factory(e2e_bundle, sample_dir)
@@ -60,7 +61,8 @@ def test_a_database_locked_for_20_s_by_another_process_loses_no_record(
         assert res is not None and res.attributed
         sent.append((res.part_id, res.status))
     r.wait_rows(3)
-    locker = hold_lock(r.data / "inspections.sqlite", 20.0)
+    # 3 s: three times the writer's busy timeout, so writes fail and queue (20 s showed nothing more).
+    locker = hold_lock(r.data / "inspections.sqlite", 3.0)
     seen_failing, seen_503 = False, False
     while locker.poll() is None:
         res = r.plc.inspect_once(10.0)
@@ -79,12 +81,13 @@ def test_a_database_locked_for_20_s_by_another_process_loses_no_record(
     with sqlite3.connect(r.data / "inspections.sqlite") as db:
         rows = dict(db.execute("SELECT inspection_id, part_id FROM inspections").fetchall())
     assert sorted(rows) == list(range(1, final_id + 1))  # not one row lost
-    assert len(sent) > 100
+    assert len(sent) > 12  # parts answered while the lock was held, each recorded afterwards
     assert all(rows[s.inspection_id] == pid for pid, s in sent)  # type: ignore[attr-defined]
     log = (r.config.parent / "daemon.log").read_text()
     assert log.count('"records.write_failing"') == 1 and '"records.write_recovered"' in log
 
 
+@pytest.mark.e2e
 def test_records_required_fails_parts_while_records_cannot_be_written(
     daemon_factory, e2e_bundle: Path, sample_dir: Path
 ) -> None:
@@ -106,6 +109,7 @@ def test_records_required_fails_parts_while_records_cannot_be_written(
     assert stop(r) == 0
 
 
+@pytest.mark.e2e
 def test_inspection_ids_never_go_back(daemon_factory, e2e_bundle: Path, sample_dir: Path) -> None:
     r = daemon_factory(e2e_bundle, sample_dir)
     for _ in range(3):
@@ -120,15 +124,7 @@ def test_inspection_ids_never_go_back(daemon_factory, e2e_bundle: Path, sample_d
     r.process.wait()
     locker.kill()
 
-    def restart() -> None:
-        r.process = subprocess.Popen(
-            [*ANOMALYD, "run", "--config", str(r.config)],
-            stdout=(r.config.parent / "daemon2.log").open("a"),
-            stderr=subprocess.STDOUT,
-        )
-        assert r.plc.wait_for(lambda s: s.ready, 90.0) is not None
-
-    restart()
+    r.restart()
     res = r.plc.inspect_once(10.0)
     assert res is not None and res.status.inspection_id > seen  # never an id the PLC has seen
     seen = res.status.inspection_id
@@ -136,14 +132,14 @@ def test_inspection_ids_never_go_back(daemon_factory, e2e_bundle: Path, sample_d
     # The database deleted by hand: the counter file goes on.
     for name in ("inspections.sqlite", "inspections.sqlite-wal", "inspections.sqlite-shm"):
         (r.data / name).unlink(missing_ok=True)
-    restart()
+    r.restart()
     res = r.plc.inspect_once(10.0)
     assert res is not None and res.status.inspection_id == seen + 1
     seen = res.status.inspection_id
     assert stop(r) == 0
     # The whole data folder lost: the id in the PLC's block still bounds the numbering.
     shutil.rmtree(r.data)
-    restart()
+    r.restart()
     res = r.plc.inspect_once(10.0)
     assert res is not None and res.status.inspection_id == seen + 1
     assert stop(r) == 0
@@ -173,6 +169,7 @@ def _refused(config: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.e2e
 def test_unwritable_data_dir_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -180,6 +177,7 @@ def test_unwritable_data_dir_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir
     assert f"daemon.data_dir {blocker / 'data'}: not writable" in line
 
 
+@pytest.mark.e2e
 def test_metrics_port_taken_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -189,6 +187,7 @@ def test_metrics_port_taken_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir:
     assert f"metrics.port {port} on 127.0.0.1: cannot listen" in line
 
 
+@pytest.mark.e2e
 def test_unreadable_image_in_the_camera_folder_is_one_line_and_exit_2(
     e2e_bundle: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
@@ -199,6 +198,7 @@ def test_unreadable_image_in_the_camera_folder_is_one_line_and_exit_2(
     assert "zz_broken.png is not a readable image" in line
 
 
+@pytest.mark.e2e
 def test_malformed_manifest_field_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
     from anomalyd.model import bundle as bundle_io
 
@@ -212,12 +212,14 @@ def test_malformed_manifest_field_is_one_line_and_exit_2(e2e_bundle: Path, sampl
     assert "manifest.json: calibration.reference_raw:" in line
 
 
+@pytest.mark.e2e
 def test_non_utf8_config_is_one_line_and_exit_2(e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, e2e_bundle, sample_dir)
     config.write_bytes(config.read_bytes() + "# réglage\n".encode("latin-1"))
     assert "not UTF-8 text" in _refused(config)
 
 
+@pytest.mark.e2e
 def test_modbus_server_survives_a_connection_flood(e2e_bundle: Path, sample_dir: Path, tmp_path: Path) -> None:
     from pymodbus.client import ModbusTcpClient
 
@@ -310,6 +312,7 @@ def test_a_full_disk_keeps_the_records_and_writes_them_when_there_is_room(tmp_pa
     assert ids == list(range(1, 2002)) and states == [True, False] and store.lost == 0
 
 
+@pytest.mark.e2e
 def test_score_walks_folders_and_never_overwrites_a_heatmap(bundle_dir: Path, sample_dir: Path, tmp_path: Path) -> None:
     from anomalyd.cli_model import score_targets
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.config import SimulatedCameraConfig
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Dispatcher
 from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake, Ticket
 from anomalyd.daemon.metrics import Metrics
+from anomalyd.drivers.camera.simulated import SimulatedCameraConfig
 from anomalyd.drivers.plc.layout import Command, Status
 
 BUDGET_MS = 100.0

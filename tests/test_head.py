@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
-from anomalyd.engines.inspector import open_inspector
+from anomalyd.config import SearchConfig
+from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
+from anomalyd.engines.select import open_inspector
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.bundle import BundleError, load_bundle
 from anomalyd.model.head import Head, HeadSettings, train_head
@@ -43,6 +44,7 @@ def head_bundle(line: Path, labelled: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
+@pytest.mark.e2e
 def test_a_head_learned_from_labelled_defects_is_in_the_bundle(head_bundle: Path, labelled: Path) -> None:
     manifest = json.loads((head_bundle / "manifest.json").read_text())
     head = manifest["head"]
@@ -53,6 +55,7 @@ def test_a_head_learned_from_labelled_defects_is_in_the_bundle(head_bundle: Path
     assert isinstance(loaded.head(), Head)
 
 
+@pytest.mark.e2e
 def test_the_head_judges_parts_it_never_saw(head_bundle: Path, line: Path) -> None:
     """Scored through the daemon's inspector on the test parts (not the labelled ones): defects fail, good pass."""
     bundle = load_bundle(head_bundle)
@@ -69,6 +72,7 @@ def test_the_head_judges_parts_it_never_saw(head_bundle: Path, line: Path) -> No
     assert float(np.median(defects)) > 1.5 * float(np.median(good))
 
 
+@pytest.mark.e2e
 def test_a_damaged_head_is_refused(head_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "b"
     copy.mkdir()
@@ -100,6 +104,7 @@ def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None
     assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
 
 
+@pytest.mark.e2e
 def test_with_a_head_the_memory_is_searched_in_the_banks_principal_components(head_bundle: Path, line: Path) -> None:
     """fit --defects stores the projection; the daemon's path searches in it (the head learned those distances)."""
     import torch

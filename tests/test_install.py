@@ -36,6 +36,7 @@ def test_each_gpu_extra_is_built_for_one_cuda_major_and_dev_brings_no_faiss() ->
 @pytest.mark.parametrize(
     ("cuda", "index", "extras"), [("12", "whl/cu128", "dev,gpu-cu12"), ("13", None, "dev,gpu-cu13")]
 )
+@pytest.mark.e2e
 def test_the_makefile_recipes_match_torch_to_the_extras(cuda: str, index: str | None, extras: str) -> None:
     plan = subprocess.run(
         ["make", "-n", "-B", "venv", f"CUDA={cuda}", "VENV=/nonexistent/venv"],

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from anomalyd.config import AppConfig, ModbusServerConfig
-from anomalyd.daemon.decision import decide, fails
+from anomalyd.config import AppConfig
 from anomalyd.daemon.handshake import ErrorCode, Handshake, Ticket
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.daemon.reloader import reload_config
+from anomalyd.decision import decide, fails
 from anomalyd.drivers.plc.layout import Command
-from anomalyd.drivers.plc.modbus import ModbusServerLink, RegisterServer
+from anomalyd.drivers.plc.modbus import ModbusServerConfig, ModbusServerLink, RegisterServer
 from anomalyd.ports import free_port
 from tests.harness import stop, wait_until
 from tests.test_judge import _part, _rows, _station

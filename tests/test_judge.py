@@ -9,16 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.config import (
-    AppConfig,
-    ArchiveConfig,
-    DaemonConfig,
-    ModelConfig,
-    NoPlcConfig,
-    SearchConfig,
-    SimulatedCameraConfig,
-    ThresholdsConfig,
-)
+from anomalyd.config import AppConfig, ArchiveConfig, DaemonConfig, ModelConfig, SearchConfig, ThresholdsConfig
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
 from anomalyd.daemon.dispatch import Part
 from anomalyd.daemon.handshake import ErrorCode, Handshake, Ticket
@@ -26,7 +17,9 @@ from anomalyd.daemon.judge import Judge
 from anomalyd.daemon.metrics import Metrics
 from anomalyd.daemon.recipes import RecipeBook
 from anomalyd.daemon.recorder import Recorder
+from anomalyd.drivers.camera.simulated import SimulatedCameraConfig
 from anomalyd.drivers.plc.layout import Command
+from anomalyd.drivers.plc.none import NoPlcConfig
 from anomalyd.model.bundle import Bundle, load_bundle
 
 

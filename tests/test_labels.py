@@ -9,9 +9,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from anomalyd.daemon.audit import AuditLog
 from tests.conftest import ANOMALYD
 from tests.harness import stop
+
+pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

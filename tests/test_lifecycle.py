@@ -54,6 +54,7 @@ def sources(r: Running, ids: list[int] | None = None, timeout: float = 10.0) -> 
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_lamp_change_drift_teach_promote_rollback(daemon_factory, sample_dir: Path, tmp_path: Path) -> None:
     bundles = tmp_path / "bundles"
     old = Path(cli("fit", "--good", str(sample_dir / "train" / "good"), "--into", str(bundles)).splitlines()[0])
@@ -151,6 +152,7 @@ def test_lamp_change_drift_teach_promote_rollback(daemon_factory, sample_dir: Pa
     assert {rows[s.inspection_id] for s in promoted} == {new_id}  # records name the bundle that judged
 
 
+@pytest.mark.e2e
 def test_bundles_are_never_overwritten(bundle_dir: Path, sample_dir: Path) -> None:
     out = subprocess.run(
         [*ANOMALYD, "fit", "--good", str(sample_dir / "train" / "good"), "--out", str(bundle_dir)],

@@ -18,6 +18,8 @@ import yaml
 from tests.conftest import ANOMALYD, free_port
 from tests.harness import wait_until
 
+pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
+
 ROOT = Path(__file__).resolve().parents[1]
 INTEROP = ROOT / "tests" / "interop"
 MODULES = ROOT / ".cache" / "interop"

@@ -222,11 +222,12 @@ def test_onnxruntime_matches_torch(bundle_dir: Path, sample_dir: Path) -> None:
     import onnxruntime as ort
 
     from anomalyd.engines.torch_engine import load_bundle_module
-    from anomalyd.model.images import resize_for_model, to_batch
+    from anomalyd.model.images import resize_for_model
 
     loaded = bundle_io.load_bundle(bundle_dir)
     files = sorted((sample_dir / "test").rglob("*.png"))[:3]
-    batch = to_batch([resize_for_model(read_rgb(f), loaded.input_size) for f in files])
+    frames = np.stack([resize_for_model(read_rgb(f), loaded.input_size) for f in files]).astype(np.float32)
+    batch = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))  # NCHW in 0..255: the graph normalises
     with torch.inference_mode():
         expected = load_bundle_module(loaded)(torch.from_numpy(batch)).numpy()
     session = ort.InferenceSession(str(bundle_dir / bundle_io.EXTRACTOR_ONNX), providers=["CPUExecutionProvider"])
@@ -237,8 +238,9 @@ def test_onnxruntime_matches_torch(bundle_dir: Path, sample_dir: Path) -> None:
 
 def test_anomaly_map_finds_the_drawn_defect(bundle_dir: Path, sample_dir: Path) -> None:
     """Real weights, real images: defects score above good parts and the map peaks inside the mask."""
-    from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
-    from anomalyd.engines.inspector import open_inspector
+    from anomalyd.config import SearchConfig
+    from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
+    from anomalyd.engines.select import open_inspector
 
     inspector = open_inspector(bundle_io.load_bundle(bundle_dir), OnnxRuntimeEngineConfig(), SearchConfig())
     dataset = load_dataset(sample_dir)

@@ -74,6 +74,7 @@ def _scrape(r: Running) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)")
 def test_the_daemons_metrics_pass_promtool_and_a_real_prometheus_answers_the_dashboard(
     daemon_factory,  # type: ignore[no-untyped-def]

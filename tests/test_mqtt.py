@@ -117,6 +117,7 @@ def _records(r: Running) -> dict[int, tuple[int, str, float | None, int]]:
     return {row[0]: row[1:] for row in rows}
 
 
+@pytest.mark.e2e
 @needs_mosquitto
 def test_every_answer_reaches_the_mes_in_order_through_an_outage(
     broker: Broker,
@@ -227,6 +228,7 @@ def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+@pytest.mark.e2e
 @needs_mosquitto
 def test_tls_and_a_password_or_no_results(
     tmp_path: Path,

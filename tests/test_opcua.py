@@ -18,6 +18,8 @@ from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.drivers.plc.sim import OpcUaClientOptions, SimulatedPlc
 from tests.conftest import ANOMALYD, free_port
 
+pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
+
 
 class OpcUaStation:
     def __init__(self, tmp_path: Path, bundle: Path, source: Path, plc: dict[str, object]) -> None:

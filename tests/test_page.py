@@ -36,6 +36,7 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+@pytest.mark.e2e
 def test_the_page_updates_by_itself_in_a_real_browser(
     daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path, chromium: str
 ) -> None:
@@ -184,6 +185,7 @@ _LAYOUT = """(() => {
 })()"""
 
 
+@pytest.mark.e2e
 def test_the_page_is_a_line_screen_from_a_phone_to_a_1920_panel(
     daemon_factory, e2e_bundle: Path, sample_dir: Path, tmp_path: Path, chromium: str
 ) -> None:
@@ -272,17 +274,17 @@ def test_a_timeout_part_shows_the_deadlines_verdict_not_the_models_late_score() 
 
     from anomalyd.daemon.handshake import Answer, ErrorCode
     from anomalyd.daemon.page import PageFeed
-    from anomalyd.daemon.recorder import Outcome
+    from anomalyd.daemon.result import Result
     from anomalyd.drivers.plc.layout import Status
-    from anomalyd.engines.inspector import Inspection
+    from anomalyd.model.inspector import Inspection
 
     feed = PageFeed(4, lambda: {})
     try:
         late = Inspection(0.42, 0.42, np.zeros((4, 4), np.float32), None, {})
         status = Status(inspection_id=7, part_id=70, fail=True, error=True, error_code=int(ErrorCode.OVER_BUDGET))
-        feed.offer(Outcome(Answer(status, late=True), 130.0, inspection=late))
+        feed.offer(Result(Answer(status, late=True), 130.0, inspection=late))
         ok = Status(inspection_id=8, part_id=71, passed=True, threshold=1.0)
-        feed.offer(Outcome(Answer(ok), 20.0, inspection=Inspection(0.3, 0.3, np.zeros((4, 4), np.float32), None, {})))
+        feed.offer(Result(Answer(ok), 20.0, inspection=Inspection(0.3, 0.3, np.zeros((4, 4), np.float32), None, {})))
         wait_until(lambda: feed.find(8) is not None, what="both items")
         timeout, normal = feed.find(7).public(), feed.find(8).public()  # type: ignore[union-attr]
     finally:

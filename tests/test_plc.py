@@ -12,7 +12,6 @@ import pytest
 from pydantic import ValidationError
 from pymodbus.client import ModbusTcpClient
 
-from anomalyd.config import ModbusConfig, ModbusServerConfig, S7Config
 from anomalyd.daemon.handshake import Handshake
 from anomalyd.daemon.plc_worker import PlcWorker
 from anomalyd.drivers.plc.base import PlcError, bytes_from_words
@@ -26,8 +25,8 @@ from anomalyd.drivers.plc.layout import (
     unpack_command,
     unpack_status,
 )
-from anomalyd.drivers.plc.modbus import ModbusLink, ModbusServerLink
-from anomalyd.drivers.plc.s7 import S7Link
+from anomalyd.drivers.plc.modbus import ModbusConfig, ModbusLink, ModbusServerConfig, ModbusServerLink
+from anomalyd.drivers.plc.s7 import S7Config, S7Link
 from anomalyd.drivers.plc.sim import SimulatedPlc
 from tests.conftest import free_port
 
@@ -248,6 +247,7 @@ def test_modbus_server_mode_polled_by_a_plc_client() -> None:
         link.close()
 
 
+@pytest.mark.e2e
 def test_plc_layout_cli_writes_scl_and_register_map(tmp_path: Path) -> None:
     import subprocess
 

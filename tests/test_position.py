@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyd.config import OnnxRuntimeEngineConfig, SearchConfig
-from anomalyd.engines.inspector import open_inspector
+from anomalyd.config import SearchConfig
+from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
+from anomalyd.engines.select import open_inspector
 from anomalyd.evaluation.dataset import load_dataset
 from anomalyd.model.bundle import load_bundle
 from anomalyd.model.calibrate import calibration, reference_of, suggest_thresholds
-from anomalyd.model.fit import FitSettings, _greedy_per_cell, aspect_input_size, fit, local_bank
 from anomalyd.model.images import read_rgb
 from anomalyd.model.nearest import local_nearest_distances
 from anomalyd.sample import MARK_AT, PLACEMENT_DEFECTS
+from anomalyd.training.fit import FitSettings, _greedy_per_cell, aspect_input_size, fit, local_bank
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_fit_calibrates_through_the_runtime_path(bundle_dir: Path, sample_dir: P
     bundle = load_bundle(bundle_dir)
     calib = bundle.manifest["calibration"]
     train = sorted((sample_dir / "train" / "good").glob("*.png"))
-    from anomalyd.model.fit import split_holdout
+    from anomalyd.training.fit import split_holdout
 
     _, holdout = split_holdout(train, FitSettings().holdout_fraction, 0)
     inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())

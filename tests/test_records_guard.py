@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from anomalyd.daemon.records import Record, RecordStore
-from tests.conftest import ANOMALYD
 from tests.harness import stop
 
 
@@ -55,6 +54,7 @@ def unwritten_lines(log: Path) -> dict[int, dict[str, object]]:
     return out
 
 
+@pytest.mark.e2e
 def test_a_full_disk_then_kill_9_loses_no_answered_id_and_reuses_none(
     daemon_factory, e2e_bundle: Path, sample_dir: Path, small_disk: Path
 ) -> None:
@@ -88,11 +88,7 @@ def test_a_full_disk_then_kill_9_loses_no_answered_id_and_reuses_none(
 
     r.plc = SimulatedPlc("s7", port=r.raw["plc"]["port"])  # type: ignore[index]
     r.plc.start()
-    log2 = r.config.parent / "daemon2.log"
-    r.process = subprocess.Popen(
-        [*ANOMALYD, "run", "--config", str(r.config)], stdout=log2.open("w"), stderr=subprocess.STDOUT, text=True
-    )
-    assert r.plc.wait_for(lambda s: s.ready, 90.0) is not None, log2.read_text()[-2000:]
+    log2 = r.restart()
     run(5)
     assert max(answered) > 223 and len(answered) == 228  # no id reused after the restart
     filler.unlink()  # space again: the journal and the pending records reach the database

@@ -35,8 +35,7 @@ class RejectArchive:
 
     def __init__(self, folder: Path, quota_mb: float, min_free_mb: float = 512.0) -> None:
         self.folder = folder
-        self.quota_bytes = int(quota_mb * 1024 * 1024)
-        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        self.reconfigure(quota_mb, min_free_mb)
         self.skipped = 0
         self._short_of_space = False
         folder.mkdir(parents=True, exist_ok=True)
@@ -46,6 +45,11 @@ class RejectArchive:
         self._queue: queue.Queue[ArchiveItem | None] = queue.Queue(maxsize=64)
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
         self._thread.start()
+
+    def reconfigure(self, quota_mb: float, min_free_mb: float) -> None:
+        """The quota and the free-space reserve (at start, and on a reload); the next image obeys them."""
+        self.quota_bytes = int(quota_mb * 1024 * 1024)
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
 
     def paths_for(self, inspection_id: int, verdict: str, time_ns: int) -> tuple[Path, Path]:
         day = np.datetime64(time_ns, "ns").astype("datetime64[D]")

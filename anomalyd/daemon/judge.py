@@ -7,14 +7,15 @@ import time
 from collections.abc import Callable
 
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
-from anomalyd.daemon.decision import Verdict, decide
 from anomalyd.daemon.dispatch import Part
 from anomalyd.daemon.drift import DriftWatch
 from anomalyd.daemon.handshake import Answer, ErrorCode, Handshake
 from anomalyd.daemon.recipes import Recipe, RecipeBook
-from anomalyd.daemon.recorder import Outcome, Recorder
-from anomalyd.engines.inspector import Inspection
+from anomalyd.daemon.recorder import Recorder
+from anomalyd.daemon.result import Result
+from anomalyd.decision import Verdict, decide
 from anomalyd.log import get_logger
+from anomalyd.model.inspector import Inspection
 
 log = get_logger(__name__)
 
@@ -54,7 +55,7 @@ class Judge:
                 return self._answered
             log.exception("inspection.internal_error", part_id=part.ticket.part_id)
             try:
-                return self._answer(part, None, None, None, ErrorCode.INTERNAL, str(exc))
+                return self._fail(part, None, ErrorCode.INTERNAL, str(exc))
             except Exception:  # the handshake itself refused: the deadline still answers the part fail-safe
                 log.exception("inspection.unanswerable", part_id=part.ticket.part_id)
                 return self._answered
@@ -62,21 +63,19 @@ class Judge:
     def _judge(self, part: Part) -> Answer:
         recipe = self.recipes.get(part.ticket.recipe)
         if recipe is None:  # removed or failed since the trigger: never judged with another recipe
-            return self._answer(part, None, None, None, ErrorCode.RECIPE_UNAVAILABLE, "recipe not loaded")
+            return self._fail(part, None, ErrorCode.RECIPE_UNAVAILABLE, "recipe not loaded")
         if part.frame is None:
-            return self._answer(part, recipe, None, None, part.error, part.reason)
+            return self._fail(part, recipe, part.error, part.reason)
         if (why := self.camera.check(part.frame)) is not None:
-            return self._answer(part, recipe, None, None, ErrorCode.BAD_FRAME, why)
+            return self._fail(part, recipe, ErrorCode.BAD_FRAME, why)
         try:
             inspection = recipe.inspector.inspect(part.frame.image)
         except Exception as exc:  # any model failure fails this part, not the daemon
             log.exception("model.failed", frame_id=part.frame.frame_id)
-            return self._answer(part, recipe, None, None, ErrorCode.MODEL_ERROR, str(exc))
+            return self._fail(part, recipe, ErrorCode.MODEL_ERROR, str(exc))
         if not (math.isfinite(inspection.score) and inspection.map_finite()):
             # nan >= threshold is False: a non-finite number would pass the part.
-            return self._answer(
-                part, recipe, inspection, None, ErrorCode.MODEL_ERROR, "non-finite score or anomaly map"
-            )
+            return self._fail(part, recipe, ErrorCode.MODEL_ERROR, "non-finite score or anomaly map", inspection)
         _x, _y, w, h = inspection.roi
         rules = recipe.spec.thresholds
         # The map crosses to the host here only for the pixel rule (checked finite above); else when the
@@ -90,6 +89,17 @@ class Judge:
             except Exception as exc:
                 log.error("drift.failed", error=str(exc))
         return answer
+
+    def _fail(
+        self,
+        part: Part,
+        recipe: Recipe | None,
+        code: ErrorCode,
+        reason: str,
+        inspection: Inspection | None = None,
+    ) -> Answer:
+        """Fail ``part`` with ``code`` (no verdict: the model said nothing usable about it)."""
+        return self._answer(part, recipe, inspection, None, code, reason)
 
     def _answer(
         self,
@@ -111,44 +121,35 @@ class Judge:
         passed = verdict is not None and verdict.passed
         answer = self.handshake.finish(part.ticket, now, score, threshold, passed, int(code), latency_ms)
         self._answered = answer
+        result = Result(
+            answer,
+            latency_ms,
+            verdict,
+            inspection,
+            part.frame,
+            recipe=part.ticket.recipe or self.recipes.default,
+            bundle_id=recipe.bundle_id if recipe else None,
+            reason=reason,
+        )
         try:
-            self._after(part, recipe, inspection, verdict, answer, latency_ms, reason)
+            self._after(result)
         except Exception:  # side effects of an answer given: logged, never a second answer
             log.exception("inspection.after_answer_failed", id=answer.status.inspection_id)
         return answer
 
-    def _after(
-        self,
-        part: Part,
-        recipe: Recipe | None,
-        inspection: Inspection | None,
-        verdict: Verdict | None,
-        answer: Answer,
-        latency_ms: float,
-        reason: str,
-    ) -> None:
+    def _after(self, result: Result) -> None:
         """What follows an answer: wake the PLC writer, log, record (each fault here is the caller's to log)."""
         self.on_answer()
-        if answer.code and not answer.late:
+        if result.code and not result.late:
             # The published code: the handshake may have failed a pass under its own lock (records.required).
-            why = reason or "records cannot be written"
-            log.warning("inspection.error", code=int(answer.code), error=answer.code.name.lower(), reason=why)
-        if answer.late:
+            why = result.reason or "records cannot be written"
+            log.warning("inspection.error", code=int(result.code), error=result.code.name.lower(), reason=why)
+        if result.late:
             log.warning(
                 "inspection.late",
-                id=answer.status.inspection_id,
-                part_id=answer.part_id,
-                latency_ms=round(latency_ms, 1),
+                id=result.inspection_id,
+                part_id=result.part_id,
+                latency_ms=round(result.latency_ms, 1),
                 budget_ms=self.handshake.budget_s * 1000.0,
             )
-        self.recorder.add(
-            Outcome(
-                answer,
-                latency_ms,
-                verdict,
-                inspection,
-                part.frame,
-                recipe=part.ticket.recipe or self.recipes.default,
-                bundle_id=recipe.bundle_id if recipe else None,
-            )
-        )
+        self.recorder.add(result)

@@ -30,6 +30,7 @@ from anomalyd.config import MqttConfig
 from anomalyd.daemon.handshake import ERROR_MEANINGS, ErrorCode
 from anomalyd.daemon.metrics import Metrics
 from anomalyd.daemon.records import Record
+from anomalyd.decision import Label
 from anomalyd.errors import StartupError
 from anomalyd.log import get_logger
 
@@ -47,7 +48,7 @@ def result_message(record: Record, line: str, overlay_path: str | None = None) -
         "part_id": record.part_id,
         "recipe": record.recipe,
         "verdict": record.verdict,
-        "passed": record.verdict != "NG",
+        "passed": record.verdict != Label.NG,
         "score": record.score,
         "threshold": record.threshold,
         "error_code": int(code),

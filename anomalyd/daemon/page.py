@@ -32,7 +32,8 @@ import cv2
 import numpy as np
 
 from anomalyd.config import is_loopback
-from anomalyd.daemon.handshake import ERROR_MEANINGS, ErrorCode
+from anomalyd.daemon.result import Result
+from anomalyd.decision import Label
 from anomalyd.errors import StartupError
 from anomalyd.log import get_logger
 from anomalyd.overlay import encode_jpeg, overlay_heatmap
@@ -63,6 +64,25 @@ class PageItem:
     timeout: bool = False  # failed at the deadline (code 2): ``score`` is None, the model's is ``late_score``
     late_score: float | None = None
     images: dict[str, bytes] = field(default_factory=dict, repr=False)  # frame, overlay, thumb
+
+    @classmethod
+    def of(cls, result: Result, shown_at: float) -> PageItem:
+        timeout = result.timeout
+        return cls(
+            inspection_id=result.inspection_id,
+            part_id=result.part_id,
+            recipe=result.recipe,
+            verdict=str(result.label),
+            score=None if timeout else result.score,  # a timeout's verdict is the deadline's, not the model's
+            threshold=result.threshold,
+            error_code=int(result.code),
+            late=result.late,
+            latency_ms=round(result.latency_ms, 2),
+            time=shown_at,
+            error_text=result.error_text,
+            timeout=timeout,
+            late_score=result.score if timeout else None,
+        )
 
     def public(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,7 +115,7 @@ class PageFeed:
         self._thread = threading.Thread(target=self._run, name="page-feed", daemon=True)
         self._thread.start()
 
-    def offer(self, outcome: Any) -> None:
+    def offer(self, result: Result) -> None:
         """From the recorder, on the inspection thread: one non-blocking put, nothing else.
 
         The page item, the counts and the images are made on the feed's own
@@ -103,32 +123,16 @@ class PageFeed:
         (the PLC and the records have it regardless).
         """
         try:
-            self._queue.put_nowait(outcome)
+            self._queue.put_nowait(result)
         except queue.Full:
             self.skipped_items += 1
 
-    def _item(self, outcome: Any) -> PageItem:
-        model_score = outcome.inspection.score if outcome.inspection is not None else None
-        timeout = outcome.code == ErrorCode.OVER_BUDGET
-        item = PageItem(
-            inspection_id=outcome.inspection_id,
-            part_id=outcome.answer.part_id,
-            recipe=outcome.recipe,
-            verdict=outcome.label,
-            score=None if timeout else model_score,  # a timeout's verdict is the deadline's, not the model's
-            threshold=outcome.threshold,
-            error_code=int(outcome.code),
-            late=outcome.answer.late,
-            latency_ms=round(outcome.latency_ms, 2),
-            time=time.time(),
-            error_text=ERROR_MEANINGS.get(outcome.code, "unknown error") if outcome.code else "",
-            timeout=timeout,
-            late_score=model_score if timeout else None,
-        )
+    def _item(self, result: Result) -> PageItem:
+        item = PageItem.of(result, time.time())
         with self._lock:
-            if not outcome.answer.refused:
-                self._latencies.append(outcome.latency_ms)
-            hour = self._hours.setdefault(int(item.time // 3600) * 3600, {"OK": 0, "WARN": 0, "NG": 0})
+            if not result.refused:
+                self._latencies.append(result.latency_ms)
+            hour = self._hours.setdefault(int(item.time // 3600) * 3600, {str(label): 0 for label in Label})
             hour[item.verdict] = hour.get(item.verdict, 0) + 1
             for old in sorted(self._hours)[:-24]:
                 del self._hours[old]
@@ -139,29 +143,29 @@ class PageFeed:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        while (outcome := self._queue.get()) is not None:
+        while (result := self._queue.get()) is not None:
             try:
-                self._feed(outcome)
+                self._feed(result)
             except Exception:  # the page is a view: a fault there is logged, never fatal to the feed
                 log.exception("page.feed_error")
 
-    def _feed(self, outcome: Any) -> None:
-        item = self._item(outcome)
+    def _feed(self, result: Result) -> None:
+        item = self._item(result)
         if self._queue.qsize() < RENDER_BACKLOG:  # behind: this one's images are skipped, never the part
             try:
-                self._render(item, outcome)
+                self._render(item, result)
             except Exception as exc:  # a picture must never stop the feed
                 log.warning("page.render_failed", id=item.inspection_id, error=str(exc))
         else:
             self.skipped_images += 1
         self._publish(item)
 
-    def _render(self, item: PageItem, outcome: Any) -> None:
-        if outcome.frame is None:
+    def _render(self, item: PageItem, result: Result) -> None:
+        if result.frame is None:
             return
-        frame = _fit(outcome.frame.image, _FULL_MAX)
-        if outcome.inspection is not None:
-            fmap = outcome.inspection.frame_map(outcome.frame.image.shape)
+        frame = _fit(result.frame.image, _FULL_MAX)
+        if result.inspection is not None:
+            fmap = result.inspection.frame_map(result.frame.image.shape)
             overlay = overlay_heatmap(frame, _fit(fmap, _FULL_MAX), item.threshold, item.score, item.verdict)
         else:
             overlay = frame

@@ -95,11 +95,6 @@ class PlcWorker:
         """A result is ready: write it now, not at the next poll."""
         self._wake.set()
 
-    @property
-    def fatal(self) -> Exception | None:
-        """A configuration error the PLC reported (e.g. DB too small): retrying cannot fix it."""
-        return self._fatal
-
     def _connect(self) -> bool:
         try:
             self.link.open()

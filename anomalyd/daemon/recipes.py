@@ -18,9 +18,11 @@ from pathlib import Path
 
 from anomalyd.config import AppConfig, Roi, ThresholdsConfig
 from anomalyd.daemon.handshake import Handshake
-from anomalyd.engines.inspector import Inspector, open_inspector
+from anomalyd.engines.base import EngineHooks
+from anomalyd.engines.select import open_inspector
 from anomalyd.log import get_logger
 from anomalyd.model.bundle import load_bundle
+from anomalyd.model.inspector import Inspector
 from anomalyd.model.signing import load_trusted_keys
 
 log = get_logger(__name__)
@@ -102,14 +104,14 @@ class RecipeBook:
         self._retired: list[Inspector] = []  # closed between parts: the loop may still hold one
 
     @staticmethod
-    def opener(config: AppConfig) -> Callable[[RecipeSpec], Inspector]:
+    def opener(config: AppConfig, hooks: EngineHooks = EngineHooks()) -> Callable[[RecipeSpec], Inspector]:
         """Open and warm up the inspector of a recipe with the configured engine and search."""
         trusted = load_trusted_keys(config.model.trusted_keys) if config.model.trusted_keys else []
 
         def open_spec(spec: RecipeSpec) -> Inspector:
             # The link is resolved once inside load_bundle; the inspector is built from the bytes it verified.
             bundle = load_bundle(spec.bundle, trusted_keys=trusted)
-            inspector = open_inspector(bundle, config.engine, config.search, spec.roi)
+            inspector = open_inspector(bundle, config.engine, config.search, spec.roi, hooks)
             try:
                 inspector.warm_up()
             except BaseException:
@@ -220,15 +222,6 @@ class RecipeBook:
         if recipe is None and error:
             log.error("recipe.load_failed", recipe=n, bundle=str(spec.bundle), error=error)
         self._publish()
-
-    def wait_loaded(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._loading:
-                    return True
-            time.sleep(0.01)
-        return False
 
     # ------------------------------------------------------------ use
     def get(self, number: int) -> Recipe | None:

@@ -81,6 +81,34 @@ ADDED_COLUMNS = {
 }
 
 
+def archived_records(
+    database: Path,
+    ids: list[int] | None = None,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+    verdict: str | None = None,
+    recipe: int | None = None,
+) -> list[sqlite3.Row]:
+    """The records whose images are in the archive, by these filters, oldest first (read-only; ``teach``)."""
+    where: list[str] = ["archive_path IS NOT NULL"]
+    params: list[object] = []
+    if ids is not None:
+        where.append(f"inspection_id IN ({','.join('?' * len(ids)) or 'NULL'})")
+        params += ids
+    for clause, value in (("time_ns >= ?", since_ns), ("time_ns <= ?", until_ns), ("verdict = ?", verdict)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    if recipe is not None:
+        where.append("recipe = ?")
+        params.append(recipe)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(
+            f"SELECT * FROM inspections WHERE {' AND '.join(where)} ORDER BY inspection_id", params
+        ).fetchall()
+
+
 def connect(path: Path, timeout_s: float = 1.0) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A short busy timeout: a lock held elsewhere is reported within a second, and the

@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from anomalyd.config import RELOADABLE, AppConfig
+from anomalyd.config import RELOADABLE, AppConfig, config_hash
 from anomalyd.config_loader import ConfigError, ConfigIssue, parse_config, read_config_text
+from anomalyd.daemon.recipes import recipe_specs
 from anomalyd.log import get_logger
 
 log = get_logger(__name__)
@@ -62,3 +63,41 @@ def reload_config(path: Path, current: AppConfig, sections: frozenset[str] = fro
         if name not in RELOADABLE and getattr(new, name) != getattr(current, name)
     ]
     return Reload(applied, applied=True, needs_restart=restart, sections=now)
+
+
+def reload_entries(
+    old: AppConfig, new: AppConfig, bundles_in_use: dict[int, str]
+) -> list[tuple[str, dict[str, object]]]:
+    """What a reload from ``old`` to ``new`` would change, old → new, as audit entries (before it is applied).
+
+    A pure function of the two configs and ``bundles_in_use`` (each loaded recipe's bundle
+    folder as resolved when it was loaded, so a bundle link moved to another folder is audited).
+    """
+    entries: list[tuple[str, dict[str, object]]] = []
+    new_hash = config_hash(new)
+    before, now = old.thresholds.model_dump(), new.thresholds.model_dump()
+    if now != before:
+        changed = {k: {"old": before[k], "new": now[k]} for k in now if now[k] != before.get(k)}
+        entries.append(("thresholds", {"changed": changed, "config_hash": new_hash}))
+    old_recipes = {n: r.model_dump(mode="json") for n, r in old.recipes.items()}
+    after = {n: r.model_dump(mode="json") for n, r in new.recipes.items()}
+    _, specs = recipe_specs(new)
+    moved = {
+        n: {"old": bundles_in_use[n], "new": str(s.bundle.resolve())}
+        for n, s in specs.items()
+        if n in bundles_in_use and bundles_in_use[n] != str(s.bundle.resolve())
+    }
+    if after != old_recipes or moved:
+        detail: dict[str, object] = {
+            "added": sorted(set(after) - set(old_recipes)),
+            "removed": sorted(set(old_recipes) - set(after)),
+            "changed": {
+                n: {"old": old_recipes[n], "new": after[n]}
+                for n in after
+                if n in old_recipes and after[n] != old_recipes[n]
+            },
+            "bundles_moved": moved,
+            "config_hash": new_hash,
+        }
+        entries.append(("recipes", detail))
+    return entries

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from anomalyd.config import AppConfig, ModbusServerConfig, OpcUaServerConfig, config_hash
+from anomalyd.config import AppConfig, config_hash
 from anomalyd.config_loader import config_sections, load_config
 from anomalyd.daemon.audit import AuditError, AuditLog
 from anomalyd.daemon.camera_supervisor import CameraSupervisor
@@ -33,19 +33,29 @@ from anomalyd.daemon.metrics import LabelledOutcomes, Metrics, MetricsServer, li
 from anomalyd.daemon.notify import Notifier
 from anomalyd.daemon.page import PageFeed, PageServer, page_token
 from anomalyd.daemon.plc_worker import PlcWorker
-from anomalyd.daemon.recipes import RecipeBook, recipe_specs
+from anomalyd.daemon.recipes import RecipeBook
 from anomalyd.daemon.recorder import Recorder
-from anomalyd.daemon.reloader import reload_config
-from anomalyd.drivers.plc.base import PlcError, open_plc_link
-from anomalyd.engines import plan_cache
+from anomalyd.daemon.reloader import reload_config, reload_entries
+from anomalyd.drivers.plc.base import PLC_LINKS, PlcError, open_plc_link
+from anomalyd.engines.base import EngineHooks
 from anomalyd.errors import StartupError
 from anomalyd.log import configure_logging, get_logger
 
 log = get_logger(__name__)
+CERTIFICATE_WARNING_DAYS = 30  # a certificate's renewal is planned this long before it expires
 
 
 class Daemon:
+    """Wiring: every part is built once, in order, from the config (``__init__``); ``start`` starts them.
+
+    Nothing is built later and nothing is set into another object after it was made:
+    a part that calls back into the daemon (records failing, the counter, a refused
+    trigger) is built after the parts its callback uses. A start-up fault a person must
+    fix raises StartupError (one line, exit 2).
+    """
+
     def __init__(self, config_path: Path, config: AppConfig) -> None:
+        cfg = config
         self.config_path = config_path
         self.config = config
         self.config_id = config_hash(config)
@@ -53,16 +63,12 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
-        self.line = line_name(config.daemon.line)  # metrics, MQTT and the page name the station alike
+        self.line = line_name(cfg.daemon.line)  # metrics, MQTT and the page name the station alike
         self.metrics = Metrics(self.line)
-        self.metrics.registry.register(LabelledOutcomes(config.daemon.data_dir / "inspections.sqlite"))
-        self.metrics_server: MetricsServer | None = None
-        self.page_server: PageServer | None = None
-        self.page_feed: PageFeed | None = None
-        self.mes: MqttPublisher | None = None
+        self.metrics.registry.register(LabelledOutcomes(cfg.daemon.data_dir / "inspections.sqlite"))
         self._audit_cache: list[dict[str, object]] = []
         self._audit_read_at = -1e9
-        self.heartbeat_s = config.daemon.heartbeat_ms / 1000.0
+        self.heartbeat_s = cfg.daemon.heartbeat_ms / 1000.0
         # The loop never waits longer than this, so the heartbeat can prove it is alive.
         self.tick_s = min(0.2, self.heartbeat_s / 4)
         self._last_loop = time.monotonic()
@@ -71,9 +77,6 @@ class Daemon:
         self._next_cert_check = float("inf")  # OPC UA certificates: checked at start, then hourly
         self.audit_problem = ""  # the audit chain's first break, shown on the page ("" while whole)
 
-    # ------------------------------------------------------------ start-up
-    def start(self) -> None:
-        cfg = self.config
         check_data_dir(cfg.daemon.data_dir)  # before the slow model load: a person must fix it
         try:
             # A short wait: a reload that cannot be audited is refused rather than hold up the line.
@@ -89,66 +92,12 @@ class Daemon:
             grab_timeout_ms=cfg.daemon.grab_timeout_ms,
             records_required=cfg.records.required,
         )
-        # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): tell systemd.
-        plan_cache.BUILD_HOOKS.append(self.notifier.extend_timeout)
-        if cfg.model.trusted_keys:
-            log.info("bundles.authenticated", trusted_keys=[str(k) for k in cfg.model.trusted_keys])
-        else:
-            log.warning("bundles.not_authenticated", hint="set model.trusted_keys to refuse unsigned bundles")
-        self.recipes = RecipeBook(cfg, self.handshake, RecipeBook.opener(cfg))
-        self.recipes.load_all()  # every recipe loaded and warmed up before READY
-        default = self.recipes.get(0)
-        assert default is not None
-        log.info(
-            "model.loaded",
-            recipes=sorted(self.recipes.specs),
-            default_recipe=self.recipes.default,
-            bundle=default.bundle_id,
-            engine=default.inspector.engine_name,
-            threshold=default.threshold,
-            input_size=default.inspector.bundle.input_size,
-        )
-        try:
-            self.recorder = Recorder(
-                cfg.daemon,
-                cfg.archive,
-                self.metrics,
-                default.bundle_id,
-                cfg.records,
-                on_failing=self._records_failing,
-                on_ids=self._ids_state,
-                on_id_limit=self.handshake.set_id_limit,
-            )
-            last_id = self.recorder.last_inspection_id()
-        except (sqlite3.Error, OSError) as exc:
-            raise StartupError(
-                f"{cfg.daemon.data_dir}: cannot open the records or the inspection counter ({exc}); "
-                "check the folder, its free space and its files (a corrupt database can be moved aside)"
-            ) from None
-        self.recorder.config_id = self.config_id
-        self.handshake.continue_from(last_id)
-        self.handshake.on_continue = self.recorder.ids.reserve  # a PLC block ahead of us: saved before use
+        self.recipes = self._load_recipes(cfg)
+        self.plc = self._plc_worker(cfg)  # built, not started: its callbacks reach the recorder only once it runs
+        self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state) if cfg.page.enabled else None
+        self.mes = MqttPublisher(cfg.mqtt, self.line, self.metrics) if cfg.mqtt.enabled else None
+        self.recorder = self._recorder(cfg)
         self.handshake.set_threshold(self.threshold)
-        link = open_plc_link(cfg.plc)
-        if isinstance(cfg.plc, ModbusServerConfig | OpcUaServerConfig):
-            # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
-            try:
-                link.open()
-            except PlcError as exc:
-                raise StartupError(f"plc.port {cfg.plc.port} on {cfg.plc.host}: {exc}") from None
-        self._check_certificates()
-        self.plc = PlcWorker(
-            link,
-            self.handshake,
-            heartbeat_s=self.heartbeat_s,
-            poll_s=cfg.daemon.poll_ms / 1000.0,
-            reconnect_max_s=getattr(cfg.plc, "reconnect_max_s", 5.0),
-            on_connection=self._plc_connection,
-            on_refused=self.recorder.add_refused,
-            on_expired=self._expired,
-            loop_alive=self._loop_alive,
-            client_timeout_s=getattr(cfg.plc, "client_timeout_heartbeats", 10) * self.heartbeat_s,
-        )
         self.camera = CameraSupervisor(cfg.camera, self.handshake, self.metrics)
         self.dispatcher = Dispatcher(
             cfg.daemon.trigger,
@@ -166,27 +115,97 @@ class Daemon:
         self.judge = Judge(
             self.recipes, self.handshake, self.camera, self.recorder, on_answer=self.plc.wake, drift=self.drift
         )
+        # The servers last: a request may come the moment they listen, and they read every part above.
+        self.metrics_server: MetricsServer | None = None
         if cfg.metrics.enabled:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port, self.health)
             log.info("metrics.serving", url=f"http://{cfg.metrics.host}:{self.metrics_server.port}/metrics")
-        if cfg.page.enabled:
-            self.page_feed = PageFeed(cfg.page.filmstrip, self._page_state)
+        self.page_server: PageServer | None = None
+        if self.page_feed is not None:
             feed = self.page_feed
             self.metrics.count_from("page_skipped_images", lambda: feed.skipped_images)
             self.metrics.count_from("page_skipped_results", lambda: feed.skipped_items)
             self.page_server = PageServer(
-                self.page_feed,
-                cfg.page.host,
-                cfg.page.port,
-                page_token(cfg.page.token_file),
-                cfg.page.max_clients,
-                on_label=self._label,
+                feed, cfg.page.host, cfg.page.port, page_token(cfg.page.token_file), cfg.page.max_clients, self._label
             )
-            self.recorder.page_feed = self.page_feed
             log.info("page.serving", url=f"http://{cfg.page.host}:{self.page_server.port}/")
-        if cfg.mqtt.enabled:
-            self.mes = MqttPublisher(cfg.mqtt, self.line, self.metrics)
-            self.recorder.mes = self.mes
+
+    def _load_recipes(self, cfg: AppConfig) -> RecipeBook:
+        if cfg.model.trusted_keys:
+            log.info("bundles.authenticated", trusted_keys=[str(k) for k in cfg.model.trusted_keys])
+        else:
+            log.warning("bundles.not_authenticated", hint="set model.trusted_keys to refuse unsigned bundles")
+        # A first start on a new GPU builds the TensorRT plan (minutes on a Jetson): systemd is told.
+        hooks = EngineHooks(on_long_build=self.notifier.extend_timeout)
+        recipes = RecipeBook(cfg, self.handshake, RecipeBook.opener(cfg, hooks))
+        recipes.load_all()  # every recipe loaded and warmed up before READY
+        default = recipes.get(0)
+        assert default is not None
+        log.info(
+            "model.loaded",
+            recipes=sorted(recipes.specs),
+            default_recipe=recipes.default,
+            bundle=default.bundle_id,
+            engine=default.inspector.engine_name,
+            threshold=default.threshold,
+            input_size=default.inspector.bundle.input_size,
+        )
+        return recipes
+
+    def _plc_worker(self, cfg: AppConfig) -> PlcWorker:
+        link = open_plc_link(cfg.plc)
+        if PLC_LINKS[cfg.plc.type].serves:
+            # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
+            try:
+                link.open()
+            except PlcError as exc:
+                where = f"plc.port {getattr(cfg.plc, 'port', '?')} on {getattr(cfg.plc, 'host', '?')}"
+                raise StartupError(f"{where}: {exc}") from None
+        return PlcWorker(
+            link,
+            self.handshake,
+            heartbeat_s=self.heartbeat_s,
+            poll_s=cfg.daemon.poll_ms / 1000.0,
+            reconnect_max_s=getattr(cfg.plc, "reconnect_max_s", 5.0),
+            on_connection=self._plc_connection,
+            on_refused=self._refused,
+            on_expired=self._expired,
+            loop_alive=self._loop_alive,
+            client_timeout_s=getattr(cfg.plc, "client_timeout_heartbeats", 10) * self.heartbeat_s,
+        )
+
+    def _recorder(self, cfg: AppConfig) -> Recorder:
+        default = self.recipes.get(0)
+        assert default is not None
+        try:
+            recorder = Recorder(
+                cfg.daemon,
+                cfg.archive,
+                self.metrics,
+                default.bundle_id,
+                cfg.records,
+                on_failing=self._records_failing,
+                on_ids=self._ids_state,
+                on_id_limit=self.handshake.set_id_limit,
+                config_id=self.config_id,
+                page_feed=self.page_feed,
+                mes=self.mes,
+            )
+            last_id = recorder.last_inspection_id()
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(
+                f"{cfg.daemon.data_dir}: cannot open the records or the inspection counter ({exc}); "
+                "check the folder, its free space and its files (a corrupt database can be moved aside)"
+            ) from None
+        self.handshake.continue_from(last_id)
+        self.handshake.on_continue = recorder.ids.reserve  # a PLC block ahead of us: saved before use
+        return recorder
+
+    # ------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Start the parts built above: the PLC link, the camera; then audit the start and say READY."""
+        cfg = self.config
+        self._check_certificates()
         self.plc.start()
         self.camera.ensure_open()
         self.audit.append(
@@ -253,12 +272,13 @@ class Daemon:
         self.plc.wake()
 
     def _records_failing(self, failing: bool) -> None:
-        # Called from the records thread; the handshake may not exist yet at the first write.
-        handshake, plc = getattr(self, "handshake", None), getattr(self, "plc", None)
-        if handshake is not None:
-            handshake.set_records_failing(failing)
-        if plc is not None:
-            plc.wake()
+        # From the records thread (from its first write on: the handshake and the PLC worker are built before it).
+        self.handshake.set_records_failing(failing)
+        self.plc.wake()
+
+    def _refused(self, answer: Answer) -> None:
+        """A trigger the PLC worker answered without an inspection: recorded like every answer."""
+        self.recorder.add_refused(answer)
 
     def _label(self, inspection_id: int, label: str, who: str) -> None:
         """From the page: a person's word on a part, stored with the records and audited."""
@@ -267,16 +287,15 @@ class Daemon:
         add_labels(self.config.daemon.data_dir / "inspections.sqlite", [inspection_id], label, actor=who)  # type: ignore[arg-type]
 
     def _check_certificates(self) -> None:
-        """OPC UA: log and export the days left on each certificate; warn 30 days ahead."""
-        if not isinstance(self.config.plc, OpcUaServerConfig):
+        """A link with certificates (OPC UA): log and export the days left on each; warn 30 days ahead."""
+        certificate_expiry = getattr(PLC_LINKS[self.config.plc.type], "certificate_expiry", None)
+        if certificate_expiry is None:
             return
-        from anomalyd.drivers.plc.opcua import EXPIRY_WARNING_DAYS, certificate_expiry
-
         self._next_cert_check = time.monotonic() + 3600.0
         for name, expires in certificate_expiry(self.config.plc).items():
             self.metrics.certificate_expiry.labels(certificate=name).set(expires)
             days = round((expires - time.time()) / 86400.0, 2)
-            if days < EXPIRY_WARNING_DAYS:
+            if days < CERTIFICATE_WARNING_DAYS:
                 log.warning("opcua.certificate_expiring", certificate=name, days_left=days)
             else:
                 log.info("opcua.certificate", certificate=name, days_left=days)
@@ -288,9 +307,7 @@ class Daemon:
             self.handshake.release(ErrorCode.RECORDS_UNAVAILABLE)
         else:
             self.handshake.hold(ErrorCode.RECORDS_UNAVAILABLE)
-        plc = getattr(self, "plc", None)
-        if plc is not None:
-            plc.wake()
+        self.plc.wake()
 
     def _expired(self, answer: Answer) -> None:
         log.warning("inspection.deadline", id=answer.status.inspection_id, part_id=answer.part_id)
@@ -392,7 +409,7 @@ class Daemon:
         applied = result.applied
         if applied:
             try:
-                for action, detail in self._reload_entries(result.config):
+                for action, detail in reload_entries(self.config, result.config, self.recipes.resolved()):
                     self.audit.record(action, detail, actor="daemon (reload)")
             except AuditError as exc:
                 log.error("reload.refused", reason=str(exc), kept=self.config.thresholds.model_dump())
@@ -402,10 +419,8 @@ class Daemon:
             self.config_sections = result.sections
             self.config = result.config
             self.config_id = config_hash(self.config)
-            self.recorder.config_id = self.config_id
-            self.recorder.archive_config = self.config.archive
-            self.recorder.archive.quota_bytes = int(self.config.archive.quota_mb * 1024 * 1024)
-            self.recorder.archive.min_free_bytes = int(self.config.archive.min_free_mb * 1024 * 1024)
+            # Each owner applies its own part of the reload.
+            self.recorder.reconfigure(self.config.archive, self.config_id)
             loading = self.recipes.apply(self.config)
             self.handshake.set_threshold(self.threshold)
             configure_logging(self.config.logging.level, self.config.logging.format)
@@ -418,38 +433,6 @@ class Daemon:
             )
         self.notifier.ready(self._status_line())
         return applied
-
-    def _reload_entries(self, new: AppConfig) -> list[tuple[str, dict[str, object]]]:
-        """What a reload to ``new`` would change, old → new, as audit entries (before it is applied)."""
-        entries: list[tuple[str, dict[str, object]]] = []
-        new_hash = config_hash(new)
-        before, now = self.config.thresholds.model_dump(), new.thresholds.model_dump()
-        if now != before:
-            changed = {k: {"old": before[k], "new": now[k]} for k in now if now[k] != before.get(k)}
-            entries.append(("thresholds", {"changed": changed, "config_hash": new_hash}))
-        old_recipes = {n: r.model_dump(mode="json") for n, r in self.config.recipes.items()}
-        after = {n: r.model_dump(mode="json") for n, r in new.recipes.items()}
-        bundles = self.recipes.resolved()
-        _, specs = recipe_specs(new)
-        moved = {
-            n: {"old": bundles[n], "new": str(s.bundle.resolve())}
-            for n, s in specs.items()
-            if n in bundles and bundles[n] != str(s.bundle.resolve())
-        }
-        if after != old_recipes or moved:
-            detail: dict[str, object] = {
-                "added": sorted(set(after) - set(old_recipes)),
-                "removed": sorted(set(old_recipes) - set(after)),
-                "changed": {
-                    n: {"old": old_recipes[n], "new": after[n]}
-                    for n in after
-                    if n in old_recipes and after[n] != old_recipes[n]
-                },
-                "bundles_moved": moved,
-                "config_hash": new_hash,
-            }
-            entries.append(("recipes", detail))
-        return entries
 
     def _check_audit(self) -> None:
         """Verify the audit chain; a break is reported (log, metric, page), never a reason to stop the line."""
@@ -506,8 +489,7 @@ class Daemon:
             self.page_feed.close()
         if self.mes is not None:
             self.mes.close()  # after the records: the last results are on their way, then "offline"
-        if getattr(self, "recipes", None) is not None:
-            self.recipes.close()
+        self.recipes.close()
         self.notifier.close()
         log.info("daemon.stopped")
         return 0

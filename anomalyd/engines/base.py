@@ -1,51 +1,60 @@
-"""The two engine interfaces and their registries.
+"""The two engine interfaces, the settings every extractor engine shares, and their registries.
 
-A backend module registers its class under the ``type`` key the YAML names;
-adding a backend touches its own file and the import list in ``select.py``.
-An extractor class has ``unavailable(config) -> str | None`` (why it cannot run
-here) and is built as ``cls(bundle, config)``; a searcher as ``cls(bank, device, threads)``.
+An extractor engine is one module ``anomalyd/engines/<name>_engine.py``: its settings class
+(an ``EngineSettings`` with ``type: Literal[KEY]``) and its class, registered with
+``@register_extractor(Settings)``; the class has ``unavailable(config) -> str | None`` (why
+it cannot run here) and is built as ``cls(bundle, config, hooks)``. The registry finds the module
+itself; the module imports torch and its runtime inside its functions, so that reading a
+config file never loads them. A searcher is built as ``cls(bank, device, threads)``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from anomalyd.errors import AnomalydError
+from anomalyd.model.ports import Extractor, Searcher
 from anomalyd.registry import Registry
+from anomalyd.settings import BackendSettings, setting
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EXTRACTORS", "SEARCHERS", "EngineError", "EngineSettings", "Extractor", "Searcher", "resolve_device"]
 
 
 class EngineError(AnomalydError):
     """An engine or search backend cannot be used; the message says why."""
 
 
-class Extractor(Protocol):
-    """Batch of 0..255 float images ``[B, 3, H, W]`` → patch features ``[B, C, h, w]``."""
+@dataclass(frozen=True)
+class EngineHooks:
+    """What an engine may tell its owner while it is being built (passed to every extractor class)."""
 
-    name: str
-    device: torch.device
-
-    def extract(self, images: torch.Tensor) -> torch.Tensor: ...
-
-    def close(self) -> None: ...
+    # A TensorRT plan build takes minutes on a Jetson: the daemon extends systemd's start timeout by this long.
+    on_long_build: Callable[[float], None] = lambda seconds: None
 
 
-class Searcher(Protocol):
-    """Patch features ``[Q, C]`` → distance to the nearest memory-bank patch ``[Q]``."""
+class EngineSettings(BackendSettings):
+    """What every extractor engine's settings have."""
 
-    name: str
-    device: torch.device
-
-    def search(self, features: torch.Tensor) -> torch.Tensor: ...
-
-    def close(self) -> None: ...
+    threads: int = setting(0, "CPU threads", "Threads for CPU work (0: all cores).", ge=0, le=256)
 
 
-EXTRACTORS = Registry("extractor engine")
-SEARCHERS = Registry("search")
+EXTRACTORS: Registry[Any] = Registry("extractor engine", "anomalyd.engines", suffix="_engine")
+# The searchers live in search.py; search.type (auto, faiss, torch) names them.
+SEARCHERS: dict[str, Any] = {}
 register_extractor = EXTRACTORS.register
-register_searcher = SEARCHERS.register
+
+
+def register_searcher(key: str) -> Any:
+    def deco(cls: Any) -> Any:
+        SEARCHERS[key] = cls
+        return cls
+
+    return deco
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,6 +63,8 @@ def resolve_device(name: str) -> torch.device:
     ``torch.cuda.set_device``, faiss and CUDA-graph capture need the index: a bare
     ``cuda`` would mean "whatever device is current", which is not always ours.
     """
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

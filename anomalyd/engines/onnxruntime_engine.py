@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import torch
+from anomalyd.engines.base import EngineError, EngineHooks, EngineSettings, register_extractor
+from anomalyd.settings import setting
 
-from anomalyd.config import OnnxRuntimeEngineConfig
-from anomalyd.engines.base import EngineError, register_extractor
-from anomalyd.model.bundle import EXTRACTOR_ONNX, Bundle
-from anomalyd.model.export import INPUT_NAME
+if TYPE_CHECKING:
+    import torch
+
+    from anomalyd.model.bundle import Bundle
 
 
-@register_extractor("onnxruntime")
+class OnnxRuntimeEngineConfig(EngineSettings):
+    type: Literal["onnxruntime"] = "onnxruntime"
+    providers: list[str] = setting(
+        ["CPUExecutionProvider"], "Execution providers", "ONNX Runtime providers in order of preference."
+    )
+
+
+@register_extractor(OnnxRuntimeEngineConfig)
 class OnnxRuntimeExtractor:
     name = "onnxruntime"
 
@@ -26,8 +34,11 @@ class OnnxRuntimeExtractor:
         missing = [p for p in config.providers if p not in onnxruntime.get_available_providers()]
         return f"execution providers not available: {', '.join(missing)}" if missing else None
 
-    def __init__(self, bundle: Bundle, config: OnnxRuntimeEngineConfig) -> None:
+    def __init__(self, bundle: Bundle, config: OnnxRuntimeEngineConfig, hooks: EngineHooks = EngineHooks()) -> None:
         import onnxruntime as ort
+        import torch
+
+        from anomalyd.model.names import EXTRACTOR_ONNX
 
         reason = self.unavailable(config)
         if reason:
@@ -47,6 +58,11 @@ class OnnxRuntimeExtractor:
         self.device = torch.device("cpu")
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        from anomalyd.model.names import INPUT_NAME
+
         array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         (features,) = self.session.run(None, {INPUT_NAME: array})
         return torch.from_numpy(features)

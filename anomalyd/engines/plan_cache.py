@@ -20,9 +20,6 @@ from anomalyd.log import get_logger
 
 log = get_logger(__name__)
 
-# Called with the expected build time in seconds before a plan is built (the
-# daemon extends systemd's start timeout; see daemon/service.py).
-BUILD_HOOKS: list[Callable[[float], None]] = []
 EXPECTED_BUILD_S = 900.0
 
 
@@ -94,6 +91,6 @@ def set_aside(path: Path, why: str) -> None:
         log.warning("tensorrt.file_set_aside_failed", file=str(path), error=str(exc))
 
 
-def announce_build() -> None:
-    for hook in BUILD_HOOKS:
-        hook(EXPECTED_BUILD_S)
+def announce_build(on_long_build: Callable[[float], None]) -> None:
+    """A plan build starts: its owner is told how long it may take (the daemon tells systemd)."""
+    on_long_build(EXPECTED_BUILD_S)

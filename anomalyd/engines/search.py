@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from anomalyd.engines.base import EngineError, register_searcher
-from anomalyd.model.nearest import nearest_distances
+from anomalyd.model.manifest import ModelSpec
+from anomalyd.model.nearest import local_nearest_distances, nearest_distances
 
 
 def faiss_installed() -> bool:
@@ -223,6 +224,32 @@ class TorchSearcher:
     def search(self, features: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return nearest_distances(features.to(self.device, torch.float32), self.bank, self.bank_sq)
+
+    def close(self) -> None:
+        del self.bank, self.bank_sq
+
+
+class LocalSearcher:
+    """Position-aware memory: each cell against the good patches remembered for that cell.
+
+    The bank is ``[cells · per_cell, C]`` (cell-major), built by ``fit`` from the
+    training patches within ``radius`` cells of each place. A search costs
+    cells × per_cell × C, less than a global bank of the same size.
+    """
+
+    def __init__(self, bank: np.ndarray, spec: ModelSpec, device: torch.device) -> None:
+        cells, per_cell = spec.cells, spec.memory.per_cell
+        self.device = device
+        self.bank = (
+            torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device).reshape(cells, per_cell, -1)
+        )
+        self.bank_sq = (self.bank * self.bank).sum(-1)  # once, not per frame
+        self.cells = cells
+        self.name = f"local-{device.type}"
+
+    def search(self, features: torch.Tensor) -> torch.Tensor:
+        queries = features.to(self.device, torch.float32).reshape(-1, self.cells, self.bank.shape[-1])
+        return torch.cat([local_nearest_distances(q, self.bank, self.bank_sq) for q in queries])
 
     def close(self) -> None:
         del self.bank, self.bank_sq

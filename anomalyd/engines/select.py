@@ -3,61 +3,30 @@
 from __future__ import annotations
 
 import platform
-from typing import Any
 
 import numpy as np
 import torch
 
-from anomalyd.config import (
-    AutoEngineConfig,
-    EngineConfig,
-    OnnxRuntimeEngineConfig,
-    SearchConfig,
-    TensorRtEngineConfig,
-    TorchEngineConfig,
-)
-from anomalyd.engines import onnxruntime_engine, search, tensorrt_engine, torch_engine  # noqa: F401  (registers)
-from anomalyd.engines.base import EXTRACTORS, SEARCHERS, EngineError, Extractor, Searcher, resolve_device
+from anomalyd.config import EngineConfig, SearchConfig
+from anomalyd.engines import search
+from anomalyd.engines.base import EXTRACTORS, SEARCHERS, EngineError, EngineHooks, Extractor, Searcher, resolve_device
+from anomalyd.engines.search import LocalSearcher
 from anomalyd.log import get_logger
 from anomalyd.model.bundle import Bundle
-from anomalyd.model.scoring import LocalSearcher
+from anomalyd.model.inspector import Inspector
+from anomalyd.model.manifest import Roi
 
 log = get_logger(__name__)
 
 
-def _auto_candidates(config: AutoEngineConfig) -> list[Any]:
-    """TensorRT, then torch on CUDA, then ONNX Runtime on the CPU."""
-    return [
-        TensorRtEngineConfig(threads=config.threads),
-        # The CUDA graph measured 3.8 → 1.6 ms per frame on an H200 (docs/accuracy.md): worth it by default.
-        TorchEngineConfig(device="cuda", threads=config.threads, cuda_graph=True),
-        OnnxRuntimeEngineConfig(threads=config.threads),
-    ]
-
-
-def build_extractor(bundle: Bundle, config: EngineConfig) -> Extractor:
-    """The configured extractor; with ``auto`` the first that can run here, with the reasons logged."""
-    if not isinstance(config, AutoEngineConfig):
-        cls = EXTRACTORS[config.type]
-        reason = cls.unavailable(config)
-        if reason:
-            raise EngineError(f"engine {config.type!r} cannot run here: {reason}")
-        return cls(bundle, config)  # type: ignore[no-any-return]
-    skipped: dict[str, str] = {}
-    for candidate in _auto_candidates(config):
-        cls = EXTRACTORS[candidate.type]
-        reason = cls.unavailable(candidate)
-        if reason is None:
-            try:
-                extractor: Extractor = cls(bundle, candidate)
-            except Exception as exc:  # any failure of one candidate is a reason to try the next
-                reason = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
-                log.warning("engine.candidate_failed", engine=candidate.type, error=reason)
-            else:
-                log.info("engine.chosen", engine=extractor.name, skipped=skipped)
-                return extractor
-        skipped[candidate.type] = reason
-    raise EngineError(f"no extractor engine can run here: {skipped}")
+def build_extractor(bundle: Bundle, config: EngineConfig, hooks: EngineHooks = EngineHooks()) -> Extractor:
+    """The configured extractor (``auto``: the first that can run here, auto_engine)."""
+    backend = EXTRACTORS[config.type]
+    unavailable = getattr(backend, "unavailable", None)
+    reason = unavailable(config) if unavailable is not None else None
+    if reason:
+        raise EngineError(f"engine {config.type!r} cannot run here: {reason}")
+    return backend(bundle, config, hooks)  # type: ignore[no-any-return]
 
 
 def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch.device, threads: int = 0) -> Searcher:
@@ -96,3 +65,30 @@ def build_searcher(bundle: Bundle, config: SearchConfig, extractor_device: torch
     searcher: Searcher = SEARCHERS[choice](bank, device, threads)
     log.info("search.chosen", search=searcher.name, bank=int(bank.shape[0]))
     return searcher
+
+
+def open_inspector(
+    bundle: Bundle,
+    engine_config: EngineConfig,
+    search_config: SearchConfig,
+    roi: Roi | None = None,
+    hooks: EngineHooks = EngineHooks(),
+) -> Inspector:
+    """Build extractor and searcher from config and wrap them in an Inspector.
+
+    The ROI the bundle was fitted with applies unless ``roi`` is given; a given
+    ROI that differs from the bundle's is refused (the model would see another
+    crop than it learned, and its scores would mean nothing).
+    """
+    fitted_roi = bundle.spec.roi
+    if roi is None:
+        roi = fitted_roi
+    elif fitted_roi is not None and tuple(roi) != fitted_roi:
+        raise EngineError(
+            f"{bundle.path}: fitted with ROI x,y,w,h = {fitted_roi}, but the camera's ROI is {tuple(roi)}; "
+            "set camera.roi to the bundle's (or leave it empty), or refit with --roi"
+        )
+
+    extractor = build_extractor(bundle, engine_config, hooks)
+    searcher = build_searcher(bundle, search_config, extractor.device, engine_config.threads)
+    return Inspector(bundle, extractor, searcher, roi)

@@ -10,14 +10,12 @@ the anomaly map, and nothing is copied to the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from anomalyd.config import TensorRtEngineConfig
 from anomalyd.engines import cuda_info
-from anomalyd.engines.base import EngineError, register_extractor, resolve_device
+from anomalyd.engines.base import EngineError, EngineHooks, EngineSettings, register_extractor, resolve_device
 from anomalyd.engines.plan_cache import (
     announce_build,
     gpu_identity,
@@ -28,11 +26,23 @@ from anomalyd.engines.plan_cache import (
     write_atomically,
 )
 from anomalyd.log import get_logger
-from anomalyd.model.bundle import EXTRACTOR_ONNX, Bundle
-from anomalyd.model.export import INPUT_NAME, OUTPUT_NAME
+from anomalyd.model.names import EXTRACTOR_ONNX, INPUT_NAME, OUTPUT_NAME
+from anomalyd.settings import setting
+
+if TYPE_CHECKING:
+    import torch
+
+    from anomalyd.model.bundle import Bundle
 
 log = get_logger(__name__)
 MAX_BATCH = 8
+
+
+class TensorRtEngineConfig(EngineSettings):
+    type: Literal["tensorrt"] = "tensorrt"
+    device: str = setting("cuda", "Device", "CUDA device, e.g. cuda or cuda:1.")
+    fp16: bool = setting(True, "FP16", "Build the plan in FP16 where the GPU has fast FP16.")
+    workspace_mb: int = setting(1024, "Workspace", "Builder workspace limit.", "MiB", ge=16, le=1_000_000)
 
 
 def _trt() -> Any:
@@ -66,14 +76,22 @@ def plan_path(bundle: Bundle, device: torch.device, fp16: bool) -> Path:
     return plan_file(bundle.path / "engines", onnx_sha, gpu_identity(device), str(trt.__version__), fp16)
 
 
-def build_plan(bundle: Bundle, device: torch.device, fp16: bool = True, workspace_mb: int = 1024) -> Path:
+def build_plan(
+    bundle: Bundle,
+    device: torch.device,
+    fp16: bool = True,
+    workspace_mb: int = 1024,
+    on_long_build: Callable[[float], None] = lambda seconds: None,
+) -> Path:
     """Build (or reuse) the plan for ``device``; returns its path. Builds on ``device`` itself."""
+    import torch
+
     trt = _trt()
     check_version(trt, fp16)
     target = plan_path(bundle, device, fp16)
     if target.is_file():
         return target
-    announce_build()
+    announce_build(on_long_build)
     log.info("tensorrt.plan_building", plan=str(target), device=str(device))
     with torch.cuda.device(device):
         serialized, cache = _build(trt, bundle, device, fp16, workspace_mb)
@@ -159,12 +177,14 @@ def _build(trt: Any, bundle: Bundle, device: torch.device, fp16: bool, workspace
     return bytes(serialized), (bytes(timing.serialize()) if timing is not None else None)
 
 
-@register_extractor("tensorrt")
+@register_extractor(TensorRtEngineConfig)
 class TensorRtExtractor:
     name = "tensorrt"
 
     @staticmethod
     def unavailable(config: TensorRtEngineConfig) -> str | None:
+        import torch
+
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -178,18 +198,20 @@ class TensorRtExtractor:
             )
         return None
 
-    def __init__(self, bundle: Bundle, config: TensorRtEngineConfig) -> None:
+    def __init__(self, bundle: Bundle, config: TensorRtEngineConfig, hooks: EngineHooks = EngineHooks()) -> None:
+        import torch
+
         trt = _trt()
         self.device = resolve_device(config.device)  # always with an index: cuda:N
         if self.device.type != "cuda":
             raise EngineError("the tensorrt engine needs a CUDA device")
         self._runtime = _made(trt.Runtime, "runtime", trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(self.device):
-            plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
+            plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb, hooks.on_long_build)
             self._engine = self._deserialize(plan)
             if self._engine is None:  # a damaged plan (a crash of an old version, a bad disk): rebuild once
                 set_aside(plan, "TensorRT could not deserialize it")
-                plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb)
+                plan = build_plan(bundle, self.device, config.fp16, config.workspace_mb, hooks.on_long_build)
                 self._engine = self._deserialize(plan)
             if self._engine is None:
                 raise EngineError(f"{plan}: TensorRT could not deserialize a freshly built plan")
@@ -212,6 +234,8 @@ class TensorRtExtractor:
             return None
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = images.to(self.device, dtype=torch.float32).contiguous()
         if x.shape[0] > MAX_BATCH:
             return torch.cat([self.extract(chunk) for chunk in x.split(MAX_BATCH)])

@@ -6,17 +6,31 @@ CUDA graph (fixed batch of 1) to cut launch overhead.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Literal
 
-from anomalyd.config import TorchEngineConfig
 from anomalyd.engines import cuda_info
-from anomalyd.engines.base import EngineError, register_extractor, resolve_device
-from anomalyd.model.bundle import Bundle
-from anomalyd.model.features import PatchFeatures, build_patch_features
+from anomalyd.engines.base import EngineError, EngineHooks, EngineSettings, register_extractor, resolve_device
+from anomalyd.settings import setting
+
+if TYPE_CHECKING:
+    import torch
+
+    from anomalyd.model.bundle import Bundle
+    from anomalyd.model.features import PatchFeatures
+
+
+class TorchEngineConfig(EngineSettings):
+    type: Literal["torch"] = "torch"
+    device: str = setting("auto", "Device", "torch device: auto (cuda if present), cpu, cuda, cuda:1.")
+    fp16: bool = setting(True, "FP16", "Half precision on CUDA (ignored on the CPU).")
+    channels_last: bool = setting(True, "Channels last", "NHWC memory layout on CUDA (faster convolutions).")
+    cuda_graph: bool = setting(False, "CUDA graph", "Capture the extractor as a CUDA graph (fixed batch of 1).")
 
 
 def load_bundle_module(bundle: Bundle) -> PatchFeatures:
     """The patch-feature module with the bundle's own weights (strict)."""
+    from anomalyd.model.features import build_patch_features
+
     spec = bundle.spec
     module = build_patch_features(spec.backbone, spec.taps, spec.proj_dim)
     try:
@@ -26,19 +40,23 @@ def load_bundle_module(bundle: Bundle) -> PatchFeatures:
     return module.eval()
 
 
-@register_extractor("torch")
+@register_extractor(TorchEngineConfig)
 class TorchExtractor:
     name = "torch"
 
     @staticmethod
     def unavailable(config: TorchEngineConfig) -> str | None:
+        import torch
+
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             return cuda_info.mismatch(cuda_info.torch_cuda_major(), "torch") or (
                 f"this torch build sees no CUDA GPU ({cuda_info.describe()})"
             )
         return None
 
-    def __init__(self, bundle: Bundle, config: TorchEngineConfig) -> None:
+    def __init__(self, bundle: Bundle, config: TorchEngineConfig, hooks: EngineHooks = EngineHooks()) -> None:
+        import torch
+
         self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.threads:
             torch.set_num_threads(config.threads)
@@ -57,11 +75,15 @@ class TorchExtractor:
         return self.module(x).float()
 
     def _capture(self, input_size: tuple[int, int]) -> None:
+        import torch
+
         # Capture on our device, not whatever device is current (cuda:1 on a two-GPU box).
         with torch.cuda.device(self.device):
             self._capture_here(input_size)
 
     def _capture_here(self, input_size: tuple[int, int]) -> None:
+        import torch
+
         self._static_in = torch.zeros(1, 3, *input_size, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -78,6 +100,8 @@ class TorchExtractor:
         self.name += "-graph"
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         with torch.inference_mode():
             if self._graph is not None and images.shape[0] == 1:
                 with torch.cuda.device(self.device):
@@ -88,6 +112,8 @@ class TorchExtractor:
             return self._run(images)
 
     def close(self) -> None:
+        import torch
+
         self._graph = None
         del self.module
         if self.device.type == "cuda":

@@ -59,3 +59,18 @@ def load_dataset(root: Path) -> Dataset:
     if not any(s.is_defect for s in samples) or not any(not s.is_defect for s in samples):
         raise ValueError(f"{root}: test/ needs both good/ and at least one defect folder")
     return Dataset(root, samples, has_masks)
+
+
+def labelled_images(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """Images with good/defect labels (``fit --val``, ``teach --labelled``): an MVTec-layout folder (test/…)
+    or a folder of good/ and defect subfolders; a defect is any folder not named good."""
+    root = folder / "test" if (folder / "test").is_dir() else folder
+    files: list[Path] = []
+    labels: list[bool] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        imgs = list_images(sub)
+        files += imgs
+        labels += [sub.name != "good"] * len(imgs)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images in subfolders (expected good/ and defect folders)")
+    return files, np.array(labels)

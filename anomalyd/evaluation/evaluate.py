@@ -8,11 +8,11 @@ from functools import cached_property
 
 import numpy as np
 
-from anomalyd.daemon.decision import fails
-from anomalyd.engines.inspector import Inspector
+from anomalyd.decision import fails
 from anomalyd.evaluation.dataset import Dataset, Sample
 from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.images import read_rgb
+from anomalyd.model.inspector import Inspector
 
 
 @dataclass

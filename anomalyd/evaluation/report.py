@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from anomalyd.daemon.decision import fails
+from anomalyd.decision import Label, fails
 from anomalyd.evaluation.evaluate import Scored
 from anomalyd.evaluation.metrics import roc_curve
 from anomalyd.model.images import read_rgb
@@ -116,7 +116,7 @@ def write_scores_csv(path: Path, scored: list[Scored], threshold: float) -> None
             wrong = fail != s.sample.is_defect
             outcome = ("escape" if s.sample.is_defect else "false_reject") if wrong else "ok"
             area = "" if s.defect_pixels is None else str(s.defect_pixels)
-            verdict = "NG" if fail else "OK"
+            verdict = str(Label.NG if fail else Label.OK)
             w.writerow([str(s.sample.path), s.sample.defect_type, area, f"{s.score:.4f}", verdict, outcome])
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from anomalyd.errors import AnomalydError
 from anomalyd.model.manifest import Manifest
+from anomalyd.model.names import EXTRACTOR_ONNX
 from anomalyd.model.signing import SIGNATURE, SignatureError, TrustedKey, verify_signature
 
 FORMAT = "anomalyd-bundle"
@@ -37,7 +38,6 @@ FORMAT_VERSION = 2
 PROJECTED_FORMAT_VERSION = 3
 READABLE_VERSIONS = (FORMAT_VERSION, PROJECTED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
-EXTRACTOR_ONNX = "extractor.onnx"
 EXTRACTOR_WEIGHTS = "extractor.pt"
 MEMORY_BANK = "memory_bank.npy"
 REQUIRED_FILES = (EXTRACTOR_ONNX, EXTRACTOR_WEIGHTS, MEMORY_BANK)

@@ -9,8 +9,8 @@ import onnx
 import torch
 from torch import nn
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "features"
+from anomalyd.model.names import INPUT_NAME, OUTPUT_NAME
+
 OPSET = 17
 
 

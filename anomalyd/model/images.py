@@ -31,9 +31,3 @@ def resize_for_model(image: np.ndarray, input_size: tuple[int, int]) -> np.ndarr
     if image.shape[:2] == (h, w):
         return image
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-
-
-def to_batch(images: list[np.ndarray]) -> np.ndarray:
-    """Model-sized HxWx3 uint8 images → float32 NCHW in 0..255 (the graph normalises)."""
-    batch = np.stack(images).astype(np.float32)
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

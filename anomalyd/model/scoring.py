@@ -1,7 +1,7 @@
 """The one path from a frame to a raw anomaly map and image score.
 
 ``fit`` (hold-out calibration, validation), ``score``, ``eval`` and the daemon's
-:class:`~anomalyd.engines.inspector.Inspector` all score through a
+:class:`~anomalyd.model.inspector.Inspector` all score through a
 :class:`Scorer` built from the same :class:`~anomalyd.model.manifest.ModelSpec`:
 crop to the bundle's ROI, resize to its input size (area weights, on the CPU or
 the GPU), extract, compare with the memory (global or position-aware), map, and
@@ -10,18 +10,18 @@ reduce to an image score. What fit calibrated on is what runs on the line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from anomalyd.engines.base import Extractor, Searcher
 from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.head import Head
 from anomalyd.model.images import resize_for_model
 from anomalyd.model.manifest import ModelSpec, Roi
-from anomalyd.model.nearest import local_nearest_distances
+from anomalyd.model.ports import Extractor, Searcher
 
 
 def area_matrix(src: int, dst: int) -> np.ndarray:
@@ -99,32 +99,6 @@ class Preprocessor:
         return self._resamplers[key]
 
 
-class LocalSearcher:
-    """Position-aware memory: each cell against the good patches remembered for that cell.
-
-    The bank is ``[cells · per_cell, C]`` (cell-major), built by ``fit`` from the
-    training patches within ``radius`` cells of each place. A search costs
-    cells × per_cell × C, less than a global bank of the same size.
-    """
-
-    def __init__(self, bank: np.ndarray, spec: ModelSpec, device: torch.device) -> None:
-        cells, per_cell = spec.cells, spec.memory.per_cell
-        self.device = device
-        self.bank = (
-            torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(device).reshape(cells, per_cell, -1)
-        )
-        self.bank_sq = (self.bank * self.bank).sum(-1)  # once, not per frame
-        self.cells = cells
-        self.name = f"local-{device.type}"
-
-    def search(self, features: torch.Tensor) -> torch.Tensor:
-        queries = features.to(self.device, torch.float32).reshape(-1, self.cells, self.bank.shape[-1])
-        return torch.cat([local_nearest_distances(q, self.bank, self.bank_sq) for q in queries])
-
-    def close(self) -> None:
-        del self.bank, self.bank_sq
-
-
 class Scorer:
     """Frame(s) → raw anomaly maps and raw image scores, by one model spec."""
 
@@ -189,7 +163,28 @@ class Scorer:
             return flat.topk(min(self._top_pixels, flat.shape[1]), dim=1).values.mean(1)
         return flat.amax(dim=1)
 
+    def run(
+        self, frames: list[np.ndarray], mark: Callable[[], None] = lambda: None
+    ) -> tuple[torch.Tensor, torch.Tensor, Roi]:
+        """The one scoring sequence: frames → raw maps ``[B, H, W]``, raw image scores ``[B]`` and the ROI.
+
+        ``mark`` is called before each stage and after the last (preprocess, extract,
+        search, map): the Inspector times the stages with it, fit and eval do not.
+        """
+        mark()
+        if len(frames) == 1:
+            batch, roi = self.preprocess(frames[0])
+        else:
+            batch, roi = self.preprocess.batch(frames), self.preprocess.region(frames[0].shape)
+        mark()
+        features = self.extractor.extract(batch)
+        mark()
+        cells = self.cell_scores(features)
+        mark()
+        maps = self.maps(cells)
+        return maps, self.image_scores(maps), roi
+
     def score_frames(self, frames: list[np.ndarray]) -> np.ndarray:
         """Raw image scores of whole frames (fit's calibration and validation)."""
         with torch.inference_mode():
-            return self.image_scores(self.maps(self.distances(self.preprocess.batch(frames)))).cpu().numpy()
+            return self.run(frames)[1].cpu().numpy()

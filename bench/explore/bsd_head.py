@@ -27,9 +27,9 @@ from PIL import Image
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.coreset import greedy_coreset
-from anomalyd.model.fit import FitSettings
 from anomalyd.model.head import HeadSettings, cell_inputs, train_head
 from anomalyd.model.nearest import nearest_distances
+from anomalyd.training.fit import FitSettings
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from oracle import escape_at_fr
 from PIL import Image
 
 from anomalyd.evaluation.metrics import auroc
-from anomalyd.model.fit import FitSettings
+from anomalyd.training.fit import FitSettings
 
 
 def local_min(q: torch.Tensor, refs: torch.Tensor, r: int) -> torch.Tensor:

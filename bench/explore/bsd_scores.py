@@ -28,8 +28,8 @@ from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.features import build_patch_features
-from anomalyd.model.fit import FitSettings, extract_features
 from anomalyd.model.nearest import nearest_distances
+from anomalyd.training.fit import FitSettings, extract_features
 
 
 def cached_features(settings: FitSettings, files: list[Path], cache: Path) -> torch.Tensor:

@@ -28,8 +28,8 @@ from sklearn.preprocessing import StandardScaler
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.coreset import greedy_coreset
-from anomalyd.model.fit import FitSettings
 from anomalyd.model.nearest import nearest_distances
+from anomalyd.training.fit import FitSettings
 
 
 def main() -> int:

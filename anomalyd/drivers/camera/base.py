@@ -9,6 +9,7 @@ import numpy as np
 
 from anomalyd.errors import AnomalydError
 from anomalyd.registry import Registry
+from anomalyd.settings import BackendSettings, Roi
 
 
 class CameraError(AnomalydError):
@@ -49,7 +50,14 @@ class Camera(Protocol):
     def close(self) -> None: ...
 
 
-CAMERAS = Registry("camera")
+class CameraSettings(BackendSettings):
+    """What every camera's settings have: the ``type`` that names it and the crop before the model."""
+
+    roi: Roi | None = None
+
+
+# A camera is one module of this package: its settings (a CameraSettings) and its class, built as cls(settings).
+CAMERAS: Registry[Any] = Registry("camera", "anomalyd.drivers.camera")
 register_camera = CAMERAS.register
 
 
@@ -66,6 +74,4 @@ def check_roi(roi: Any, width: int, height: int) -> None:
 
 def open_camera(config: Any) -> Camera:
     """The registered backend for ``config.type``, not yet opened."""
-    from anomalyd.drivers.camera import harvesters, simulated  # noqa: F401  (registers the backends)
-
     return CAMERAS[config.type](config)  # type: ignore[no-any-return]

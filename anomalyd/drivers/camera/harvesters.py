@@ -5,18 +5,37 @@ from __future__ import annotations
 import glob
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
-from anomalyd.config import HarvestersCameraConfig
 from anomalyd.drivers.camera.base import (
     CameraDisconnected,
     CameraError,
+    CameraSettings,
     CameraTimeout,
     Frame,
     check_roi,
     register_camera,
 )
 from anomalyd.drivers.camera.pixel_formats import CONVERTERS, to_rgb
+from anomalyd.settings import ConfigPath, Roi, setting
+
+
+class HarvestersCameraConfig(CameraSettings):
+    type: Literal["harvesters"] = "harvesters"
+    cti: list[ConfigPath] = setting(
+        [], "GenTL producers", "Paths of .cti files (empty: those in GENICAM_GENTL64_PATH)."
+    )
+    serial_number: str | None = setting(None, "Serial number", "Select the device with this serial number.")
+    model: str | None = setting(None, "Model", "Select the device of this model.")
+    user_defined_name: str | None = setting(None, "User-defined name", "Select the device with this name.")
+    index: int = setting(0, "Index", "Among the devices that match, take this one.", ge=0, le=255)
+    nodes: dict[str, str | int | float | bool] = setting(
+        {}, "GenICam nodes", "Node values applied at open, in order (ExposureTime, Gain, PixelFormat, …)."
+    )
+    reopen_backoff_s: float = setting(
+        1.0, "Reopen back-off", "First wait before reopening a lost device.", "s", gt=0, le=600
+    )
+    roi: Roi | None = setting(None, "Region of interest", "Crop applied before the model.")
 
 
 def producer_paths(configured: list[Any]) -> list[str]:
@@ -43,7 +62,7 @@ def _timestamp_ns(buffer: Any) -> int:
         return time.time_ns()
 
 
-@register_camera("harvesters")
+@register_camera(HarvestersCameraConfig)
 class HarvestersCamera:
     def __init__(self, config: HarvestersCameraConfig) -> None:
         self.config = config

@@ -11,13 +11,64 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 
-from anomalyd.config import SimulatedCameraConfig
-from anomalyd.drivers.camera.base import BadFrame, CameraError, CameraTimeout, Frame, check_roi, register_camera
+from anomalyd.drivers.camera.base import (
+    BadFrame,
+    CameraError,
+    CameraSettings,
+    CameraTimeout,
+    Frame,
+    check_roi,
+    register_camera,
+)
 from anomalyd.model.images import IMAGE_SUFFIXES, list_images, read_rgb
+from anomalyd.settings import ConfigPath, Roi, Section, setting
+
+
+class CameraFaults(Section):
+    timeout_every: int = setting(
+        0, "Timeout every N", "Simulate a grab timeout every N frames (0: never).", ge=0, le=1_000_000_000
+    )
+    drop_every: int = setting(
+        0, "Drop every N", "Silently skip a frame every N frames (0: never).", ge=0, le=1_000_000_000
+    )
+    wrong_size_every: int = setting(
+        0, "Wrong size every N", "Deliver a half-size frame every N (0: never).", ge=0, le=1_000_000_000
+    )
+    hang_every: int = setting(
+        0, "Hang every N", "Every N frames the driver hangs for hang_ms, ignoring the timeout (0: never).", ge=0
+    )
+    lamp_after: int = setting(
+        0,
+        "Lamp change after N",
+        "After N frames every frame is scaled by lamp_gain (0: never).",
+        ge=0,
+        le=1_000_000_000,
+    )
+    lamp_gain: float = setting(
+        1.5, "Lamp gain", "Brightness factor after lamp_after (a new, brighter lamp).", gt=0, le=4
+    )
+    hang_ms: float = setting(300.0, "Hang", "How long a hanging grab blocks before it delivers.", "ms", ge=0, le=60000)
+
+
+class SimulatedCameraConfig(CameraSettings):
+    type: Literal["simulated"] = "simulated"
+    source: ConfigPath = setting(
+        Path("sample"), "Image source", "Folder of images or an MVTec-layout data set (test/* is replayed)."
+    )
+    order: Literal["sequential", "shuffle"] = setting("sequential", "Order", "Replay order of the images.")
+    seed: int = setting(0, "Shuffle seed", "Seed of the shuffled order.", ge=0, le=2**32 - 1)
+    fps: float = setting(0.0, "Frame rate", "Frames per second in free run (0: as fast as asked).", "Hz", ge=0, le=1000)
+    sensor_size: tuple[int, int] | None = setting(
+        None, "Sensor size", "Resize every image to [width, height] as a real sensor would deliver.", "px"
+    )
+    faults: CameraFaults = setting(CameraFaults(), "Fault injection", "Simulated faults for drills and tests.")
+    roi: Roi | None = setting(None, "Region of interest", "Crop applied before the model.")
+
 
 _CACHE_LIMIT = 512  # decoded frames kept in memory; larger sets are read per grab
 
@@ -36,7 +87,7 @@ def replay_files(source: Path) -> list[Path]:
     return files
 
 
-@register_camera("simulated")
+@register_camera(SimulatedCameraConfig)
 class SimulatedCamera:
     def __init__(self, config: SimulatedCameraConfig) -> None:
         self.config = config

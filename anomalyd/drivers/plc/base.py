@@ -1,12 +1,20 @@
-"""The PlcLink interface, its errors and the registry of backends."""
+"""The PlcLink interface, its errors, the settings every link shares and the registry of backends.
+
+A PLC link is one module of this package: its settings class (``type: Literal[KEY]``) and
+its link class, registered with ``@register_plc(Settings)``; the link class may say how
+to write its layout for the PLC programmer (``write_layout``, used by ``plc-layout``)
+and whether the daemon serves the blocks (``serves``: a port it cannot bind is then a
+set-up fault, exit 2).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from anomalyd.drivers.plc.layout import Command, Status
+from anomalyd.drivers.plc.layout import Command, CommandLayout, Status, StatusLayout
 from anomalyd.errors import AnomalydError
 from anomalyd.registry import Registry
+from anomalyd.settings import BackendSettings, setting
 
 
 class PlcError(AnomalydError):
@@ -35,7 +43,22 @@ class PlcLink(Protocol):
     def close(self) -> None: ...
 
 
-PLC_LINKS = Registry("PLC link")
+class PlcSettings(BackendSettings):
+    """What every PLC link's settings have: the ``type`` that names the link."""
+
+
+class PlcBlocks(PlcSettings):
+    """A link that carries the two blocks: their layouts, its timeout and reconnect back-off."""
+
+    status_layout: StatusLayout = setting(StatusLayout(), "Status block", "Byte offsets of the daemon-owned block.")
+    command_layout: CommandLayout = setting(CommandLayout(), "Command block", "Bit offsets of the PLC-owned block.")
+    timeout_s: float = setting(1.0, "I/O timeout", "Timeout of one request to the PLC.", "s", gt=0, le=30)
+    reconnect_max_s: float = setting(
+        5.0, "Reconnect back-off cap", "Longest wait between reconnects.", "s", gt=0, le=600
+    )
+
+
+PLC_LINKS: Registry[Any] = Registry("PLC link", "anomalyd.drivers.plc")
 register_plc = PLC_LINKS.register
 
 
@@ -52,6 +75,4 @@ def bytes_from_words(words: list[int]) -> bytes:
 
 def open_plc_link(config: Any) -> PlcLink:
     """The registered backend for ``config.type``, not yet opened."""
-    from anomalyd.drivers.plc import modbus, none, opcua, s7  # noqa: F401  (registers the backends)
-
     return PLC_LINKS[config.type](config)  # type: ignore[no-any-return]

@@ -184,7 +184,8 @@ def _alignment(config: object) -> str:  # a Modbus config
     )
 
 
-def register_map_csv(rows: list[dict[str, str]]) -> str:
+def rows_csv(rows: list[dict[str, str]]) -> str:
+    """Rows of one table (register map, OPC UA nodes) as CSV with a header."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()

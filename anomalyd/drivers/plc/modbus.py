@@ -11,11 +11,138 @@ import asyncio
 import struct
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from anomalyd.config import ModbusConfig, ModbusServerConfig
-from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, bytes_from_words, register_plc, words_from_bytes
-from anomalyd.drivers.plc.layout import Command, Status, pack_status, unpack_command, unpack_status
+from pydantic import model_validator
+
+from anomalyd.drivers.plc.base import (
+    PlcBlocks,
+    PlcDisconnected,
+    PlcError,
+    bytes_from_words,
+    register_plc,
+    words_from_bytes,
+)
+from anomalyd.drivers.plc.layout import (
+    Command,
+    CommandLayout,
+    Status,
+    StatusLayout,
+    misaligned_32bit,
+    pack_status,
+    unpack_command,
+    unpack_status,
+)
+from anomalyd.settings import ranges_overlap, refuse_keys, setting
+
+
+class ModbusConfig(PlcBlocks):
+    type: Literal["modbus"] = "modbus"
+    host: str = setting("127.0.0.1", "Server address", "IP address of the Modbus TCP server (the PLC).")
+    port: int = setting(502, "TCP port", "Modbus TCP port.", ge=1, le=65535)
+    unit: int = setting(1, "Unit id", "Modbus unit/device id.", ge=0, le=255)
+    status_register: int = setting(0, "Status register", "First holding register of the status block.", ge=0, le=65000)
+    command_register: int = setting(
+        100, "Command register", "First holding register of the command block.", ge=0, le=65000
+    )
+    word_order: Literal["big", "little"] = setting(
+        "big", "Word order", "Order of the two registers of a 32-bit value (big: high word first)."
+    )
+    align_32bit: bool = setting(
+        False,
+        "Align 32-bit values",
+        "Every 32-bit value at an even register (PLCs such as Modicon need it): the aligned default layouts "
+        "(latency_ms at register 18, command part_id at register 2); layouts given here are checked instead.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aligned_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("align_32bit") is True:
+            data = dict(data)
+            data.setdefault("status_layout", StatusLayout.aligned())
+            data.setdefault("command_layout", CommandLayout.aligned())
+        return data
+
+    def misaligned_32bit(self) -> list[str]:
+        """Both blocks' 32-bit values that start at an odd register: 'name (register N)'."""
+        return misaligned_32bit(self.status_layout, self.status_register) + misaligned_32bit(
+            self.command_layout, self.command_register
+        )
+
+    @model_validator(mode="after")
+    def _blocks_apart(self) -> ModbusConfig:
+        if self.align_32bit:
+            odd = self.misaligned_32bit()
+            if odd:
+                raise ValueError(
+                    "align_32bit: 32-bit values at odd registers: " + ", ".join(odd) + "; put them at byte offsets "
+                    "divisible by 4 and start the blocks at even registers"
+                )
+        status = (self.status_register, self.status_register + self.status_layout.size() // 2)
+        command = (self.command_register, self.command_register + self.command_layout.size() // 2)
+        if ranges_overlap(status, command):
+            raise ValueError(
+                f"status registers {status[0]}..{status[1] - 1} overlap the command registers "
+                f"{command[0]}..{command[1] - 1}; move status_register or command_register"
+            )
+        if max(status[1], command[1]) > 65536:
+            raise ValueError("the blocks must end at or before register 65535")
+        return self
+
+
+class ModbusServerConfig(ModbusConfig):
+    type: Literal["modbus-server"] = "modbus-server"  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused(cls, data: Any) -> Any:
+        return refuse_keys(
+            data,
+            {
+                "unit": "a modbus-server answers requests for any unit id",
+                "timeout_s": "a modbus-server waits for no one (a silent client is dropped after idle_timeout_s)",
+            },
+        )
+
+    host: str = setting("127.0.0.1", "Listen address", "Address the daemon serves registers on.")
+    port: int = setting(5020, "TCP port", "Port the daemon serves registers on.", ge=1, le=65535)
+    max_clients: int = setting(
+        4, "Most clients", "Connections served at once; more are refused (a PLC needs one).", ge=1, le=64
+    )
+    idle_timeout_s: float = setting(
+        60.0, "Idle timeout", "A client that sends nothing for this long is disconnected.", "s", gt=0, le=3600
+    )
+    client_timeout_heartbeats: int = setting(
+        10,
+        "Client timeout",
+        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
+        ge=1,
+        le=100_000,
+    )
+
+
+def write_register_map(config: ModbusConfig, out: Path, side: str) -> str:
+    """The register map as CSV and Markdown for the PLC programmer (``side``: who serves the registers)."""
+    from anomalyd.drivers.plc import export
+
+    c = config
+    rows = export.register_map(c.status_layout, c.status_register, c.word_order, "status", side)
+    rows += export.register_map(c.command_layout, c.command_register, c.word_order, "command", side)
+    notes = export.register_map_notes(c, side)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "modbus_registers.csv").write_text(export.rows_csv(rows), encoding="utf-8")
+    (out / "modbus_registers.md").write_text(export.register_map_markdown(rows, notes), encoding="utf-8")
+    return (
+        export.table(c.status_layout, "Status block, written by anomalyd")
+        + "\n"
+        + export.table(c.command_layout, "Command block, written by the PLC")
+        + "\n"
+        + notes
+        + export.register_map_markdown(rows)
+        + f"\nModbus register map → {out / 'modbus_registers.csv'} and .md"
+    )
 
 
 def _ranges_overlap(a: int, n: int, b: int, m: int) -> bool:
@@ -33,8 +160,14 @@ def _block_words(config: ModbusConfig) -> tuple[int, int]:
     return status, command
 
 
-@register_plc("modbus")
+@register_plc(ModbusConfig)
 class ModbusLink:
+    serves: ClassVar[bool] = False
+
+    @staticmethod
+    def write_layout(config: ModbusConfig, out: Path) -> str:
+        return write_register_map(config, out, "client")
+
     """The daemon is the Modbus client; the PLC serves the registers."""
 
     def __init__(self, config: ModbusConfig) -> None:
@@ -291,8 +424,15 @@ class RegisterServer:
             self._thread.join(timeout=5.0)
 
 
-@register_plc("modbus-server")
+@register_plc(ModbusServerConfig)
 class ModbusServerLink:
+    # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
+    serves: ClassVar[bool] = True
+
+    @staticmethod
+    def write_layout(config: ModbusServerConfig, out: Path) -> str:
+        return write_register_map(config, out, "server")
+
     """The daemon serves the registers; the PLC (a Modbus client) polls them."""
 
     def __init__(self, config: ModbusServerConfig) -> None:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from anomalyd.config import NoPlcConfig
-from anomalyd.drivers.plc.base import register_plc
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from anomalyd.drivers.plc.base import PlcSettings, register_plc
 from anomalyd.drivers.plc.layout import Command, Status
 
 
-@register_plc("none")
+class NoPlcConfig(PlcSettings):
+    type: Literal["none"] = "none"
+
+
+@register_plc(NoPlcConfig)
 class NoPlcLink:
     name = "none"
+    serves: ClassVar[bool] = False
+
+    @staticmethod
+    def write_layout(config: NoPlcConfig, out: Path) -> str:
+        """No PLC configured: the S7 default blocks, the layout a PLC programmer most often starts from."""
+        from anomalyd.drivers.plc.s7 import S7Config, S7Link
+
+        return S7Link.write_layout(S7Config(), out)
 
     def __init__(self, config: NoPlcConfig) -> None:
         self.last_status = Status()

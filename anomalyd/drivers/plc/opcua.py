@@ -23,10 +23,11 @@ import threading
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from anomalyd.config import OpcUaServerConfig
-from anomalyd.drivers.plc.base import PlcDisconnected, PlcError, register_plc
+from pydantic import model_validator
+
+from anomalyd.drivers.plc.base import PlcBlocks, PlcDisconnected, PlcError, register_plc
 from anomalyd.drivers.plc.layout import (
     COMMAND_FIELDS,
     STATUS_FIELDS,
@@ -35,6 +36,7 @@ from anomalyd.drivers.plc.layout import (
     pack_status,
 )
 from anomalyd.log import get_logger
+from anomalyd.settings import ConfigPath, is_loopback, refuse_keys, setting
 
 log = get_logger(__name__)
 
@@ -47,6 +49,60 @@ ANSWER_FIELDS = frozenset(
      "latency_ms", "part_id", "busy", "missed_triggers")
 )  # fmt: skip
 _UNSET = object()
+
+
+class OpcUaServerConfig(PlcBlocks):
+    """The daemon serves the blocks over OPC UA (for PLCs and SCADA that may not use S7 PUT/GET)."""
+
+    type: Literal["opcua-server"] = "opcua-server"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused(cls, data: Any) -> Any:
+        return refuse_keys(
+            data, {"command_layout": "OPC UA clients write the Command nodes, not a block (docs/plc.md, OPC UA)"}
+        )
+
+    host: str = setting("127.0.0.1", "Listen address", "Loopback by default; elsewhere security is required.")
+    port: int = setting(4840, "TCP port", "OPC UA port (4840 is the registered one).", ge=1, le=65535)
+    security: Literal["none", "sign", "sign_and_encrypt"] = setting(
+        "none", "Security", "Basic256Sha256 Sign or SignAndEncrypt; none only on loopback (or allow_insecure_remote)."
+    )
+    certificate: ConfigPath | None = setting(
+        None, "Server certificate", "DER or PEM file (anomalyd opcua-cert makes one)."
+    )
+    private_key: ConfigPath | None = setting(None, "Server private key", "PEM file of the server certificate's key.")
+    trusted_clients: ConfigPath | None = setting(
+        None, "Trusted clients", "Folder (or file) of client certificates allowed to connect (PLC, SCADA)."
+    )
+    username: str | None = setting(None, "User name", "Optional user name clients must log in with.")
+    password_file: ConfigPath | None = setting(None, "Password file", "File holding that user's password.")
+    client_timeout_heartbeats: int = setting(
+        10,
+        "Client timeout",
+        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
+        ge=1,
+        le=100_000,
+    )
+    max_clients: int = setting(
+        8, "Most clients", "Connections served at once; more are refused (a PLC and a SCADA need two).", ge=1, le=256
+    )
+    allow_insecure_remote: bool = setting(
+        False, "Allow insecure remote", "Serve without security beyond loopback (an isolated machine network only)."
+    )
+
+    @model_validator(mode="after")
+    def _secure_beyond_loopback(self) -> OpcUaServerConfig:
+        if not is_loopback(self.host) and self.security == "none" and not self.allow_insecure_remote:
+            raise ValueError(
+                f"host {self.host} is not loopback and security is none: set security sign_and_encrypt with "
+                "certificate, private_key and trusted_clients (or allow_insecure_remote: true, not recommended)"
+            )
+        if self.security != "none" and not (self.certificate and self.private_key and self.trusted_clients):
+            raise ValueError(f"security {self.security} needs certificate, private_key and trusted_clients")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
 
 
 def node_id(block: str, name: str) -> str:
@@ -121,9 +177,6 @@ def _guard_sessions() -> None:
     UaProcessor._anomalyd_guarded = True  # type: ignore[attr-defined]
 
 
-EXPIRY_WARNING_DAYS = 30
-
-
 def _load_certificate(path: Path) -> Any:
     from cryptography import x509
 
@@ -167,8 +220,35 @@ class _Users:
         return None
 
 
-@register_plc("opcua-server")
+@register_plc(OpcUaServerConfig)
 class OpcUaServerLink:
+    # We are the server: a port that cannot be bound is a set-up fault, not a PLC outage.
+    serves: ClassVar[bool] = True
+
+    @staticmethod
+    def certificate_expiry(config: OpcUaServerConfig) -> dict[str, float]:
+        """When each configured certificate expires (the daemon exports and warns ahead)."""
+        return certificate_expiry(config)
+
+    @staticmethod
+    def write_layout(config: OpcUaServerConfig, out: Path) -> str:
+        """The OPC UA nodes as CSV and Markdown for the PLC programmer."""
+        from anomalyd.drivers.plc import export
+
+        rows = node_table()
+        lines = [
+            f"OPC UA nodes (namespace {NAMESPACE}; string node ids, e.g. nsu={NAMESPACE};s=anomalyd/Status/part_id)",
+            "",
+            "| node | type | access | meaning |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r['node']} | {r['type']} | {r['access']} | {r['meaning']} |" for r in rows]
+        text = "\n".join(lines) + "\n"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "opcua_nodes.csv").write_text(export.rows_csv(rows), encoding="utf-8")
+        (out / "opcua_nodes.md").write_text(text, encoding="utf-8")
+        return text + f"\nOPC UA node table → {out / 'opcua_nodes.csv'} and .md"
+
     def __init__(self, config: OpcUaServerConfig) -> None:
         self.config = config
         self.name = f"opc.tcp://{config.host}:{config.port}/anomalyd"

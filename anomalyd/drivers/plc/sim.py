@@ -31,6 +31,23 @@ from anomalyd.drivers.plc.layout import (
 
 
 @dataclass(frozen=True)
+class PlcSide:
+    """One protocol the simulated PLC speaks: its usual port, the daemon's link for it, what it plays."""
+
+    port: int
+    link: str  # the plc.type the daemon uses against it
+    plays: str
+
+
+# The protocols of `plc-sim` and the demo, and which daemon link each pairs with.
+SIDES = {
+    "s7": PlcSide(1102, "s7", "an S7 CPU serving DB100 (status) and DB101 (command)"),
+    "modbus": PlcSide(1502, "modbus", "a Modbus TCP server: status at register 0, command at 100"),
+    "opcua": PlcSide(4840, "opcua-server", "a client of the daemon's OPC UA server"),
+}
+
+
+@dataclass(frozen=True)
 class SimResult:
     """One result as the simulated PLC received it."""
 
@@ -61,8 +78,8 @@ class SimulatedPlc:
         word_order: str = "big",
         opcua: OpcUaClientOptions | None = None,
     ) -> None:
-        if protocol not in ("s7", "modbus", "opcua"):
-            raise ValueError(f"protocol must be s7, modbus or opcua, not {protocol!r}")
+        if protocol not in SIDES:
+            raise ValueError(f"protocol must be one of {', '.join(SIDES)}, not {protocol!r}")
         self.protocol, self.port, self.host = protocol, port, host
         self.status_layout = status_layout or StatusLayout()
         self.command_layout = command_layout or CommandLayout()

@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
 from anomalyd.config import ThresholdsConfig
+
+
+class Label(str, Enum):
+    """What a part was called: OK, WARN (passed, inside the warn band) or NG (the PLC was told fail)."""
+
+    OK = "OK"
+    WARN = "WARN"
+    NG = "NG"
+
+    def __str__(self) -> str:  # "OK", not "Label.OK", in every Python (3.12 changed format() of mixins)
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -24,8 +39,8 @@ class Verdict:
     finite: bool = True  # False: the score or map was not a number (the line answers code 3)
 
     @property
-    def label(self) -> str:
-        return "NG" if not self.passed else ("WARN" if self.warn else "OK")
+    def label(self) -> Label:
+        return Label.NG if not self.passed else (Label.WARN if self.warn else Label.OK)
 
 
 def fails(score: float, threshold: float) -> bool:

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import torch
 
-from anomalyd.engines.base import Extractor, Searcher
-from anomalyd.model.bundle import Bundle
+from anomalyd.model.bundle import Bundle, BundleError
 from anomalyd.model.manifest import Roi
+from anomalyd.model.ports import Extractor, Searcher
 from anomalyd.model.scoring import Scorer
 
 STAGES = ("preprocess", "extract", "search", "map")
@@ -104,17 +104,11 @@ class Inspector:
                 events.append(time.perf_counter())
 
         with torch.inference_mode():
+            maps, scores, roi = scorer.run([frame], mark)
+            raw = float(scores[0])  # the one wait for the device
             mark()
-            batch, roi = scorer.preprocess(frame)
-            mark()
-            features = self.extractor.extract(batch)
-            mark()
-            distances = scorer.cell_scores(features)
-            mark()
-            amap = scorer.maps(distances) / self.reference
-            score = float(scorer.image_scores(amap)[0])  # the one wait for the device
-            mark()
-            small_map: np.ndarray | torch.Tensor = amap[0] if self._cuda else amap[0].cpu().numpy()
+            amap = maps[0] / self.reference
+            small_map: np.ndarray | torch.Tensor = amap if self._cuda else amap.cpu().numpy()
         total = (time.perf_counter() - started) * 1000.0
         if self._cuda:
             events[-1].synchronize()  # done already: the score was read after the last kernel
@@ -125,7 +119,7 @@ class Inspector:
             steps = [(b - a) * 1000.0 for a, b in itertools.pairwise(events)]
         timings = dict(zip(STAGES, steps, strict=True))
         timings["total"] = total
-        return Inspection(score, score * self.reference, small_map, roi, timings)
+        return Inspection(raw / self.reference, raw, small_map, roi, timings)
 
     def check_features(self, frame: np.ndarray) -> None:
         """Refuse a bundle whose manifest and bank do not match what its extractor gives.
@@ -133,8 +127,6 @@ class Inspector:
         A manifest re-bound to another feature width would otherwise fail every
         part deep in the search with a reshape error.
         """
-        from anomalyd.engines.base import EngineError
-
         with torch.inference_mode():
             batch, _ = self.scorer.preprocess(frame)
             features = self.extractor.extract(batch)
@@ -142,7 +134,7 @@ class Inspector:
         spec = self.bundle.spec
         want = (spec.feature_dim, *spec.feature_grid)
         if got != want:
-            raise EngineError(
+            raise BundleError(
                 f"{self.bundle.path}: the extractor gives {got[0]} features on a {got[1]}x{got[2]} grid, "
                 f"the manifest and memory bank say {want[0]} on {want[1]}x{want[2]}; refit the bundle"
             )
@@ -162,27 +154,3 @@ class Inspector:
     def close(self) -> None:
         self.extractor.close()
         self.searcher.close()
-
-
-def open_inspector(bundle: Bundle, engine_config: Any, search_config: Any, roi: Roi | None = None) -> Inspector:
-    """Build extractor and searcher from config and wrap them in an Inspector.
-
-    The ROI the bundle was fitted with applies unless ``roi`` is given; a given
-    ROI that differs from the bundle's is refused (the model would see another
-    crop than it learned, and its scores would mean nothing).
-    """
-    from anomalyd.engines.base import EngineError
-    from anomalyd.engines.select import build_extractor, build_searcher
-
-    fitted_roi = bundle.spec.roi
-    if roi is None:
-        roi = fitted_roi
-    elif fitted_roi is not None and tuple(roi) != fitted_roi:
-        raise EngineError(
-            f"{bundle.path}: fitted with ROI x,y,w,h = {fitted_roi}, but the camera's ROI is {tuple(roi)}; "
-            "set camera.roi to the bundle's (or leave it empty), or refit with --roi"
-        )
-
-    extractor = build_extractor(bundle, engine_config)
-    searcher = build_searcher(bundle, search_config, extractor.device, engine_config.threads)
-    return Inspector(bundle, extractor, searcher, roi)

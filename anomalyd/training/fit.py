@@ -18,7 +18,7 @@ from torch import nn
 
 from anomalyd import __version__
 from anomalyd.engines.base import Searcher, resolve_device
-from anomalyd.engines.search import TorchSearcher
+from anomalyd.engines.search import LocalSearcher, TorchSearcher
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.calibrate import calibration, suggest_thresholds
@@ -28,7 +28,7 @@ from anomalyd.model.features import build_patch_features, feature_dim, feature_s
 from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
-from anomalyd.model.scoring import LocalSearcher, Preprocessor, Scorer
+from anomalyd.model.scoring import Preprocessor, Scorer
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
