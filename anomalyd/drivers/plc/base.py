@@ -58,6 +58,17 @@ class PlcBlocks(PlcSettings):
     )
 
 
+def client_timeout_setting() -> Any:
+    """For links the daemon serves (Modbus server, OPC UA): when a silent client counts as no PLC."""
+    return setting(
+        10,
+        "Client timeout",
+        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
+        ge=1,
+        le=100_000,
+    )
+
+
 PLC_LINKS: Registry[Any] = Registry("PLC link", "anomalyd.drivers.plc")
 register_plc = PLC_LINKS.register
 

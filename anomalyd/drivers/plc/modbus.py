@@ -21,6 +21,7 @@ from anomalyd.drivers.plc.base import (
     PlcDisconnected,
     PlcError,
     bytes_from_words,
+    client_timeout_setting,
     register_plc,
     words_from_bytes,
 )
@@ -114,13 +115,7 @@ class ModbusServerConfig(ModbusConfig):
     idle_timeout_s: float = setting(
         60.0, "Idle timeout", "A client that sends nothing for this long is disconnected.", "s", gt=0, le=3600
     )
-    client_timeout_heartbeats: int = setting(
-        10,
-        "Client timeout",
-        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
-        ge=1,
-        le=100_000,
-    )
+    client_timeout_heartbeats: int = client_timeout_setting()
 
 
 def write_register_map(config: ModbusConfig, out: Path, side: str) -> str:

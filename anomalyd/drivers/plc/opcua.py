@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from anomalyd.drivers.plc.base import PlcBlocks, PlcDisconnected, PlcError, register_plc
+from anomalyd.drivers.plc.base import PlcBlocks, PlcDisconnected, PlcError, client_timeout_setting, register_plc
 from anomalyd.drivers.plc.layout import (
     COMMAND_FIELDS,
     STATUS_FIELDS,
@@ -77,13 +77,7 @@ class OpcUaServerConfig(PlcBlocks):
     )
     username: str | None = setting(None, "User name", "Optional user name clients must log in with.")
     password_file: ConfigPath | None = setting(None, "Password file", "File holding that user's password.")
-    client_timeout_heartbeats: int = setting(
-        10,
-        "Client timeout",
-        "plc_connected and /healthz say no PLC when no client has read the status for this many heartbeats.",
-        ge=1,
-        le=100_000,
-    )
+    client_timeout_heartbeats: int = client_timeout_setting()
     max_clients: int = setting(
         8, "Most clients", "Connections served at once; more are refused (a PLC and a SCADA need two).", ge=1, le=256
     )
