@@ -47,9 +47,7 @@ class Running:
     def restart(self, log_name: str = "daemon2.log", timeout: float = 90.0) -> Path:
         """Start the daemon again on the same config (after a kill or a stop); wait until the PLC sees ready."""
         log = self.config.parent / log_name
-        self.process = subprocess.Popen(
-            [*ANOMALYD, "run", "--config", str(self.config)], stdout=log.open("a"), stderr=subprocess.STDOUT, text=True
-        )
+        self.process = launch(self.config, log)
         assert self.plc.wait_for(lambda s: s.ready, timeout) is not None, log.read_text()[-2000:]
         return log
 
@@ -71,27 +69,57 @@ class Running:
             return out
 
 
-def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
-    plc_port, metrics_port, page_port = free_port(), free_port(), free_port()
-    plc = SimulatedPlc("s7", port=plc_port)
-    plc.start()
+def station_config(
+    tmp_path: Path, bundle: Path, source: Path, plc: dict[str, object], name: str = "anomalyd.yaml", **overrides: object
+) -> tuple[Path, dict[str, dict[str, object]]]:
+    """The one test station's config file: the simulated camera, the bundle, the PLC side given, JSON logs.
+
+    ``overrides``: ``section__key=value``, or ``section={...}`` merged into the section (replacing it when
+    it names another ``type``, e.g. another PLC link).
+    """
     raw: dict[str, dict[str, object]] = {
         "camera": {"type": "simulated", "source": str(source)},
-        "plc": {"type": "s7", "port": plc_port, "timeout_s": 0.5, "reconnect_max_s": 0.5},
+        "plc": dict(plc),
         "model": {"bundle": str(bundle)},
         "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
-        "metrics": {"port": metrics_port},
-        "page": {"port": page_port},
+        "metrics": {"port": free_port()},
+        "page": {"port": free_port()},
         "logging": {"format": "json"},
     }
     for key, value in overrides.items():
-        if "__" not in key:  # a whole section, e.g. recipes={...}
+        if "__" in key:
+            section, field_name = key.split("__")
+            raw.setdefault(section, {})[field_name] = value
+        elif isinstance(value, dict) and "type" in value and raw.get(key, {}).get("type") != value["type"]:
+            raw[key] = dict(value)
+        elif isinstance(value, dict) and key != "recipes":
+            raw.setdefault(key, {}).update(value)
+        else:
             raw[key] = value  # type: ignore[assignment]
-            continue
-        section, name = key.split("__")
-        raw.setdefault(section, {})[name] = value
-    config = tmp_path / "anomalyd.yaml"
+    config = tmp_path / name
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return config, raw
+
+
+def launch(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The daemon as a process on ``config``, its output appended to ``log``."""
+    return subprocess.Popen(
+        [*ANOMALYD, "run", "--config", str(config)],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = False, **overrides: object) -> Running:
+    """The daemon against a simulated S7 PLC, started and ready."""
+    plc_port = free_port()
+    plc = SimulatedPlc("s7", port=plc_port)
+    plc.start()
+    link = {"type": "s7", "port": plc_port, "timeout_s": 0.5, "reconnect_max_s": 0.5}
+    config, raw = station_config(tmp_path, bundle, source, link, **overrides)
+    metrics_port, page_port = int(raw["metrics"]["port"]), int(raw["page"].get("port", 0))  # type: ignore[call-overload]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     sock = None
     if notify:
@@ -99,10 +127,7 @@ def start_daemon(tmp_path: Path, bundle: Path, source: Path, notify: bool = Fals
         path = str(tmp_path / "notify.sock")
         sock.bind(path)
         env.update(NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
-    log = (tmp_path / "daemon.log").open("w")
-    process = subprocess.Popen(
-        [*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    process = launch(config, tmp_path / "daemon.log", env)
     running = Running(process, config, plc, tmp_path / "data", metrics_port, sock, raw, page_port)
     if plc.wait_for(lambda s: s.ready, 90.0) is None:
         process.kill()

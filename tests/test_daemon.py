@@ -86,7 +86,9 @@ def test_plc_restart_mid_run_is_recovered(daemon_factory, e2e_bundle: Path, samp
         assert r.plc.inspect_once(10.0) is not None
     port = r.plc.port
     r.plc.stop()
-    time.sleep(1.0)  # the PLC is gone for several heartbeat periods
+    log = r.config.parent / "daemon.log"
+    # The daemon has seen the PLC go (a write failed) and keeps running while it is away.
+    wait_until(lambda: '"plc.disconnected"' in log.read_text(), 10.0, "the daemon noticing the PLC is gone")
     assert r.process.poll() is None
     r.plc = SimulatedPlc("s7", port=port)  # a restarted PLC, its DBs zeroed
     r.plc.start()

@@ -18,12 +18,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.daemon.records import Record, RecordStore
 from tests.conftest import ANOMALYD, free_port
-from tests.harness import Running, stop
+from tests.harness import Running, launch, station_config, stop
 
 LOCK_DB = """
 import sqlite3, sys, time
@@ -146,19 +145,10 @@ def test_inspection_ids_never_go_back(daemon_factory, e2e_bundle: Path, sample_d
 
 
 def _config(tmp_path: Path, bundle: Path, source: Path, **sections: dict[str, object]) -> Path:
-    raw: dict[str, dict[str, object]] = {
-        "camera": {"type": "simulated", "source": str(source)},
-        "plc": {"type": "none"},
-        "model": {"bundle": str(bundle)},
-        "daemon": {"trigger": "free_run", "data_dir": str(tmp_path / "data")},
-        "metrics": {"port": free_port()},
-        "page": {"port": 0},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
+    """The station's config without a PLC, free running (``sections`` merged in)."""
+    plc = sections.pop("plc", {"type": "none"})
+    daemon = {"trigger": "free_run", **sections.pop("daemon", {})}
+    return station_config(tmp_path, bundle, source, plc, "c.yaml", daemon=daemon, **sections)[0]
 
 
 def _refused(config: Path) -> str:
@@ -234,9 +224,7 @@ def test_modbus_server_survives_a_connection_flood(e2e_bundle: Path, sample_dir:
         plc={"type": "modbus-server", "port": port, "max_clients": 4, "idle_timeout_s": 2.0},
         daemon={"trigger": "plc"},
     )
-    process = subprocess.Popen(
-        [*ANOMALYD, "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = launch(config, tmp_path / "daemon.log")
     plc = ModbusTcpClient("127.0.0.1", port=port)
     flood: list[socket.socket] = []
     try:

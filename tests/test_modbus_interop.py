@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import ANOMALYD, free_port
-from tests.harness import wait_until
+from tests.harness import launch, station_config, wait_until
 
 pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
 
@@ -48,17 +47,10 @@ def test_jsmodbus_runs_the_handshake_from_the_aligned_map_alone(
 ) -> None:
     modules = _jsmodbus()
     port = free_port()
-    config = tmp_path / "anomalyd.yaml"
-    raw = {
-        "camera": {"type": "simulated", "source": str(sample_dir / "test")},
-        "plc": {"type": "modbus-server", "port": port, "align_32bit": True, "word_order": "little"},
-        "model": {"bundle": str(e2e_bundle)},
-        "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
-        "metrics": {"enabled": False},
-        "page": {"enabled": False},
-        "logging": {"format": "json"},
-    }
-    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    link = {"type": "modbus-server", "port": port, "align_32bit": True, "word_order": "little"}
+    config, _ = station_config(
+        tmp_path, e2e_bundle, sample_dir / "test", link, metrics={"enabled": False}, page={"enabled": False}
+    )
     subprocess.run(
         [*ANOMALYD, "plc-layout", "--config", str(config), "--out", str(tmp_path / "map")],
         check=True,
@@ -69,8 +61,7 @@ def test_jsmodbus_runs_the_handshake_from_the_aligned_map_alone(
         _block, register, _, registers = line.split(",")[:4]
         assert registers == "1" or int(register) % 2 == 0, f"a 32-bit value at an odd register: {line}"
     assert "status,18,40019,2,,,REAL,low word first,latency_ms," in table  # moved from register 9
-    log = (tmp_path / "daemon.log").open("w")
-    daemon = subprocess.Popen([*ANOMALYD, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    daemon = launch(config, tmp_path / "daemon.log")
     try:
 
         def listening() -> bool:

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from anomalyd.daemon.handshake import ErrorCode
 from anomalyd.drivers.plc.sim import OpcUaClientOptions, SimulatedPlc
 from tests.conftest import ANOMALYD, free_port
+from tests.harness import launch, station_config
 
 pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a process
 
@@ -24,21 +24,12 @@ pytestmark = pytest.mark.e2e  # every test here starts the daemon or a peer as a
 class OpcUaStation:
     def __init__(self, tmp_path: Path, bundle: Path, source: Path, plc: dict[str, object]) -> None:
         self.port = free_port()
-        self.config = tmp_path / "opcua.yaml"
-        raw = {
-            "camera": {"type": "simulated", "source": str(source)},
-            "plc": {"type": "opcua-server", "port": self.port, **plc},
-            "model": {"bundle": str(bundle)},
-            "daemon": {"data_dir": str(tmp_path / "data"), "heartbeat_ms": 100, "budget_ms": 2000},
-            "metrics": {"enabled": False},
-            "page": {"enabled": False},
-            "logging": {"format": "json"},
-        }
-        self.config.write_text(yaml.safe_dump(raw), encoding="utf-8")
-        self.log = tmp_path / "daemon.log"
-        self.process = subprocess.Popen(
-            [*ANOMALYD, "run", "--config", str(self.config)], stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        link = {"type": "opcua-server", "port": self.port, **plc}
+        self.config, _ = station_config(
+            tmp_path, bundle, source, link, "opcua.yaml", metrics={"enabled": False}, page={"enabled": False}
         )
+        self.log = tmp_path / "daemon.log"
+        self.process = launch(self.config, self.log)
 
     def plc(self, options: OpcUaClientOptions | None = None) -> SimulatedPlc:
         plc = SimulatedPlc("opcua", port=self.port, opcua=options)
