@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
     p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
+    p.add_argument("--context", type=int, default=HeadSettings().context, help="head neighbourhood radius (cells)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -178,7 +179,9 @@ def main() -> int:
                 if not image_level:
                     positive = np.zeros(x_dist.shape, bool)
                     positive[: len(train_idx)] = pit_cells[train_idx]
-                hs = HeadSettings(hidden=args.hidden, steps=args.steps, hard_rounds=args.hard_rounds)
+                hs = HeadSettings(
+                    hidden=args.hidden, steps=args.steps, hard_rounds=args.hard_rounds, context=args.context
+                )
                 head: Head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k)
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:

@@ -25,6 +25,9 @@ ANOMALYD = [sys.executable, "-m", "anomalyd"]
 MODEL_FIXTURES = {"bundle_dir", "e2e_bundle", "bundle_b", "local_bundle", "head_bundle"}
 # Fixtures that start a process (the daemon, a broker, OPC UA stations): a test using one is `e2e`.
 E2E_FIXTURES = {"daemon_factory", "broker", "stations"}
+# What libraries run on their own to learn about the machine (joblib: lscpu, platform: uname, Harvesters: git):
+# not a process the test starts.
+LIBRARY_PROBES = {"lscpu", "uname", "git", "nproc"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,7 +46,9 @@ def _layer_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     real_init = subprocess.Popen.__init__
 
     def init(self: subprocess.Popen[bytes], args: object, *rest: object, **kwargs: object) -> None:
-        started.append(" ".join(map(str, args)) if isinstance(args, list | tuple) else str(args))
+        command = [str(a) for a in args] if isinstance(args, list | tuple) else str(args).split()
+        if Path(command[0]).name not in LIBRARY_PROBES:
+            started.append(" ".join(command))
         real_init(self, args, *rest, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(subprocess.Popen, "__init__", init)

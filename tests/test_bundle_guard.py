@@ -101,7 +101,19 @@ def test_promote_and_rollback_races_never_mix_two_bundles(
     done = threading.Event()
     flips: list[Path] = []
 
+    b_id = load_bundle(bundle_b).bundle_id
+
+    def judged_by_b() -> object:
+        with sqlite3.connect(r.data / "inspections.sqlite") as db:
+            return db.execute("SELECT 1 FROM inspections WHERE bundle_id = ? LIMIT 1", (b_id,)).fetchone()
+
     def flipper() -> None:
+        # First one promote that B finishes (its load may outlast every random window on a slow machine),
+        # so both bundles have judged parts; then the race.
+        os.replace(_symlink(tmp_path, bundle_b), link)
+        os.kill(pid, signal.SIGHUP)
+        flips.append(bundle_b)
+        wait_until(judged_by_b, 60.0, "bundle B judging a part after its promote")
         rng = random.Random(7)
         for i in range(12):
             target = targets[i % 2]

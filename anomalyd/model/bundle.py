@@ -143,10 +143,10 @@ class Bundle:
         from anomalyd.model.head import Head
 
         try:
-            head = Head.from_bytes(self.blob(HEAD), spec.use_distance, device)
+            head = Head.from_bytes(self.blob(HEAD), spec.use_distance, device, spec.context)
         except (ValueError, KeyError, OSError) as exc:
             raise BundleError(f"{self.file(HEAD)}: not a plain array file of the head ({exc})") from None
-        want = self.spec.feature_dim + (1 if spec.use_distance else 0)
+        want = self.spec.feature_dim * (2 if spec.context else 1) + (1 if spec.use_distance else 0)
         if head.input_dim != want:
             raise BundleError(f"{self.file(HEAD)}: takes {head.input_dim} inputs, the manifest says {want}")
         return head

@@ -40,12 +40,32 @@ class HeadSettings:
     unmasked_rounds: int = 2  # … then this many rounds of re-choosing them by the head's own score
     hard_rounds: int = 0  # rounds of retraining with the good cells the head scored highest (hard negatives)
     hard_share: float = 0.02  # … the top 2 % of the good cells
+    # The mean features of the (2·context+1)² cells around each cell are an input beside its own: a pit is a
+    # compact blob on a clean ring, a droplet or soiling spreads (0: the cell alone).
+    context: int = 0
 
 
-def cell_inputs(cells: np.ndarray, dist: np.ndarray, use_distance: bool) -> np.ndarray:
-    """``[..., C]`` features and ``[...]`` distances → ``[M, C(+1)]`` float32 head inputs."""
+def neighbourhood(features: torch.Tensor, context: int) -> torch.Tensor:
+    """``[B, C, h, w]`` → the mean over each cell's (2·context+1)² neighbours (fewer at the border)."""
+    size = 2 * context + 1
+    return F.avg_pool2d(features, size, stride=1, padding=context, count_include_pad=False)
+
+
+def cell_inputs(
+    cells: np.ndarray, dist: np.ndarray, use_distance: bool, context: int = 0, grid: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``[N, h·w, C]`` features and ``[N, h·w]`` distances → ``[M, C(·2)(+1)]`` float32 head inputs."""
     c = cells.shape[-1]
     x = cells.reshape(-1, c).astype(np.float32, copy=False)
+    if context:
+        assert grid is not None, "the neighbourhood needs the feature grid"
+        n = int(np.prod(cells.shape[:-1])) // (grid[0] * grid[1])
+        pooled = [
+            neighbourhood(torch.from_numpy(np.ascontiguousarray(cells.reshape(n, *grid, c)[i : i + 16]))
+                          .permute(0, 3, 1, 2).float(), context).permute(0, 2, 3, 1).reshape(-1, c).numpy()
+            for i in range(0, n, 16)
+        ]  # fmt: skip
+        x = np.concatenate([x, np.concatenate(pooled)], axis=1)
     if use_distance:
         x = np.concatenate([x, dist.reshape(-1, 1).astype(np.float32)], axis=1)
     return np.ascontiguousarray(x)
@@ -54,8 +74,11 @@ def cell_inputs(cells: np.ndarray, dist: np.ndarray, use_distance: bool) -> np.n
 class Head:
     """Standardise, (Linear → ReLU →) Linear; the cell score is softplus(logit + 8) (positive, monotone)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], use_distance: bool, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, arrays: dict[str, np.ndarray], use_distance: bool, device: torch.device | str = "cpu", context: int = 0
+    ) -> None:
         self.use_distance = use_distance
+        self.context = context
         self.device = torch.device(device)
         self.t = {
             k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(self.device) for k in ARRAYS
@@ -82,8 +105,11 @@ class Head:
 
     def score_cells(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` features and ``[B, h·w]`` distances → ``[B, h·w]`` cell scores."""
-        b, c = features.shape[:2]
-        x = features.permute(0, 2, 3, 1).reshape(-1, c).to(self.device, torch.float32)
+        b = features.shape[0]
+        features = features.to(self.device, torch.float32)
+        if self.context:
+            features = torch.cat([features, neighbourhood(features, self.context)], dim=1)
+        x = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         if self.use_distance:
             x = torch.cat([x, distances.reshape(-1, 1).to(self.device, torch.float32)], dim=1)
         return self.cell_scores(x).reshape(b, -1)
@@ -94,10 +120,10 @@ class Head:
         return out.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, use_distance: bool, device: torch.device | str = "cpu") -> Head:
+    def from_bytes(cls, data: bytes, use_distance: bool, device: torch.device | str = "cpu", context: int = 0) -> Head:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in ARRAYS}
-        return cls(arrays, use_distance, device)
+        return cls(arrays, use_distance, device, context)
 
 
 def _ring(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
@@ -143,7 +169,9 @@ def train_head(
         chosen[defective] = positives_without_masks(dist[defective], settings.unmasked_top)
         for _round in range(settings.unmasked_rounds):
             head = train_head(cells, dist, chosen, defective, settings, grid, seed)
-            x = torch.from_numpy(cell_inputs(cells[defective], dist[defective], settings.use_distance))
+            x = torch.from_numpy(
+                cell_inputs(cells[defective], dist[defective], settings.use_distance, settings.context, grid)
+            )
             scores = head.cell_scores(x).reshape(int(defective.sum()), hw).numpy()
             chosen = np.zeros((n, hw), dtype=bool)
             chosen[defective] = positives_without_masks(scores, settings.unmasked_top)
@@ -159,7 +187,7 @@ def train_head(
     if len(neg_idx) > settings.max_negatives:
         neg_idx = rng.choice(neg_idx, settings.max_negatives, replace=False)
     pos_idx = np.flatnonzero(positive.ravel())
-    x_all = cell_inputs(cells, dist, settings.use_distance)
+    x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid)
     x_pos = torch.from_numpy(x_all[pos_idx])
     x_neg = torch.from_numpy(x_all[neg_idx])
     head = _fit_mlp(x_pos, x_neg, None, settings, seed)
@@ -227,4 +255,4 @@ def _fit_mlp(
         "w2": w2.detach().numpy(),
         "b2": b2.detach().numpy().reshape(1),
     }
-    return Head(arrays, settings.use_distance)
+    return Head(arrays, settings.use_distance, context=settings.context)

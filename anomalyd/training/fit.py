@@ -334,6 +334,7 @@ def learn_head(
     entry = {
         "hidden": settings.head.hidden,
         "use_distance": settings.head.use_distance,
+        "context": settings.head.context,
         "defect_images": len(defects),
         "masked_images": masked,
         "defect_types": sorted({d.defect_type for d in defects}),
