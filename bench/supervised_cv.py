@@ -69,6 +69,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
     p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
     p.add_argument("--context", type=int, default=HeadSettings().context, help="head neighbourhood radius (cells)")
+    p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -79,6 +80,10 @@ def main() -> int:
     good_files = sorted((data / "train" / "good").glob("*.jpg"))
     test = sorted((data / "test").rglob("*.jpg"))
     settings = FitSettings(taps=("stage3", "stage5"), input_size=(h, w), coreset_ratio=args.coreset)
+    if args.sigma is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, sigma=args.sigma)
     tag = f"efficientnet_lite0_stage3+stage5_{h}x{w}"
     ftr = cached_features(settings, good_files, Path("var/explore") / f"{tag}_train.npy")
     fte = cached_features(settings, test, Path("var/explore") / f"{tag}_test.npy")

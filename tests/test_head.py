@@ -104,6 +104,42 @@ def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None
     assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
 
 
+def test_a_head_with_a_neighbourhood_tells_a_compact_blob_from_a_spread_one() -> None:
+    """The same cell features, told apart only by the cells around them: what ``context`` is for."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    n, grid, c = 24, (8, 8), 4
+    cells = (0.05 * rng.normal(size=(n, 64, c))).astype(np.float32)
+    dist = np.ones((n, 64), np.float32)  # the memory cannot tell them apart either
+    positive = np.zeros((n, 64), bool)
+    defective = np.arange(n) < 12
+    for i in range(n):
+        r, k = 2 + i % 4, 2 + (i // 4) % 4
+        if defective[i]:  # a pit: one bright cell on a clean ring
+            cells[i, r * 8 + k, 0] += 1.0
+            positive[i, r * 8 + k] = True
+        else:  # soiling: the same bright cell, inside a bright 3×3 patch
+            for dr in (-1, 0, 1):
+                for dk in (-1, 0, 1):
+                    cells[i, (r + dr) * 8 + (k + dk), 0] += 1.0
+    centre = np.array([(2 + i % 4) * 8 + 2 + (i // 4) % 4 for i in range(n)])
+
+    def centre_scores(head: Head) -> np.ndarray:
+        f = torch.from_numpy(cells).reshape(n, *grid, c).permute(0, 3, 1, 2)
+        return head.score_cells(f, torch.from_numpy(dist)).numpy()[np.arange(n), centre]
+
+    settings = HeadSettings(hidden=16, steps=400, ring=0)
+    alone = centre_scores(train_head(cells, dist, positive, defective, settings, grid))
+    seen = train_head(cells, dist, positive, defective, HeadSettings(hidden=16, steps=400, ring=0, context=1), grid)
+    around = centre_scores(seen)
+    assert around[defective].min() > around[~defective].max()  # separated with the neighbourhood
+    assert not alone[defective].min() > alone[~defective].max()  # and not without it
+    again = Head.from_bytes(seen.to_bytes(), True, context=1)  # stored as arrays, read back with its context
+    assert again.input_dim == 2 * c + 1
+    np.testing.assert_allclose(centre_scores(again), around, rtol=1e-6)
+
+
 @pytest.mark.e2e
 def test_with_a_head_the_memory_is_searched_in_the_banks_principal_components(head_bundle: Path, line: Path) -> None:
     """fit --defects stores the projection; the daemon's path searches in it (the head learned those distances)."""
