@@ -151,13 +151,8 @@ def parse_config(text: str, filename: str = "<config>", base_dir: Path | None = 
             line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
             issues.append(ConfigIssue(filename, line, ".".join(path), _message(err)))
         raise ConfigError(issues) from None
-    return _resolve_paths(config, base_dir) if base_dir else config
-
-
-def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
-    """Relative paths in the file are relative to the file's folder (every field typed ConfigPath)."""
-    resolved: AppConfig = resolve_paths(config, base)
-    return resolved
+    # Relative paths in the file are relative to its folder (every field typed ConfigPath).
+    return resolve_paths(config, base_dir) if base_dir else config
 
 
 def load_config(path: Path | str) -> AppConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,12 +61,15 @@ def _resolved(value: Any, base: Path) -> Any:
     return value
 
 
-def resolve_paths(value: Any, base: Path) -> Any:
+V = TypeVar("V")
+
+
+def resolve_paths(value: V, base: Path) -> V:
     """A copy of ``value`` (a section, or dicts and lists of them) with every ConfigPath made absolute."""
     if isinstance(value, dict):
-        return {k: resolve_paths(v, base) for k, v in value.items()}
+        return {k: resolve_paths(v, base) for k, v in value.items()}  # type: ignore[return-value]
     if isinstance(value, list | tuple) and any(isinstance(v, BaseModel) for v in value):
-        return type(value)(resolve_paths(v, base) for v in value)
+        return type(value)(resolve_paths(v, base) for v in value)  # type: ignore[return-value]
     if not isinstance(value, BaseModel):
         return value
     update: dict[str, Any] = {}

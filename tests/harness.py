@@ -92,7 +92,7 @@ def station_config(
             raw.setdefault(section, {})[field_name] = value
         elif isinstance(value, dict) and "type" in value and raw.get(key, {}).get("type") != value["type"]:
             raw[key] = dict(value)
-        elif isinstance(value, dict) and key != "recipes":
+        elif isinstance(value, dict):
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value  # type: ignore[assignment]

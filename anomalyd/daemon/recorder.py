@@ -162,8 +162,7 @@ class Recorder:
         wanted = o.label == Label.NG or (every and o.inspection_id % every == 0)
         if self.archive_config.enabled and o.frame is not None and wanted:
             frame_path, overlay_path_ = self.archive.paths_for(o.inspection_id, str(o.label), now)
-            item = o.archive_item(frame_path, overlay_path_)
-            if item is not None and self.archive.add(item):
+            if self.archive.add(o.archive_item(frame_path, overlay_path_)):
                 archive_path, overlay_path = str(frame_path), str(overlay_path_)
         record = o.record(now, self.bundle_id, self.config_id, archive_path)
         score = o.score

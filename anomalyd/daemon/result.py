@@ -77,14 +77,14 @@ class Result:
         """The error code in words (docs/plc.md); '' for code 0."""
         return ERROR_MEANINGS.get(self.code, "unknown error") if self.code else ""
 
-    def archive_item(self, frame_path: Path, overlay_path: Path) -> ArchiveItem | None:
-        """The frame and its overlay for the reject archive (None: no frame to keep)."""
-        if self.frame is None:
-            return None
-        inspection, shape = self.inspection, self.frame.image.shape
+    def archive_item(self, frame_path: Path, overlay_path: Path) -> ArchiveItem:
+        """The frame and its overlay for the reject archive (only for a result with a frame)."""
+        frame, inspection = self.frame, self.inspection
+        assert frame is not None, "a result without a frame has nothing to archive"
+        shape = frame.image.shape
         frame_map = (lambda: inspection.frame_map(shape)) if inspection is not None else None
         return ArchiveItem(
-            frame_path, overlay_path, self.frame.image, frame_map, self.threshold, self.score, str(self.label)
+            frame_path, overlay_path, frame.image, frame_map, self.threshold, self.score, str(self.label)
         )
 
     def record(self, time_ns: int, bundle_id: str, config_hash: str, archive_path: str | None) -> Record:

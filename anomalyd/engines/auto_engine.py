@@ -128,12 +128,12 @@ def _cpu_choice(bundle: Bundle, config: AutoEngineConfig, ort: Extractor) -> Ext
             measured = {str(k): float(v) for k, v in json.loads(cache.read_text(encoding="utf-8")).items()}
         except (OSError, ValueError, AttributeError):
             measured = None  # unreadable: measure again
+    ov: Extractor | None = None  # built once: the one timed is the one used
     if measured is None or "onnxruntime" not in measured:
         ov, reason = _build(bundle, candidate)
         measured = {"onnxruntime": time_extract(ort, bundle.input_size)}
         if ov is not None:
             measured["openvino"] = time_extract(ov, bundle.input_size)
-            ov.close()
         else:
             log.info("engine.openvino_not_measured", reason=reason)
         if cache is not None:
@@ -142,11 +142,14 @@ def _cpu_choice(bundle: Bundle, config: AutoEngineConfig, ort: Extractor) -> Ext
     choice = faster(measured)
     log.info("engine.cpu_measured", ms=measured, chosen=choice, margin=MARGIN)
     if choice == "onnxruntime":
+        if ov is not None:
+            ov.close()
         return ort
-    ov, reason = _build(bundle, candidate)
     if ov is None:
-        log.warning("engine.openvino_failed", reason=reason, using="onnxruntime")
-        return ort
+        ov, reason = _build(bundle, candidate)
+        if ov is None:
+            log.warning("engine.openvino_failed", reason=reason, using="onnxruntime")
+            return ort
     ort.close()
     return ov
 

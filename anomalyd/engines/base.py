@@ -22,7 +22,18 @@ from anomalyd.settings import BackendSettings, setting
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EXTRACTORS", "SEARCHERS", "EngineError", "EngineSettings", "Extractor", "Searcher", "resolve_device"]
+__all__ = [
+    "EXTRACTORS",
+    "SEARCHERS",
+    "EngineError",
+    "EngineHooks",
+    "EngineSettings",
+    "Extractor",
+    "Searcher",
+    "register_extractor",
+    "register_searcher",
+    "resolve_device",
+]
 
 
 class EngineError(AnomalydError):
