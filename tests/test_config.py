@@ -138,6 +138,28 @@ def test_json_log_lines_parse() -> None:
     assert lines[0]["event"] == "inspection" and lines[0]["id"] == 3 and lines[0]["level"] == "info"
 
 
+@pytest.mark.e2e
+def test_log_lines_and_unwritten_records_never_share_a_line(tmp_path: Path) -> None:
+    """Under systemd or the tests stdout and stderr are often one file: each line is one write."""
+    code = (
+        "import threading\n"
+        "from anomalyd.log import configure_logging, get_logger\n"
+        "from anomalyd.daemon.records import Record, write_unwritten\n"
+        "configure_logging('info', 'json')\n"
+        "def logs():\n"
+        "    for i in range(3000): get_logger('t').info('inspection', id=i, pad='x' * 200)\n"
+        "def spills():\n"
+        "    for i in range(3000): write_unwritten(Record(i, 0, 'NG', 2.0, 1.0, 0, *[None] * 9, 'b', 'c', i))\n"
+        "ts = [threading.Thread(target=f) for f in (logs, spills, logs)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+    )
+    log = tmp_path / "out.log"
+    with log.open("a") as fh:
+        subprocess.run([ANOMALYD[0], "-c", code], stdout=fh, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events.count("inspection") == 6000 and events.count("record.unwritten") == 3000
+
+
 def test_plc_trigger_without_a_plc_is_rejected() -> None:
     (line,) = issues("plc:\n  type: none\n")
     assert "daemon.trigger plc needs a PLC" in line
