@@ -319,11 +319,15 @@ class OpcUaServerLink:
                 import shutil
                 import tempfile
 
-                folder = Path(tempfile.mkdtemp(prefix="anomalyd-opcua-trust-"))
-                shutil.copy(trusted, folder / trusted.name)
-                trusted = folder
-            store = TrustStore([trusted], [])
-            await store.load()
+                # The store keeps what it loaded in memory: the copy goes at once (one per start
+                # had piled up in /tmp).
+                with tempfile.TemporaryDirectory(prefix="anomalyd-opcua-trust-") as folder:
+                    shutil.copy(trusted, Path(folder) / trusted.name)
+                    store = TrustStore([Path(folder)], [])
+                    await store.load()
+            else:
+                store = TrustStore([trusted], [])
+                await store.load()
             options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
             server.set_certificate_validator(CertificateValidator(options, store))
             # Sessions only on a channel of the configured mode and policy (discovery stays open).
