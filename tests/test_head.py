@@ -104,6 +104,26 @@ def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None
     assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
 
 
+def test_without_a_mask_a_faint_defect_is_unsure_never_good_surface() -> None:
+    """Image-level labels: the cells near the memory are negatives, the farther ones are not.
+
+    A faint defect is seldom among the few farthest cells (a BSData pit is among its
+    frame's top 4 in 3 frames of 10); learnt as good surface it would teach the head
+    that pits are good, which is what image-level labels used to do.
+    """
+    from anomalyd.model.head import image_level_cells
+
+    rng = np.random.default_rng(3)
+    dist = np.abs(rng.normal(size=(6, 64))).astype(np.float32)
+    dist[:, 20:24] += 6.0  # soiling: the farthest cells
+    dist[:, 10] += 3.0  # the faint defect: farther than the surface, nearer than the soiling
+    unsure, chosen = image_level_cells(dist, HeadSettings(unsure_cells=12, unmasked_top=4))
+    assert unsure[:, 10].all() and unsure[:, 20:24].all() and (unsure.sum(axis=1) == 12).all()
+    assert (chosen[:, 20:24]).all() and (chosen.sum(axis=1) == 4).all() and not chosen[:, 10].any()
+    nearest = np.argsort(dist, axis=1)[:, :40]
+    assert not np.take_along_axis(unsure, nearest, axis=1).any()
+
+
 def test_a_head_with_a_neighbourhood_tells_a_compact_blob_from_a_spread_one() -> None:
     """The same cell features, told apart only by the cells around them: what ``context`` is for."""
     import torch

@@ -3,8 +3,8 @@
 The memory bank knows good parts only; on small, faint defects (BSData's pits)
 its distance cannot tell a pit from a droplet. The head is a small per-cell MLP
 on the same patch features plus the cell's distance to the memory, trained on
-labelled defective images (pit cells from masks; without masks, the cells of a
-defective image least like the good parts) against good cells. Its output
+labelled defective images (pit cells from masks; without masks, a few of the
+cells of a defective image least like the good parts) against good cells. Its output
 replaces the distance as the cell's score before the anomaly map, so the map,
 the image score, the calibration and the threshold all go through the one
 scoring path. Weights are plain float32 arrays (``head.npz``, no pickle).
@@ -36,7 +36,11 @@ class HeadSettings:
     weight_decay: float = 1e-4
     max_negatives: int = 200_000
     ring: int = 1  # cells around a labelled defect that are neither positive nor negative (masks are rough)
-    unmasked_top: int = 4  # without masks: the cells of a defective image least like the good parts
+    # Without a mask (an image-level label) a defective image's defect is somewhere among its cells farthest
+    # from the memory (a BSData pit: among the top 1024 of 7616 cells in 9 frames of 10, among the top 4 in 3):
+    # those cells are neither negatives nor, but for the few chosen, positives; its other cells are negatives.
+    unsure_cells: int = 1024
+    unmasked_top: int = 4  # the chosen: first the unsure cells least like the good parts …
     unmasked_rounds: int = 2  # … then this many rounds of re-choosing them by the head's own score
     hard_rounds: int = 0  # rounds of retraining with the good cells the head scored highest (hard negatives)
     hard_share: float = 0.02  # … the top 2 % of the good cells
@@ -136,12 +140,24 @@ def _ring(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
     return grown.reshape(n, -1).numpy() > 0
 
 
-def positives_without_masks(dist: np.ndarray, top: int) -> np.ndarray:
-    """Image-level labels only: the ``top`` cells of each defective image farthest from the good memory."""
-    pos = np.zeros(dist.shape, dtype=bool)
-    idx = np.argsort(-dist, axis=1)[:, :top]
-    np.put_along_axis(pos, idx, True, axis=1)
-    return pos
+def top_cells(scores: np.ndarray, allowed: np.ndarray, top: int) -> np.ndarray:
+    """``[N, h·w]`` → each row's ``top`` highest-scoring cells among the ``allowed`` ones, as a mask."""
+    masked = np.where(allowed, scores, -np.inf)
+    top = min(top, scores.shape[1])
+    idx = np.argpartition(-masked, top - 1, axis=1)[:, :top]
+    out = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(out, idx, True, axis=1)
+    return out & allowed
+
+
+def image_level_cells(dist: np.ndarray, settings: HeadSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Defective images without masks, ``[N, h·w]`` distances → (unsure cells, the first chosen as defect).
+
+    Unsure: the ``unsure_cells`` farthest from the memory, where the defect is; the
+    rest is good surface. Chosen: the ``unmasked_top`` farthest of them.
+    """
+    unsure = top_cells(dist, np.ones(dist.shape, bool), settings.unsure_cells)
+    return unsure, top_cells(dist, unsure, settings.unmasked_top)
 
 
 def train_head(
@@ -152,35 +168,52 @@ def train_head(
     settings: HeadSettings,
     grid: tuple[int, int] | None = None,
     seed: int = 0,
+    masked: np.ndarray | None = None,
 ) -> Head:
     """Train on images' cells: ``cells [N, h·w, C]``, ``dist [N, h·w]``, ``defective [N]``.
 
-    ``positive [N, h·w]`` marks defect cells (from masks); None: image-level labels,
-    the cells least like the good parts stand for the defect. Negatives are every
-    cell of the good images and the cells of defective images away from the defect.
+    ``positive [N, h·w]`` marks defect cells (from masks) of the defective images
+    that have one (``masked [N]``; default: every defective image when ``positive``
+    is given, none when it is None). A defective image without a mask is an
+    image-level label: its cells farthest from the memory are unsure (the defect is
+    among them), a few of them stand for the defect, chosen first by distance and
+    then by the head itself. Negatives are every cell of the good images and the
+    cells of defective images away from the defect (or from the unsure cells).
     """
     n, hw, _c = cells.shape
     if grid is None:
         grid = (1, hw)
-    if positive is None:
-        # Image-level labels (multiple-instance): start from the cells least like the good parts, then
-        # let the head itself pick the cells of each defective image that look most like defects, and relearn.
-        chosen = np.zeros((n, hw), dtype=bool)
-        chosen[defective] = positives_without_masks(dist[defective], settings.unmasked_top)
+    if masked is None:
+        masked = defective.copy() if positive is not None else np.zeros(n, bool)
+    masked = masked & defective
+    positive = np.zeros((n, hw), bool) if positive is None else positive & masked[:, None]
+    unmasked = np.flatnonzero(defective & ~masked)
+    unsure = np.zeros((n, hw), bool)
+    if len(unmasked):
+        unsure[unmasked], positive[unmasked] = image_level_cells(dist[unmasked], settings)
         for _round in range(settings.unmasked_rounds):
-            head = train_head(cells, dist, chosen, defective, settings, grid, seed)
+            head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed)
             x = torch.from_numpy(
-                cell_inputs(cells[defective], dist[defective], settings.use_distance, settings.context, grid)
+                cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
             )
-            scores = head.cell_scores(x).reshape(int(defective.sum()), hw).numpy()
-            chosen = np.zeros((n, hw), dtype=bool)
-            chosen[defective] = positives_without_masks(scores, settings.unmasked_top)
-        positive = chosen
-    positive = positive & defective[:, None]
+            scores = head.cell_scores(x).reshape(len(unmasked), hw).numpy()
+            positive[unmasked] = top_cells(scores, unsure[unmasked], settings.unmasked_top)
+    return _train_on_cells(cells, dist, positive, unsure, settings, grid, seed)
+
+
+def _train_on_cells(
+    cells: np.ndarray,
+    dist: np.ndarray,
+    positive: np.ndarray,
+    unsure: np.ndarray,
+    settings: HeadSettings,
+    grid: tuple[int, int],
+    seed: int,
+) -> Head:
     near = _ring(positive, grid, settings.ring)
     if not positive.any():
         raise ValueError("no defect cells to learn from (are the masks empty?)")
-    negative = ~near
+    negative = ~near & ~unsure
     rng = np.random.default_rng(seed)
     neg_all = np.flatnonzero(negative.ravel())
     neg_idx = neg_all

@@ -321,16 +321,15 @@ def learn_head(
     defective = np.r_[np.ones(len(defects), bool), np.zeros(len(good), bool)]
     masks = [defect_cells(d, spec.feature_grid, settings.roi) for d in defects]
     masked = sum(m is not None for m in masks)
-    positive: np.ndarray | None = None
-    if masked:
-        from anomalyd.model.head import positives_without_masks
-
-        # Images with a mask use it; the others (image-level labels) use the cells least like good parts.
-        without = positives_without_masks(dist[: len(defects)], settings.head.unmasked_top)
-        rows = [m if m is not None else without[i] for i, m in enumerate(masks)]
-        positive = np.zeros(dist.shape, bool)
-        positive[: len(defects)] = np.stack(rows)
-    head = train_head(cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed)
+    # Images with a mask give defect cells; the others (image-level labels) are learnt from as train_head says.
+    positive = np.zeros(dist.shape, bool)
+    with_mask = np.zeros(len(files), bool)
+    for i, m in enumerate(masks):
+        if m is not None:
+            positive[i], with_mask[i] = m, True
+    head = train_head(
+        cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, masked=with_mask
+    )
     entry = {
         "hidden": settings.head.hidden,
         "use_distance": settings.head.use_distance,
