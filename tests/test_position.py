@@ -159,6 +159,14 @@ def test_enough_held_back_parts_put_the_threshold_one_spread_above_their_highest
     assert np.mean(rates) < 0.01
 
 
+def test_a_bundle_with_a_head_puts_its_threshold_at_the_highest_held_back_part() -> None:
+    good = np.random.default_rng(0).gumbel(10.0, 0.3, 40)
+    head = suggest_thresholds(good, supervised=True)
+    assert head["suggested_image"] == 1.0 and "no margin" in str(head["source"])
+    assert float(suggest_thresholds(good)["suggested_image"]) > 1.0  # … where a good-parts-only one has its margin
+    assert suggest_thresholds(good[:3], supervised=True)["suggested_image"] == pytest.approx(1.10)  # too few: 10 %
+
+
 def test_one_far_outlier_among_the_held_back_parts_is_set_aside() -> None:
     rng = np.random.default_rng(0)
     good = rng.normal(10.0, 0.3, 40)

@@ -438,9 +438,9 @@ def fit(
     thresholds: dict[str, object]
     if val is not None:
         val_raw = score_files(scorer, val[0], settings.batch_size, progress("validate", len(val[0])))
-        thresholds = suggest_thresholds(holdout_raw, val_raw, val[1])
+        thresholds = suggest_thresholds(holdout_raw, val_raw, val[1], supervised=scorer.head is not None)
     else:
-        thresholds = suggest_thresholds(holdout_raw)
+        thresholds = suggest_thresholds(holdout_raw, supervised=scorer.head is not None)
 
     lap("validate")
     out_dir.mkdir(parents=True, exist_ok=True)
