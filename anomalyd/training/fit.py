@@ -68,7 +68,8 @@ class FitSettings:
     head: HeadSettings = field(default_factory=HeadSettings)  # used only when fit is given labelled defects
     # With a head, the memory is searched in the bank's first N principal components (0: all features):
     # on BSData 32 (and 48) of 152 gave the same cross-validated AUROC and escapes at a fifth of the search cost
-    # (docs/accuracy.md). The good-parts-only model always searches all features (its distance is the score).
+    # (docs/accuracy.md); 16 did too there, but on the tests' small line it rejected 3 of 8 good parts, so 16
+    # is BSData's documented setting, not the default. The good-parts-only model always searches all features.
     search_dims: int = 32
     weights: Path | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height applied before resizing
