@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
     p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
     p.add_argument("--context", type=int, default=HeadSettings().context, help="head neighbourhood radius (cells)")
+    p.add_argument(
+        "--unsure-cells", type=int, default=HeadSettings().unsure_cells, help="image labels: see HeadSettings"
+    )
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
     p.add_argument("--json", type=Path)
@@ -187,7 +190,11 @@ def main() -> int:
                     positive = np.zeros(x_dist.shape, bool)
                     positive[: len(train_idx)] = pit_cells[train_idx]
                 hs = HeadSettings(
-                    hidden=args.hidden, steps=args.steps, hard_rounds=args.hard_rounds, context=args.context
+                    hidden=args.hidden,
+                    steps=args.steps,
+                    hard_rounds=args.hard_rounds,
+                    context=args.context,
+                    unsure_cells=args.unsure_cells,
                 )
                 head: Head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k)
 
