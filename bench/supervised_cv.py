@@ -168,9 +168,8 @@ def main() -> int:
         image_level = kind == "image"
         scores = np.zeros(len(test))
         maps = torch.zeros(len(test), h, w)
-        thresholds = []
-        margin = np.ones(len(test))  # each frame's fold threshold in units of its highest held-back good part
-        robust = np.ones(len(test))  # … and the good-parts-only rule's
+        # Each frame's fold threshold, and the good-parts-only rule's, in units of the highest held-back good part.
+        fold_threshold, with_margin = np.ones(len(test)), np.ones(len(test))
         per_fold_defects = []
         for k in range(5):
             held = np.isin(views, order[k::5])
@@ -205,17 +204,17 @@ def main() -> int:
                 te_s, ca_s = apply(te_cells[held], te_dist[held]), apply(ca_cells, ca_dist)
             calib_raw, _ = image_scores(ca_s)
             reference = float(calibration(calib_raw)["reference_raw"])  # type: ignore[arg-type]
-            suggested = suggest_thresholds(calib_raw, supervised=point != "0")["suggested_image"]
+            margin_rule = float(suggest_thresholds(calib_raw)["suggested_image"])  # type: ignore[arg-type]
+            suggested = suggest_thresholds(calib_raw, supervised=point != "0")["suggested_image"]  # fit's rule
             thr = float(suggested)  # type: ignore[arg-type]
             raw, fold_maps = image_scores(te_s)
             scores[held] = raw / reference
             maps[held] = fold_maps / reference
-            thresholds.append(thr)
-            margin[held] = thr
-            robust[held] = float(suggest_thresholds(calib_raw)["suggested_image"])  # type: ignore[arg-type]
+            fold_threshold[held], with_margin[held] = thr, margin_rule
             scores[held] /= thr  # one scale for all folds: 1.0 = the fold's own threshold
             maps[held] /= thr
         ng = scores >= 1.0
+        unscaled = scores * fold_threshold  # back in units of the highest held-back good part
         small_maps = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0].numpy()
         cut = np.sort(scores[~labels])[int(np.ceil(0.98 * (~labels).sum())) - 1] + 1e-9
         name = "good parts only" if point == "0" else f"{point} labelled defective images"
@@ -226,8 +225,8 @@ def main() -> int:
             "escapes_at_threshold": round(float(np.mean(~ng[labels])), 4),
             "false_rejects_at_threshold": round(float(np.mean(ng[~labels])), 4),
             # With fit's margin for good parts only (one robust spread above the highest held-back good part).
-            "escapes_with_margin": round(float(np.mean(scores[labels] * margin[labels] < robust[labels])), 4),
-            "false_rejects_with_margin": round(float(np.mean(scores[~labels] * margin[~labels] >= robust[~labels])), 4),
+            "escapes_with_margin": round(float(np.mean(unscaled[labels] < with_margin[labels])), 4),
+            "false_rejects_with_margin": round(float(np.mean(unscaled[~labels] >= with_margin[~labels])), 4),
             "escapes_at_2pct_fr": round(escape_at_fr(labels, scores), 4),
             "small_pit_escapes_at_2pct_fr": round(float(np.mean(scores[small] < cut)), 4),
             "pixel_auroc": round(auroc(pix_masks.ravel(), small_maps.ravel()), 4),

@@ -321,13 +321,13 @@ def learn_head(
     cells = feats.permute(0, 2, 3, 1).reshape(len(files), spec.cells, -1).numpy()
     defective = np.r_[np.ones(len(defects), bool), np.zeros(len(good), bool)]
     masks = [defect_cells(d, spec.feature_grid, settings.roi) for d in defects]
-    masked = sum(m is not None for m in masks)
     # Images with a mask give defect cells; the others (image-level labels) are learnt from as train_head says.
     positive = np.zeros(dist.shape, bool)
     with_mask = np.zeros(len(files), bool)
     for i, m in enumerate(masks):
         if m is not None:
             positive[i], with_mask[i] = m, True
+    masked = int(with_mask.sum())
     head = train_head(
         cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, masked=with_mask
     )

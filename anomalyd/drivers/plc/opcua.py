@@ -314,19 +314,17 @@ class OpcUaServerLink:
             assert c.certificate and c.private_key and c.trusted_clients
             await server.load_certificate(str(c.certificate))
             await server.load_private_key(str(c.private_key))
-            trusted = c.trusted_clients
-            if trusted.is_file():  # one certificate: asyncua's trust store reads folders
-                import shutil
-                import tempfile
+            import shutil
+            import tempfile
 
-                # The store keeps what it loaded in memory: the copy goes at once (one per start
-                # had piled up in /tmp).
-                with tempfile.TemporaryDirectory(prefix="anomalyd-opcua-trust-") as folder:
-                    shutil.copy(trusted, Path(folder) / trusted.name)
-                    store = TrustStore([Path(folder)], [])
-                    await store.load()
-            else:
-                store = TrustStore([trusted], [])
+            # asyncua's trust store reads folders: one certificate is copied into a scratch folder, which
+            # goes once loaded (the store keeps what it loaded in memory; one per start had piled up in /tmp).
+            with tempfile.TemporaryDirectory(prefix="anomalyd-opcua-trust-") as scratch:
+                folder = c.trusted_clients
+                if folder.is_file():
+                    shutil.copy(folder, Path(scratch) / folder.name)
+                    folder = Path(scratch)
+                store = TrustStore([folder], [])
                 await store.load()
             options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
             server.set_certificate_validator(CertificateValidator(options, store))
