@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data/bsd_pitting"))
     p.add_argument("--input-size", default="448x1088")
     p.add_argument("--coreset", type=float, default=0.002)
+    p.add_argument("--taps", default="stage3,stage5", help="Lite0 taps, the first sets the grid (as fit --taps)")
     p.add_argument(
         "--curve",
         default="0,5,10,20,50,all,20:image,all:image",
@@ -72,8 +73,10 @@ def main() -> int:
     p.add_argument(
         "--unsure-cells", type=int, default=HeadSettings().unsure_cells, help="image labels: see HeadSettings"
     )
+    p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
+    p.add_argument("--unsure-full", action="store_true", help="image labels: unsure cells by all features' distance")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -82,12 +85,12 @@ def main() -> int:
     rows = {r["path"]: r for r in csv.DictReader((data / "split.csv").open())}
     good_files = sorted((data / "train" / "good").glob("*.jpg"))
     test = sorted((data / "test").rglob("*.jpg"))
-    settings = FitSettings(taps=("stage3", "stage5"), input_size=(h, w), coreset_ratio=args.coreset)
+    settings = FitSettings(taps=tuple(args.taps.split(",")), input_size=(h, w), coreset_ratio=args.coreset)
     if args.sigma is not None:
         from dataclasses import replace
 
         settings = replace(settings, sigma=args.sigma)
-    tag = f"efficientnet_lite0_stage3+stage5_{h}x{w}"
+    tag = f"efficientnet_lite0_{'+'.join(settings.taps)}_{h}x{w}"
     ftr = cached_features(settings, good_files, Path("var/explore") / f"{tag}_train.npy")
     fte = cached_features(settings, test, Path("var/explore") / f"{tag}_test.npy")
     c, gh, gw = fte.shape[1:]
@@ -133,6 +136,17 @@ def main() -> int:
     else:
         te_dist, hg_dist, ca_dist = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
         np.savez(dist_cache, te=te_dist, hg=hg_dist, ca=ca_dist)
+    full_dist: np.ndarray | None = None
+    if args.unsure_full and args.pca:
+        full_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz"
+        if full_cache.is_file():
+            with np.load(full_cache, allow_pickle=False) as z:
+                full_dist = np.concatenate([z["te"], z["hg"]])
+        else:
+            project, search_bank = None, bank
+            te_full, hg_full, ca_full = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
+            np.savez(full_cache, te=te_full, hg=hg_full, ca=ca_full)
+            full_dist = np.concatenate([te_full, hg_full])
     print(f"bank {len(bank)}, distances {time.perf_counter() - started:.0f} s", file=sys.stderr)
     mapper = AnomalyMapper((gh, gw), (h, w), settings.sigma)
 
@@ -162,6 +176,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     rng.shuffle(order)
     results: dict[str, dict[str, float]] = {}
+    frame_scores: dict[str, dict[str, float]] = {}
     curve = [v for v in args.curve.split(",")]
     for spec in curve:
         point, _, kind = spec.partition(":")
@@ -194,8 +209,14 @@ def main() -> int:
                     hard_rounds=args.hard_rounds,
                     context=args.context,
                     unsure_cells=args.unsure_cells,
+                    balance=args.balance,
                 )
-                head: Head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k)
+                x_unsure = None
+                if full_dist is not None:
+                    x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
+                head: Head = train_head(
+                    x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k, unsure_dist=x_unsure
+                )
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:
                     f = torch.from_numpy(cells).reshape(len(cells), gh, gw, c).permute(0, 3, 1, 2)
@@ -233,10 +254,13 @@ def main() -> int:
             "aupro": round(aupro(pix_masks[labels], small_maps[labels]), 4),
         }
         print(name, json.dumps(results[name]), flush=True)
+        # Each frame's score (1.0 = its fold's threshold): which pits escape, which good frames set the cut.
+        frame_scores[name] = {rel(t): round(float(v), 4) for t, v in zip(test, scores, strict=True)}
     report = {
         "protocol": "BSData pitting, 5 folds by camera view (position_angle), 3 views held out per fold; "
         f"Lite0 stage3+stage5 at {h}x{w}; threshold from the calibration hold-out as fit suggests",
         "results": results,
+        "frame_scores": frame_scores,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

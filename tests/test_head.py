@@ -73,6 +73,32 @@ def test_the_head_judges_parts_it_never_saw(head_bundle: Path, line: Path) -> No
 
 
 @pytest.mark.e2e
+def test_a_head_from_image_labels_only_judges_parts_it_never_saw(line: Path, labelled: Path, tmp_path: Path) -> None:
+    """fit --defects without --masks (what a technician's labels give): searched in components, ranked in all."""
+    out = tmp_path / "bundle"
+    run = subprocess.run(
+        [*ANOMALYD, "fit", "--good", str(line / "train" / "good"), "--out", str(out),
+         "--defects", str(labelled / "test"), "--coreset-ratio", "0.02"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["head"]["masked_images"] == 0 and manifest["head"]["balance"] == 1.0
+    assert manifest["search_projection"] == 32
+    bundle = load_bundle(out)
+    inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
+    scores: dict[str, list[float]] = {}
+    for folder in sorted((line / "test").iterdir()):
+        scores[folder.name] = [inspector.inspect(read_rgb(f)).score for f in sorted(folder.glob("*.png"))]
+    inspector.close()
+    good = scores.pop("good")
+    defects = [s for v in scores.values() for s in v]
+    threshold = bundle.suggested_threshold
+    assert sum(s >= threshold for s in good) <= 1
+    assert sum(s >= threshold for s in defects) >= len(defects) - 1, (threshold, scores)
+
+
+@pytest.mark.e2e
 def test_a_damaged_head_is_refused(head_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "b"
     copy.mkdir()
@@ -122,6 +148,80 @@ def test_without_a_mask_a_faint_defect_is_unsure_never_good_surface() -> None:
     assert (chosen[:, 20:24]).all() and (chosen.sum(axis=1) == 4).all() and not chosen[:, 10].any()
     nearest = np.argsort(dist, axis=1)[:, :40]
     assert not np.take_along_axis(unsure, nearest, axis=1).any()
+
+
+def test_image_level_labels_find_their_unsure_cells_by_the_distance_given() -> None:
+    """A defect the projected distance cannot see is learnt as good surface; ranked in all features, as a defect.
+
+    fit searches a head bundle's memory in a few principal components; there a faint
+    BSData pit is seldom among its frame's farthest cells, so fit ranks image-level
+    labels' cells by the distance in all features (``unsure_dist``).
+    """
+    import torch
+
+    rng = np.random.default_rng(0)
+    n, hw, c = 20, 64, 8
+    cells = rng.normal(size=(n, hw, c)).astype(np.float32)
+    dist = np.abs(rng.normal(size=(n, hw))).astype(np.float32)
+    defective = np.arange(n) < 10
+    cells[defective, 5, 0] += 6.0  # the defect: in the features, not in the projected distance
+    dist[:, 20:24] += 6.0  # soiling on every part: the projection's farthest cells
+    full = dist.copy()
+    full[defective, 5] += 8.0  # in all features the defect is the farthest cell
+    unseen = rng.normal(size=(10, hw, c)).astype(np.float32)
+    unseen_dist = np.abs(rng.normal(size=(10, hw))).astype(np.float32)
+    unseen_dist[:, 20:24] += 6.0
+    unseen[:5, 5, 0] += 6.0  # five new defective parts, five good ones
+    settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=2)
+
+    def scores(unsure_dist: np.ndarray | None) -> np.ndarray:
+        head = train_head(cells, dist, None, defective, settings, (8, 8), unsure_dist=unsure_dist)
+        x = np.concatenate([unseen.reshape(-1, c), unseen_dist.reshape(-1, 1)], 1)
+        return head.cell_scores(torch.from_numpy(x)).reshape(10, hw).numpy()
+
+    ranked_in_all = scores(full)
+    assert ranked_in_all[:5, 5].min() > np.percentile(ranked_in_all[5:], 90)  # above all but the soiling
+    projected = scores(None)
+    assert projected[:5, 5].max() < np.percentile(projected[5:], 50)
+
+
+def test_a_small_defect_weighs_as_much_as_a_large_one() -> None:
+    """Defect cells drawn alike let 12 large defects (40 cells each) drown 4 one-cell ones: BSData's small pits.
+
+    With ``balance=1`` every defective image has the same share of the positives, and
+    a new small defect is scored above every cell of the good parts; drawn alike, it is not.
+    """
+    import torch
+
+    from anomalyd.model.head import defect_cell_weights
+
+    rng = np.random.default_rng(0)
+    n, grid, c = 40, (8, 8), 6
+    cells = (0.5 * rng.normal(size=(n, 64, c))).astype(np.float32)
+    dist = np.abs(rng.normal(size=(n, 64))).astype(np.float32)
+    positive = np.zeros((n, 64), bool)
+    defective = np.arange(n) < 16
+    cells[:12, :40, 0] += 3.0  # large defects: feature 0 over 40 cells
+    positive[:12, :40] = True
+    cells[12:16, 50, 1] += 3.0  # small defects: feature 1 in one cell
+    positive[12:16, 50] = True
+    weights = defect_cell_weights(positive, 1.0).reshape(n, 64)
+    np.testing.assert_allclose(weights.sum(axis=1), defective.astype(float))  # one share per defective image
+    assert (defect_cell_weights(positive, 0.0) == positive.ravel()).all()
+    unseen = (0.5 * rng.normal(size=(20, 64, c))).astype(np.float32)
+    unseen_dist = np.abs(rng.normal(size=(20, 64))).astype(np.float32)
+    unseen[:10, 50, 1] += 3.0  # ten new small defects, ten good parts
+
+    def caught(balance: float) -> int:
+        head = train_head(
+            cells, dist, positive, defective, HeadSettings(hidden=16, steps=200, ring=0, balance=balance), grid
+        )
+        f = torch.from_numpy(unseen).reshape(20, *grid, c).permute(0, 3, 1, 2)
+        s = head.score_cells(f, torch.from_numpy(unseen_dist)).numpy()
+        return int((s[:10, 50] > s[10:].max()).sum())
+
+    assert caught(1.0) >= 8
+    assert caught(0.0) <= 3
 
 
 def test_a_head_with_a_neighbourhood_tells_a_compact_blob_from_a_spread_one() -> None:

@@ -47,6 +47,10 @@ class HeadSettings:
     # The mean features of the (2·context+1)² cells around each cell are an input beside its own: a pit is a
     # compact blob on a clean ring, a droplet or soiling spreads (0: the cell alone).
     context: int = 0
+    # A defect cell is drawn with weight (its image's defect cells)^-balance. 0 draws every defect cell alike,
+    # so a 3000-pixel pit (50 cells) outweighs a 20-pixel one (1 cell) fifty times and the small pits, the ones
+    # that escape, are barely learnt; 1 gives every defective image the same share (measured on BSData).
+    balance: float = 1.0
 
 
 def neighbourhood(features: torch.Tensor, context: int) -> torch.Tensor:
@@ -140,6 +144,12 @@ def _ring(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
     return grown.reshape(n, -1).numpy() > 0
 
 
+def defect_cell_weights(positive: np.ndarray, balance: float) -> np.ndarray:
+    """``[N, h·w]`` defect cells → each cell's drawing weight, (its image's defect cells)^-balance (0 elsewhere)."""
+    per_image = np.maximum(positive.sum(axis=1, keepdims=True), 1).astype(np.float64)
+    return np.where(positive, per_image**-balance, 0.0).ravel()
+
+
 def top_cells(scores: np.ndarray, allowed: np.ndarray, top: int) -> np.ndarray:
     """``[N, h·w]`` → each row's ``top`` highest-scoring cells among the ``allowed`` ones, as a mask."""
     masked = np.where(allowed, scores, -np.inf)
@@ -169,6 +179,7 @@ def train_head(
     grid: tuple[int, int] | None = None,
     seed: int = 0,
     masked: np.ndarray | None = None,
+    unsure_dist: np.ndarray | None = None,
 ) -> Head:
     """Train on images' cells: ``cells [N, h·w, C]``, ``dist [N, h·w]``, ``defective [N]``.
 
@@ -179,6 +190,9 @@ def train_head(
     among them), a few of them stand for the defect, chosen first by distance and
     then by the head itself. Negatives are every cell of the good images and the
     cells of defective images away from the defect (or from the unsure cells).
+    ``unsure_dist [N, h·w]`` (default ``dist``) are the distances that find the
+    unsure cells: fit gives those in all features where the search runs in a few
+    principal components, which rank a faint defect's cells lower.
     """
     n, hw, _c = cells.shape
     if grid is None:
@@ -190,7 +204,8 @@ def train_head(
     unmasked = np.flatnonzero(defective & ~masked)
     unsure = np.zeros((n, hw), bool)
     if len(unmasked):
-        unsure[unmasked], positive[unmasked] = image_level_cells(dist[unmasked], settings)
+        ranked = dist if unsure_dist is None else unsure_dist
+        unsure[unmasked], positive[unmasked] = image_level_cells(ranked[unmasked], settings)
         for _round in range(settings.unmasked_rounds):
             head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed)
             x = torch.from_numpy(
@@ -220,10 +235,11 @@ def _train_on_cells(
     if len(neg_idx) > settings.max_negatives:
         neg_idx = rng.choice(neg_idx, settings.max_negatives, replace=False)
     pos_idx = np.flatnonzero(positive.ravel())
+    pos_weight = torch.from_numpy(defect_cell_weights(positive, settings.balance)[pos_idx])
     x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid)
     x_pos = torch.from_numpy(x_all[pos_idx])
     x_neg = torch.from_numpy(x_all[neg_idx])
-    head = _fit_mlp(x_pos, x_neg, None, settings, seed)
+    head = _fit_mlp(x_pos, pos_weight, x_neg, None, settings, seed)
     for _round in range(settings.hard_rounds):
         # Hard negatives: the good cells the head likes most (droplets, soiling, scratches of the
         # groove) are rare among random negatives; half of each batch now comes from them.
@@ -232,12 +248,17 @@ def _train_on_cells(
         )
         top = max(1, int(len(neg_all) * settings.hard_share))
         hard = neg_all[torch.topk(logits, top).indices.numpy()]
-        head = _fit_mlp(x_pos, x_neg, torch.from_numpy(x_all[hard]), settings, seed)
+        head = _fit_mlp(x_pos, pos_weight, x_neg, torch.from_numpy(x_all[hard]), settings, seed)
     return head
 
 
 def _fit_mlp(
-    x_pos: torch.Tensor, x_neg: torch.Tensor, x_hard: torch.Tensor | None, settings: HeadSettings, seed: int
+    x_pos: torch.Tensor,
+    pos_weight: torch.Tensor,
+    x_neg: torch.Tensor,
+    x_hard: torch.Tensor | None,
+    settings: HeadSettings,
+    seed: int,
 ) -> Head:
     both = torch.cat([x_pos, x_neg])
     mean = both.mean(0)
@@ -262,8 +283,9 @@ def _fit_mlp(
     quarter = half // 2
     with torch.enable_grad():
         for _step in range(settings.steps):
-            # Balanced batches: as many defect cells as good ones, whatever their numbers.
-            pi = torch.randint(len(x_pos), (half,), generator=g)
+            # Balanced batches: as many defect cells as good ones, whatever their numbers; the defect
+            # cells drawn by their weights (each defective image its share, see HeadSettings.balance).
+            pi = torch.multinomial(pos_weight, half, replacement=True, generator=g)
             if x_hard is None:
                 neg = x_neg[torch.randint(len(x_neg), (half,), generator=g)]
             else:

@@ -69,6 +69,7 @@ class HeadSpec(_Strict):
     hidden: int = Field(ge=0, le=4096)
     use_distance: bool = True
     context: int = Field(0, ge=0, le=4)  # neighbourhood radius in cells whose mean features are an input
+    balance: float | None = Field(None, ge=0, le=1)  # how defect cells were weighted (None: before it was recorded)
     defect_images: int = Field(ge=1)
     masked_images: int = Field(ge=0)
 

@@ -28,6 +28,7 @@ from anomalyd.model.features import build_patch_features, feature_dim, feature_s
 from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
+from anomalyd.model.nearest import nearest_distances
 from anomalyd.model.scoring import Preprocessor, Scorer
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -309,8 +310,14 @@ def learn_head(
     good: list[Path],
     settings: FitSettings,
     progress: ProgressFactory = _no_progress,
+    full_bank: torch.Tensor | None = None,
 ) -> tuple[Head, dict[str, object]]:
-    """The supervised head from labelled defects and good images held back from the memory."""
+    """The supervised head from labelled defects and good images held back from the memory.
+
+    ``full_bank``: the memory in all features, where the search runs in a projection; an image-level
+    label's unsure cells are then found by the distance in all features (BSData, 20 image labels, 16
+    components: 44 % escapes at 2 % false rejects, against 78 % by the projection's distance).
+    """
     spec = scorer.spec
     files = [d.image for d in defects] + good
     cpu_network = scorer.extractor if isinstance(scorer.extractor, OnnxFitExtractor) else None
@@ -328,13 +335,19 @@ def learn_head(
         if m is not None:
             positive[i], with_mask[i] = m, True
     masked = int(with_mask.sum())
+    unsure_dist = None
+    if full_bank is not None and masked < len(defects):
+        flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        with torch.inference_mode():
+            unsure_dist = nearest_distances(flat, full_bank).reshape(dist.shape).numpy()
     head = train_head(
-        cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, masked=with_mask
+        cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, with_mask, unsure_dist
     )
     entry = {
         "hidden": settings.head.hidden,
         "use_distance": settings.head.use_distance,
         "context": settings.head.context,
+        "balance": settings.head.balance,
         "defect_images": len(defects),
         "masked_images": masked,
         "defect_types": sorted({d.defect_type for d in defects}),
@@ -429,7 +442,8 @@ def fit(
     head_entry: dict[str, object] | None = None
     if defects:
         # The head learns from the distances the daemon will compute (in the projection, where there is one).
-        head, head_entry = learn_head(scorer, model, list(defects), head_good, settings, progress)
+        full = bank if projection is not None else None
+        head, head_entry = learn_head(scorer, model, list(defects), head_good, settings, progress, full)
         spec = ModelSpec.model_validate({**spec.model_dump(), "head": head_entry})
         scorer = Scorer(spec, network, searcher, head=head, projection=projection)
         lap("head")

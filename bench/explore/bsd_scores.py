@@ -35,9 +35,18 @@ from anomalyd.training.fit import FitSettings, extract_features
 def cached_features(settings: FitSettings, files: list[Path], cache: Path) -> torch.Tensor:
     if cache.is_file():
         return torch.from_numpy(np.load(cache).astype(np.float32))
+    import tempfile
+
+    from anomalyd.model.export import export_onnx
+    from anomalyd.training.fit import OnnxFitExtractor
+
     model = build_patch_features(settings.backbone, settings.taps)
     started = time.perf_counter()
-    feats = extract_features(model, files, settings, lambda n: None)
+    assert settings.input_size is not None
+    with tempfile.TemporaryDirectory() as folder:  # fit's own CPU path: the exported network under ONNX Runtime
+        export_onnx(model, settings.input_size, Path(folder) / "extractor.onnx")
+        network = OnnxFitExtractor((Path(folder) / "extractor.onnx").read_bytes())
+    feats = extract_features(model, files, settings, lambda n: None, network)
     print(f"  extracted {len(files)} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, feats.numpy().astype(np.float16))
