@@ -76,7 +76,11 @@ def main() -> int:
     p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
-    p.add_argument("--unsure-full", action="store_true", help="image labels: unsure cells by all features' distance")
+    p.add_argument(
+        "--unsure-projected",
+        action="store_true",
+        help="image labels: rank the unsure cells by the projected distance (fit ranks them in all features)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -137,7 +141,7 @@ def main() -> int:
         te_dist, hg_dist, ca_dist = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
         np.savez(dist_cache, te=te_dist, hg=hg_dist, ca=ca_dist)
     full_dist: np.ndarray | None = None
-    if args.unsure_full and args.pca:
+    if args.pca and not args.unsure_projected:  # as fit does
         full_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz"
         if full_cache.is_file():
             with np.load(full_cache, allow_pickle=False) as z:
