@@ -120,37 +120,35 @@ def main() -> int:
         project = (torch.from_numpy(mean), torch.from_numpy(basis))
         search_bank = (bank - project[0]) @ project[1]
 
-    def cells_and_dist(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        cells = feats.permute(0, 2, 3, 1).reshape(len(feats), gh * gw, c).numpy().astype(np.float32)
-        queries = [torch.from_numpy(x) for x in cells]
-        if project is not None:
-            queries = [(q - project[0]) @ project[1] for q in queries]
-        dist = np.stack([nearest_distances(q, search_bank).numpy() for q in queries])
-        return cells, dist
+    def distances(feats: torch.Tensor, projected: bool) -> np.ndarray:
+        """Each cell's distance to the bank: in the search's projection, or in all features."""
+        cells = feats.permute(0, 2, 3, 1).reshape(len(feats), gh * gw, c).float()
+        if projected and project is not None:
+            return np.stack([nearest_distances((q - project[0]) @ project[1], search_bank).numpy() for q in cells])
+        return np.stack([nearest_distances(q, bank).numpy() for q in cells])
 
-    suffix = f"_pca{args.pca}" if args.pca else ""
-    dist_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}{suffix}.npz"
     te_cells = fte.permute(0, 2, 3, 1).reshape(len(fte), gh * gw, c).numpy().astype(np.float32)
     hg_feats, ca_feats = ftr[[index[f] for f in head_good]], ftr[[index[f] for f in calib]]
     hg_cells = hg_feats.permute(0, 2, 3, 1).reshape(len(hg_feats), gh * gw, c).numpy().astype(np.float32)
     ca_cells = ca_feats.permute(0, 2, 3, 1).reshape(len(ca_feats), gh * gw, c).numpy().astype(np.float32)
-    if dist_cache.is_file():
-        with np.load(dist_cache, allow_pickle=False) as z:
-            te_dist, hg_dist, ca_dist = z["te"], z["hg"], z["ca"]
-    else:
-        te_dist, hg_dist, ca_dist = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
-        np.savez(dist_cache, te=te_dist, hg=hg_dist, ca=ca_dist)
-    full_dist: np.ndarray | None = None
-    if args.pca and not args.unsure_projected:  # as fit does
-        full_cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz"
-        if full_cache.is_file():
-            with np.load(full_cache, allow_pickle=False) as z:
-                full_dist = np.concatenate([z["te"], z["hg"]])
-        else:
-            project, search_bank = None, bank
-            te_full, hg_full, ca_full = (cells_and_dist(f)[1] for f in (fte, hg_feats, ca_feats))
-            np.savez(full_cache, te=te_full, hg=hg_full, ca=ca_full)
-            full_dist = np.concatenate([te_full, hg_full])
+
+    def cached_distances(projected: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Test, head-good and calibration frames' distances (cached beside the features)."""
+        suffix = f"_pca{args.pca}" if projected and args.pca else ""
+        cache = Path("var/explore") / f"{tag}_dist_{args.coreset:g}{suffix}.npz"
+        if cache.is_file():
+            with np.load(cache, allow_pickle=False) as z:
+                return z["te"], z["hg"], z["ca"]
+        te, hg, ca = (distances(f, projected) for f in (fte, hg_feats, ca_feats))
+        np.savez(cache, te=te, hg=hg, ca=ca)
+        return te, hg, ca
+
+    te_dist, hg_dist, ca_dist = cached_distances(projected=True)
+    curve = [v for v in args.curve.split(",")]
+    full_dist: np.ndarray | None = None  # image labels' unsure cells are ranked in all features, as fit does
+    if args.pca and not args.unsure_projected and any(v.endswith(":image") for v in curve):
+        te_full, hg_full, _ca = cached_distances(projected=False)
+        full_dist = np.concatenate([te_full, hg_full])
     print(f"bank {len(bank)}, distances {time.perf_counter() - started:.0f} s", file=sys.stderr)
     mapper = AnomalyMapper((gh, gw), (h, w), settings.sigma)
 
@@ -181,7 +179,6 @@ def main() -> int:
     rng.shuffle(order)
     results: dict[str, dict[str, float]] = {}
     frame_scores: dict[str, dict[str, float]] = {}
-    curve = [v for v in args.curve.split(",")]
     for spec in curve:
         point, _, kind = spec.partition(":")
         image_level = kind == "image"
@@ -262,7 +259,7 @@ def main() -> int:
         frame_scores[name] = {rel(t): round(float(v), 4) for t, v in zip(test, scores, strict=True)}
     report = {
         "protocol": "BSData pitting, 5 folds by camera view (position_angle), 3 views held out per fold; "
-        f"Lite0 stage3+stage5 at {h}x{w}; threshold from the calibration hold-out as fit suggests",
+        f"Lite0 {'+'.join(settings.taps)} at {h}x{w}; threshold from the calibration hold-out as fit suggests",
         "results": results,
         "frame_scores": frame_scores,
     }

@@ -336,10 +336,12 @@ def learn_head(
             positive[i], with_mask[i] = m, True
     masked = int(with_mask.sum())
     unsure_dist = None
-    if full_bank is not None and masked < len(defects):
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    image_level = np.flatnonzero(defective & ~with_mask)  # only these images need their cells ranked
+    if full_bank is not None and len(image_level):
+        unsure_dist = dist.copy()
         with torch.inference_mode():
-            unsure_dist = nearest_distances(flat, full_bank).reshape(dist.shape).numpy()
+            for row in image_level.tolist():
+                unsure_dist[row] = nearest_distances(torch.from_numpy(cells[row]), full_bank).numpy()
     head = train_head(
         cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, with_mask, unsure_dist
     )
