@@ -137,6 +137,13 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
         f"bank {manifest['memory_bank_size']} patches, fit {manifest['fit_seconds']} s, "
         f"suggested threshold {manifest['thresholds']['suggested_image']:.3f}"  # type: ignore[index]
     )
+    highest = manifest["calibration"].get("highest_holdout")  # type: ignore[attr-defined]
+    if highest and highest["next_score"] is not None:
+        # A good folder's one unlabelled defect or dirty frame sets every score's scale and a head's threshold.
+        print(
+            f"scores are relative to the highest held-back good part, {highest['image']} (the next scores "
+            f"{highest['next_score']:.2f}); if that image is not a good part, take it out of --good and fit again"
+        )
     return 0
 
 

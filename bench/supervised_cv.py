@@ -68,11 +68,14 @@ def main() -> int:
     )
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
+    p.add_argument("--max-negatives", type=int, default=HeadSettings().max_negatives)
     p.add_argument("--hard-rounds", type=int, default=HeadSettings().hard_rounds)
     p.add_argument("--context", type=int, default=HeadSettings().context, help="head neighbourhood radius (cells)")
     p.add_argument(
         "--unsure-cells", type=int, default=HeadSettings().unsure_cells, help="image labels: see HeadSettings"
     )
+    p.add_argument("--unmasked-top", type=int, default=HeadSettings().unmasked_top, help="image labels")
+    p.add_argument("--unmasked-rounds", type=int, default=HeadSettings().unmasked_rounds, help="image labels")
     p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
@@ -81,6 +84,7 @@ def main() -> int:
         action="store_true",
         help="image labels: rank the unsure cells by the projected distance (fit ranks them in all features)",
     )
+    p.add_argument("--seed", type=int, default=0, help="the heads' training seeds are fold + 100 × this")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -179,6 +183,7 @@ def main() -> int:
     rng.shuffle(order)
     results: dict[str, dict[str, float]] = {}
     frame_scores: dict[str, dict[str, float]] = {}
+    reference_set_by: dict[str, list[dict[str, object]]] = {}
     for spec in curve:
         point, _, kind = spec.partition(":")
         image_level = kind == "image"
@@ -186,7 +191,9 @@ def main() -> int:
         maps = torch.zeros(len(test), h, w)
         # Each frame's fold threshold, and the good-parts-only rule's, in units of the highest held-back good part.
         fold_threshold, with_margin = np.ones(len(test)), np.ones(len(test))
+        next_holdout = np.ones(len(test))  # the next-highest held-back good part, in the same units
         per_fold_defects = []
+        set_by: list[dict[str, object]] = []
         for k in range(5):
             held = np.isin(views, order[k::5])
             if point == "0":
@@ -211,12 +218,15 @@ def main() -> int:
                     context=args.context,
                     unsure_cells=args.unsure_cells,
                     balance=args.balance,
+                    max_negatives=args.max_negatives,
+                    unmasked_top=args.unmasked_top,
+                    unmasked_rounds=args.unmasked_rounds,
                 )
                 x_unsure = None
                 if full_dist is not None:
                     x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
                 head: Head = train_head(
-                    x_cells, x_dist, positive, defective, hs, (gh, gw), seed=k, unsure_dist=x_unsure
+                    x_cells, x_dist, positive, defective, hs, (gh, gw), k + 100 * args.seed, unsure_dist=x_unsure
                 )
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:
@@ -230,9 +240,19 @@ def main() -> int:
             suggested = suggest_thresholds(calib_raw, supervised=point != "0")["suggested_image"]  # fit's rule
             thr = float(suggested)  # type: ignore[arg-type]
             raw, fold_maps = image_scores(te_s)
+            # The fold's highest held-back good part, which sets the reference unless it is an outlier, and the next.
+            low, high = np.argsort(calib_raw)[-2:]
+            set_by.append(
+                {
+                    "highest": calib[high].name,
+                    "highest_score": round(float(calib_raw[high] / reference), 3),
+                    "next_score": round(float(calib_raw[low] / reference), 3),
+                }
+            )
             scores[held] = raw / reference
             maps[held] = fold_maps / reference
             fold_threshold[held], with_margin[held] = thr, margin_rule
+            next_holdout[held] = float(np.sort(calib_raw)[-2] / reference)
             scores[held] /= thr  # one scale for all folds: 1.0 = the fold's own threshold
             maps[held] /= thr
         ng = scores >= 1.0
@@ -249,6 +269,9 @@ def main() -> int:
             # With fit's margin for good parts only (one robust spread above the highest held-back good part).
             "escapes_with_margin": round(float(np.mean(unscaled[labels] < with_margin[labels])), 4),
             "false_rejects_with_margin": round(float(np.mean(unscaled[~labels] >= with_margin[~labels])), 4),
+            # Had the highest held-back good part been taken out of the good folder (fit names it).
+            "escapes_at_next_holdout": round(float(np.mean(unscaled[labels] < next_holdout[labels])), 4),
+            "false_rejects_at_next_holdout": round(float(np.mean(unscaled[~labels] >= next_holdout[~labels])), 4),
             "escapes_at_2pct_fr": round(escape_at_fr(labels, scores), 4),
             "small_pit_escapes_at_2pct_fr": round(float(np.mean(scores[small] < cut)), 4),
             "pixel_auroc": round(auroc(pix_masks.ravel(), small_maps.ravel()), 4),
@@ -256,12 +279,14 @@ def main() -> int:
         }
         print(name, json.dumps(results[name]), flush=True)
         # Each frame's score (1.0 = its fold's threshold): which pits escape, which good frames set the cut.
+        reference_set_by[name] = set_by
         frame_scores[name] = {rel(t): round(float(v), 4) for t, v in zip(test, scores, strict=True)}
     report = {
         "protocol": "BSData pitting, 5 folds by camera view (position_angle), 3 views held out per fold; "
         f"Lite0 {'+'.join(settings.taps)} at {h}x{w}; threshold from the calibration hold-out as fit suggests",
         "results": results,
         "frame_scores": frame_scores,
+        "reference_set_by": reference_set_by,  # per fold: the highest held-back good part and the next one's score
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,9 @@ def test_fit_score_eval_from_the_command_line(sample_dir: Path, tmp_path: Path) 
     out = run("fit", "--good", str(sample_dir / "train" / "good"), "--out", str(bundle), "--coreset-ratio", "0.02")
     assert out.returncode == 0, out.stderr
     assert json.loads((bundle / "manifest.json").read_text())["created"].endswith("+00:00")
+    named = json.loads((bundle / "manifest.json").read_text())["calibration"]["highest_holdout"]["image"]
+    assert f"highest held-back good part, {named} " in out.stdout
+    assert Path(named).parent == sample_dir / "train" / "good"
     out = run("score", "--bundle", str(bundle), str(sample_dir / "test"), "--out", str(tmp_path / "heat"))
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[1:]]

@@ -122,6 +122,25 @@ def test_fit_calibrates_through_the_runtime_path(bundle_dir: Path, sample_dir: P
     raw = [inspector.inspect(read_rgb(p)).raw_score for p in holdout]
     inspector.close()
     np.testing.assert_allclose(raw, calib["holdout_raw"], rtol=2e-3)
+    assert calib["holdout_images"] == [str(p) for p in holdout]
+    assert calib["highest_holdout"]["image"] == str(holdout[int(np.argmax(raw))])
+
+
+def test_fit_names_the_held_back_good_part_that_sets_the_scale(sample_dir: Path, tmp_path: Path) -> None:
+    """A defect left in the good folder and held back sets every score's scale: fit names that file."""
+    import shutil
+
+    from anomalyd.training.fit import split_holdout
+
+    good = tmp_path / "good"
+    shutil.copytree(sample_dir / "train" / "good", good)
+    _, holdout = split_holdout(sorted(good.glob("*.png")), FitSettings().holdout_fraction, 0)
+    planted = holdout[0]
+    shutil.copy(next((sample_dir / "test" / "scratch").glob("*.png")), planted)  # a scratched part, named good
+    calib = fit(good, tmp_path / "bundle", FitSettings(coreset_ratio=0.02))["calibration"]
+    highest = calib["highest_holdout"]  # type: ignore[index]
+    assert highest["image"] == str(planted)
+    assert highest["next_score"] < 0.8  # the good parts held back with it score well under it
 
 
 def test_top_k_image_score_is_the_mean_of_the_hottest_cells(sample_dir: Path, tmp_path: Path) -> None:

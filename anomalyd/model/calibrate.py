@@ -29,6 +29,8 @@ second highest sets the reference; the manifest says so. With labelled
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # Margin above the highest held-back good part when there are too few to trust their maximum.
@@ -57,11 +59,28 @@ def reference_of(holdout_raw: np.ndarray) -> tuple[float, bool]:
     return float(raw[-1]), False
 
 
-def calibration(holdout_raw: np.ndarray) -> dict[str, object]:
-    """Statistics of the held-back good scores and the reference they define, stored in the manifest."""
+def calibration(holdout_raw: np.ndarray, images: Sequence[str] | None = None) -> dict[str, object]:
+    """Statistics of the held-back good scores and the reference they define, stored in the manifest.
+
+    ``images`` (the held-back files, in the order of ``holdout_raw``) names the highest one: the part
+    that sets a head's threshold. On BSData one speckled frame of the good folder set it in every
+    fold for image-label heads, far above the next (docs/accuracy.md); a technician should look at it.
+    """
     raw = np.asarray(holdout_raw, dtype=np.float64)
     reference, outlier = reference_of(raw)
     normalised = raw / reference
+    named: dict[str, object] = {}
+    if images is not None:
+        assert len(images) == raw.size, "one name per held-back score"
+        order = np.argsort(raw)
+        named = {
+            "holdout_images": list(images),
+            "highest_holdout": {
+                "image": images[int(order[-1])],
+                "score": float(normalised[order[-1]]),
+                "next_score": float(normalised[order[-2]]) if raw.size > 1 else None,
+            },
+        }
     return {
         "reference_raw": reference,
         "reference_rule": "second-highest held-back part (the highest is an outlier)"
@@ -76,6 +95,7 @@ def calibration(holdout_raw: np.ndarray) -> dict[str, object]:
             "p50": float(np.percentile(normalised, 50)),
             "max": float(normalised.max()),
         },
+        **named,
     }
 
 

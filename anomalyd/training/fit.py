@@ -450,7 +450,7 @@ def fit(
         scorer = Scorer(spec, network, searcher, head=head, projection=projection)
         lap("head")
     holdout_raw = score_files(scorer, holdout, settings.batch_size, progress("calibrate", len(holdout)))
-    calib = calibration(holdout_raw)
+    calib = calibration(holdout_raw, [str(f) for f in holdout])
     lap("calibrate")
     thresholds: dict[str, object]
     if val is not None:
