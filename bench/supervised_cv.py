@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "explore"))
-from bsd_scores import cached_features  # the cache the explorations share
+from bsd_scores import cached_features  # the cache the explorations share (bench/explore is on the path)
 from oracle import escape_at_fr  # the operating point the explorations report
 
 from anomalyd.evaluation.metrics import aupro, auroc
@@ -76,6 +76,7 @@ def main() -> int:
     )
     p.add_argument("--unmasked-top", type=int, default=HeadSettings().unmasked_top, help="image labels")
     p.add_argument("--unmasked-rounds", type=int, default=HeadSettings().unmasked_rounds, help="image labels")
+    p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=HeadSettings().lr_decay)
     p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
     p.add_argument("--pca", type=int, default=0, help="search in the bank's first N principal components (0: all)")
@@ -83,6 +84,9 @@ def main() -> int:
         "--unsure-projected",
         action="store_true",
         help="image labels: rank the unsure cells by the projected distance (fit ranks them in all features)",
+    )
+    p.add_argument(
+        "--pixel-cues", action="store_true", help="add bench/explore/pixel_cues.py's cues to the head's inputs"
     )
     p.add_argument("--seed", type=int, default=0, help="the heads' training seeds are fold + 100 × this")
     p.add_argument("--json", type=Path)
@@ -135,6 +139,25 @@ def main() -> int:
     hg_feats, ca_feats = ftr[[index[f] for f in head_good]], ftr[[index[f] for f in calib]]
     hg_cells = hg_feats.permute(0, 2, 3, 1).reshape(len(hg_feats), gh * gw, c).numpy().astype(np.float32)
     ca_cells = ca_feats.permute(0, 2, 3, 1).reshape(len(ca_feats), gh * gw, c).numpy().astype(np.float32)
+
+    head_c = c  # the head's input channels: the features, and the pixel cues if asked for
+    if args.pixel_cues:
+        from pixel_cues import pixel_cues
+
+        from anomalyd.model.images import read_rgb
+        from anomalyd.model.scoring import Preprocessor
+
+        prepare = Preprocessor((h, w), None, torch.device("cpu"))
+        stride = h // gh
+
+        def with_cues(cells: np.ndarray, files: list[Path]) -> np.ndarray:
+            cues = torch.cat([pixel_cues(prepare.batch([read_rgb(f)]), stride) for f in files])
+            return np.concatenate([cells, cues.permute(0, 2, 3, 1).reshape(len(files), gh * gw, -1).numpy()], 2)
+
+        te_cells, hg_cells, ca_cells = (
+            with_cues(te_cells, test), with_cues(hg_cells, head_good), with_cues(ca_cells, calib)
+        )  # fmt: skip
+        head_c = te_cells.shape[2]
 
     def cached_distances(projected: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Test, head-good and calibration frames' distances (cached beside the features)."""
@@ -221,6 +244,7 @@ def main() -> int:
                     max_negatives=args.max_negatives,
                     unmasked_top=args.unmasked_top,
                     unmasked_rounds=args.unmasked_rounds,
+                    lr_decay=args.lr_decay,
                 )
                 x_unsure = None
                 if full_dist is not None:
@@ -230,7 +254,7 @@ def main() -> int:
                 )
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:
-                    f = torch.from_numpy(cells).reshape(len(cells), gh, gw, c).permute(0, 3, 1, 2)
+                    f = torch.from_numpy(cells).reshape(len(cells), gh, gw, head_c).permute(0, 3, 1, 2)
                     return head.score_cells(f, torch.from_numpy(dist)).numpy()
 
                 te_s, ca_s = apply(te_cells[held], te_dist[held]), apply(ca_cells, ca_dist)
@@ -278,12 +302,13 @@ def main() -> int:
             "aupro": round(aupro(pix_masks[labels], small_maps[labels]), 4),
         }
         print(name, json.dumps(results[name]), flush=True)
-        # Each frame's score (1.0 = its fold's threshold): which pits escape, which good frames set the cut.
         reference_set_by[name] = set_by
+        # Each frame's score (1.0 = its fold's threshold): which pits escape, which good frames set the cut.
         frame_scores[name] = {rel(t): round(float(v), 4) for t, v in zip(test, scores, strict=True)}
     report = {
         "protocol": "BSData pitting, 5 folds by camera view (position_angle), 3 views held out per fold; "
-        f"Lite0 {'+'.join(settings.taps)} at {h}x{w}; threshold from the calibration hold-out as fit suggests",
+        f"Lite0 {'+'.join(settings.taps)} at {h}x{w}{' + pixel cues' if args.pixel_cues else ''}; "
+        "threshold from the calibration hold-out as fit suggests",
         "results": results,
         "frame_scores": frame_scores,
         "reference_set_by": reference_set_by,  # per fold: the highest held-back good part and the next one's score

@@ -51,6 +51,9 @@ class HeadSettings:
     # so a 3000-pixel pit (50 cells) outweighs a 20-pixel one (1 cell) fifty times and the small pits, the ones
     # that escape, are barely learnt; 1 gives every defective image the same share (measured on BSData).
     balance: float = 1.0
+    # The learning rate falls to 0 along a cosine over the steps, so the last steps average the noise of the
+    # batches instead of leaving the head wherever the last few batches pushed it.
+    lr_decay: bool = False
 
 
 def neighbourhood(features: torch.Tensor, context: int) -> torch.Tensor:
@@ -279,6 +282,7 @@ def _fit_mlp(
     b2 = torch.zeros((), requires_grad=True)
     params.append(b2)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps) if settings.lr_decay else None
     half = settings.batch // 2
     quarter = half // 2
     with torch.enable_grad():
@@ -302,6 +306,8 @@ def _fit_mlp(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if schedule is not None:
+                schedule.step()
     arrays = {
         "mean": mean.numpy(),
         "std": std.numpy(),
