@@ -39,7 +39,7 @@ from oracle import escape_at_fr  # the operating point the explorations report
 
 from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
-from anomalyd.model.calibrate import calibration, suggest_thresholds
+from anomalyd.model.calibrate import calibration, f1_optimal_threshold, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.head import Head, HeadSettings, train_head
 from anomalyd.model.nearest import nearest_distances
@@ -87,6 +87,11 @@ def main() -> int:
     )
     p.add_argument(
         "--pixel-cues", action="store_true", help="add bench/explore/pixel_cues.py's cues to the head's inputs"
+    )
+    p.add_argument(
+        "--defect-threshold",
+        action="store_true",
+        help="also report the threshold set between held-back labelled defects and good parts (inner split)",
     )
     p.add_argument("--seed", type=int, default=0, help="the heads' training seeds are fold + 100 × this")
     p.add_argument("--json", type=Path)
@@ -207,6 +212,33 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     frame_scores: dict[str, dict[str, float]] = {}
     reference_set_by: dict[str, list[dict[str, object]]] = {}
+    hs = HeadSettings(
+        hidden=args.hidden,
+        steps=args.steps,
+        hard_rounds=args.hard_rounds,
+        context=args.context,
+        unsure_cells=args.unsure_cells,
+        balance=args.balance,
+        max_negatives=args.max_negatives,
+        unmasked_top=args.unmasked_top,
+        unmasked_rounds=args.unmasked_rounds,
+        lr_decay=args.lr_decay,
+    )
+
+    def learn(train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int) -> Head:
+        """A head from these test frames' labelled defects (masks, or image labels) and good frames."""
+        x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
+        x_dist = np.concatenate([te_dist[train_idx], te_dist[neg_idx], hg_dist])
+        defective = np.r_[np.ones(len(train_idx), bool), np.zeros(len(neg_idx) + len(hg_cells), bool)]
+        positive = None
+        if not image_level:
+            positive = np.zeros(x_dist.shape, bool)
+            positive[: len(train_idx)] = pit_cells[train_idx]
+        x_unsure = None
+        if full_dist is not None:
+            x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
+        return train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed, unsure_dist=x_unsure)
+
     for spec in curve:
         point, _, kind = spec.partition(":")
         image_level = kind == "image"
@@ -215,6 +247,7 @@ def main() -> int:
         # Each frame's fold threshold, and the good-parts-only rule's, in units of the highest held-back good part.
         fold_threshold, with_margin = np.ones(len(test)), np.ones(len(test))
         next_holdout = np.ones(len(test))  # the next-highest held-back good part, in the same units
+        defect_cut = np.full(len(test), np.nan)  # --defect-threshold: the cut from held-back labelled defects
         per_fold_defects = []
         set_by: list[dict[str, object]] = []
         for k in range(5):
@@ -227,36 +260,28 @@ def main() -> int:
                     train_idx = np.random.default_rng(k).choice(train_idx, min(int(point), len(train_idx)), False)
                 per_fold_defects.append(len(train_idx))
                 neg_idx = np.flatnonzero(~held & ~labels)  # the training views' good frames (given with --good)
-                x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
-                x_dist = np.concatenate([te_dist[train_idx], te_dist[neg_idx], hg_dist])
-                defective = np.r_[np.ones(len(train_idx), bool), np.zeros(len(neg_idx) + len(hg_cells), bool)]
-                positive = None
-                if not image_level:
-                    positive = np.zeros(x_dist.shape, bool)
-                    positive[: len(train_idx)] = pit_cells[train_idx]
-                hs = HeadSettings(
-                    hidden=args.hidden,
-                    steps=args.steps,
-                    hard_rounds=args.hard_rounds,
-                    context=args.context,
-                    unsure_cells=args.unsure_cells,
-                    balance=args.balance,
-                    max_negatives=args.max_negatives,
-                    unmasked_top=args.unmasked_top,
-                    unmasked_rounds=args.unmasked_rounds,
-                    lr_decay=args.lr_decay,
-                )
-                x_unsure = None
-                if full_dist is not None:
-                    x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
-                head: Head = train_head(
-                    x_cells, x_dist, positive, defective, hs, (gh, gw), k + 100 * args.seed, unsure_dist=x_unsure
-                )
+                head = learn(train_idx, neg_idx, image_level, k + 100 * args.seed)
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:
                     f = torch.from_numpy(cells).reshape(len(cells), gh, gw, head_c).permute(0, 3, 1, 2)
                     return head.score_cells(f, torch.from_numpy(dist)).numpy()
 
+                if args.defect_threshold:
+                    # An inner split of the training views: a head learnt on 9 of them scores the labelled
+                    # defects and good frames of the other 3; the F1-optimal cut between those defects and the
+                    # good frames (with the calibration hold-out), in units of the highest held-back good part,
+                    # is the threshold for the head learnt on all 12.
+                    inner_views = sorted(set(views[train_idx]))[k % 3 :: 4]
+                    inner = np.isin(views, inner_views)
+                    inner_seed = k + 50 + 100 * args.seed
+                    inner_head = learn(train_idx[~inner[train_idx]], neg_idx[~inner[neg_idx]], image_level, inner_seed)
+                    scored = np.r_[train_idx[inner[train_idx]], neg_idx[inner[neg_idx]]]
+                    inner_ca, _ = image_scores(apply(ca_cells, ca_dist, inner_head))
+                    inner_raw, _ = image_scores(apply(te_cells[scored], te_dist[scored], inner_head))
+                    inner_ref = float(calibration(inner_ca)["reference_raw"])  # type: ignore[arg-type]
+                    cut_scores = np.r_[inner_raw, inner_ca] / inner_ref
+                    cut_labels = np.r_[labels[scored], np.zeros(len(inner_ca), bool)]
+                    defect_cut[held] = f1_optimal_threshold(cut_scores, cut_labels)[0]
                 te_s, ca_s = apply(te_cells[held], te_dist[held]), apply(ca_cells, ca_dist)
             calib_raw, _ = image_scores(ca_s)
             reference = float(calibration(calib_raw)["reference_raw"])  # type: ignore[arg-type]
@@ -296,6 +321,16 @@ def main() -> int:
             # Had the highest held-back good part been taken out of the good folder (fit names it).
             "escapes_at_next_holdout": round(float(np.mean(unscaled[labels] < next_holdout[labels])), 4),
             "false_rejects_at_next_holdout": round(float(np.mean(unscaled[~labels] >= next_holdout[~labels])), 4),
+            **(
+                {
+                    "escapes_at_defect_threshold": round(float(np.mean(unscaled[labels] < defect_cut[labels])), 4),
+                    "false_rejects_at_defect_threshold": round(
+                        float(np.mean(unscaled[~labels] >= defect_cut[~labels])), 4
+                    ),
+                }
+                if not np.isnan(defect_cut).any()
+                else {}
+            ),
             "escapes_at_2pct_fr": round(escape_at_fr(labels, scores), 4),
             "small_pit_escapes_at_2pct_fr": round(float(np.mean(scores[small] < cut)), 4),
             "pixel_auroc": round(auroc(pix_masks.ravel(), small_maps.ravel()), 4),
