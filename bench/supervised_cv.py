@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,24 +285,26 @@ def main() -> int:
                     defect_cut[held] = f1_optimal_threshold(cut_scores, cut_labels)[0]
                 te_s, ca_s = apply(te_cells[held], te_dist[held]), apply(ca_cells, ca_dist)
             calib_raw, _ = image_scores(ca_s)
-            reference = float(calibration(calib_raw)["reference_raw"])  # type: ignore[arg-type]
+            # fit's calibration, named: the fold's highest held-back good part (which sets the reference unless
+            # it is an outlier) and the next one's score, as fit prints them.
+            calib_stats = calibration(calib_raw, [f.name for f in calib])
+            reference = float(calib_stats["reference_raw"])  # type: ignore[arg-type]
+            highest: dict[str, Any] = calib_stats["highest_holdout"]  # type: ignore[assignment]
             margin_rule = float(suggest_thresholds(calib_raw)["suggested_image"])  # type: ignore[arg-type]
             suggested = suggest_thresholds(calib_raw, supervised=point != "0")["suggested_image"]  # fit's rule
             thr = float(suggested)  # type: ignore[arg-type]
             raw, fold_maps = image_scores(te_s)
-            # The fold's highest held-back good part, which sets the reference unless it is an outlier, and the next.
-            low, high = np.argsort(calib_raw)[-2:]
             set_by.append(
                 {
-                    "highest": calib[high].name,
-                    "highest_score": round(float(calib_raw[high] / reference), 3),
-                    "next_score": round(float(calib_raw[low] / reference), 3),
+                    "highest": highest["image"],
+                    "highest_score": round(highest["score"], 3),
+                    "next_score": round(highest["next_score"], 3),
                 }
             )
             scores[held] = raw / reference
             maps[held] = fold_maps / reference
             fold_threshold[held], with_margin[held] = thr, margin_rule
-            next_holdout[held] = float(calib_raw[low] / reference)
+            next_holdout[held] = highest["next_score"]
             scores[held] /= thr  # one scale for all folds: 1.0 = the fold's own threshold
             maps[held] /= thr
         ng = scores >= 1.0
