@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,30 @@ def test_faster_takes_openvino_only_beyond_the_margin() -> None:
     assert faster({"onnxruntime": 10.0, "openvino": 12.0}) == "onnxruntime"
 
 
+class _SleepingNetwork:
+    """A network that takes 2 ms a frame, 10 ms while the machine is busy (its calls 4-9 of all timed ones)."""
+
+    def __init__(self, clock: list[int]) -> None:
+        self.clock = clock
+
+    def extract(self, frame: torch.Tensor) -> torch.Tensor:
+        call = self.clock[0] - 2 * auto_engine.WARMUP  # the warm-up calls of both come first
+        self.clock[0] += 1
+        time.sleep(0.010 if 4 <= call < 10 else 0.002)
+        return frame
+
+
+def test_a_burst_of_load_while_timing_does_not_pick_the_slower_engine() -> None:
+    """Two equally fast networks and a burst of load over a third of the measurement: timed in turns, both
+    take their share of it and neither is called faster (timed one after the other, the first looked 5× slower)."""
+    clock = [0]
+    a, b = _SleepingNetwork(clock), _SleepingNetwork(clock)
+    measured = auto_engine.time_side_by_side({"onnxruntime": a, "openvino": b}, (4, 4))  # type: ignore[dict-item]
+    assert clock[0] == 2 * (auto_engine.WARMUP + auto_engine.RUNS)
+    assert max(measured.values()) < 6.0, measured  # each median is an unloaded frame
+    assert faster(measured) == "onnxruntime"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA auto takes a GPU engine before the CPU ones")
 def test_auto_follows_its_measurement_and_keeps_it(
     bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -75,8 +100,13 @@ def test_auto_follows_its_measurement_and_keeps_it(
     first.close()
 
     timed: list[str] = []
-    real_time = auto_engine.time_extract
-    monkeypatch.setattr(auto_engine, "time_extract", lambda e, size: timed.append(e.name) or real_time(e, size))
+    real_time = auto_engine.time_side_by_side
+
+    def timing(extractors: dict, size: tuple[int, int]) -> dict[str, float]:
+        timed.extend(e.name for e in extractors.values())
+        return real_time(extractors, size)
+
+    monkeypatch.setattr(auto_engine, "time_side_by_side", timing)
     for choice, figures in (
         ("onnxruntime", {"onnxruntime": 1.0, "openvino": 5.0}),
         ("openvino", {"onnxruntime": 5.0, "openvino": 1.0}),

@@ -4,7 +4,10 @@ Order: TensorRT, then torch on CUDA (with a CUDA graph: 3.8 → 1.6 ms a frame o
 docs/accuracy.md), then the CPU. On the CPU, ONNX Runtime; where OpenVINO is installed as
 well, both are timed on this bundle's input size and OpenVINO is taken only if it is at
 least ``MARGIN`` faster (measured on this project's 2-core AMD VM: equal in FP32, so ONNX
-Runtime stays). The measurement is kept per network shape (backbone, taps, input size),
+Runtime stays). The two are timed in turns, frame by frame, so that load from elsewhere during the
+measurement (another service starting, a test beside it) falls on both alike: timed one after the
+other, a second of load had once picked OpenVINO at 1.5× ONNX Runtime's real time, and the
+measurement is kept. The measurement is kept per network shape (backbone, taps, input size),
 CPU and runtime versions (``$ANOMALYD_CACHE_DIR``, else ``~/.cache/anomalyd``): a restart,
 or a reload of a bundle of the same shape (a promotion), does not time again; only a
 reload to a new shape times once (about 20 frames, in the reload's background thread).
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 MARGIN = 0.05  # OpenVINO must be this much faster than ONNX Runtime to be taken
-WARMUP, RUNS = 2, 7
+WARMUP, RUNS = 2, 9  # runs of each, in turns
 
 
 class AutoEngineConfig(EngineSettings):
@@ -61,19 +64,25 @@ def _build(bundle: Bundle, candidate: Any, hooks: EngineHooks = EngineHooks()) -
         return None, reason
 
 
-def time_extract(extractor: Extractor, input_size: tuple[int, int]) -> float:
-    """Median milliseconds of one frame through ``extractor`` (after a warm-up)."""
+def time_side_by_side(extractors: dict[str, Extractor], input_size: tuple[int, int]) -> dict[str, float]:
+    """Median milliseconds of one frame through each of ``extractors``, timed in turns (A B A B …).
+
+    In turns, not one after the other: a burst of load from elsewhere then slows both alike instead of
+    whichever happened to be timed during it.
+    """
     import torch
 
     frame = torch.rand(1, 3, *input_size) * 255.0
     for _ in range(WARMUP):
-        extractor.extract(frame)
-    times = []
+        for extractor in extractors.values():
+            extractor.extract(frame)
+    times: dict[str, list[float]] = {name: [] for name in extractors}
     for _ in range(RUNS):
-        start = time.perf_counter()
-        extractor.extract(frame)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+        for name, extractor in extractors.items():
+            start = time.perf_counter()
+            extractor.extract(frame)
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def faster(measured_ms: dict[str, float], margin: float = MARGIN) -> str:
@@ -131,10 +140,9 @@ def _cpu_choice(bundle: Bundle, config: AutoEngineConfig, ort: Extractor) -> Ext
     ov: Extractor | None = None  # built once: the one timed is the one used
     if measured is None or "onnxruntime" not in measured:
         ov, reason = _build(bundle, candidate)
-        measured = {"onnxruntime": time_extract(ort, bundle.input_size)}
-        if ov is not None:
-            measured["openvino"] = time_extract(ov, bundle.input_size)
-        else:
+        timed = {"onnxruntime": ort} if ov is None else {"onnxruntime": ort, "openvino": ov}
+        measured = time_side_by_side(timed, bundle.input_size)
+        if ov is None:
             log.info("engine.openvino_not_measured", reason=reason)
         if cache is not None:
             with contextlib.suppress(OSError):  # not kept: measured again next start
