@@ -1,6 +1,7 @@
 """Exploration (issue 23): does a learned feature help? Lite0's stage 3 fine-tuned on the labelled pits.
 
-    python bench/explore/finetune_stage3.py [--stage3-lr 1e-4] [--steps 600] [--json FILE]
+    python bench/explore/finetune_stage3.py [--stage3-lr 1e-3] [--steps 500] [--labels N] [--image-labels]
+        [--seed S] [--json FILE]
 
 The same protocol as ``bench/supervised_cv.py --pca 16 --coreset 0.001 --curve all`` (5 folds by
 camera view, all labelled pits of the 12 training views with their masks, the threshold from the
@@ -38,7 +39,16 @@ from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.backbones import EfficientNetLite
 from anomalyd.model.calibrate import calibration, suggest_thresholds
 from anomalyd.model.features import build_patch_features
-from anomalyd.model.head import LOGIT_SHIFT, HeadSettings, _ring, defect_cell_weights, train_head
+from anomalyd.model.head import (
+    LOGIT_SHIFT,
+    HeadSettings,
+    _ring,
+    cell_inputs,
+    defect_cell_weights,
+    image_level_cells,
+    top_cells,
+    train_head,
+)
 from anomalyd.model.images import read_rgb
 from anomalyd.model.scoring import Preprocessor
 from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
@@ -94,12 +104,18 @@ class Tuned(torch.nn.Module):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data/bsd_pitting"))
-    p.add_argument("--stage3-lr", default="1e-4", help="comma-separated: one variant each (0: the head alone)")
+    p.add_argument("--stage3-lr", default="1e-3", help="comma-separated: one variant each (0: the head alone)")
     p.add_argument("--head-lr", type=float, default=3e-4)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=64, help="crops per step (half on pits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", default="0,1,2,3,4")
+    p.add_argument("--labels", default="all", help="labelled defective images per fold (N or all), as --curve N")
+    p.add_argument(
+        "--image-labels",
+        action="store_true",
+        help="no masks: the head learns by fit's image-label rule; stage 3 then learns from the cells it chose",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -115,6 +131,8 @@ def main() -> int:
     ftr = torch.from_numpy(np.load(explore / f"{tag}_train.npy").astype(np.float32))
     with np.load(explore / f"{tag}_dist_0.001_pca16.npz", allow_pickle=False) as z:
         te_dist, hg_dist, ca_dist = z["te"], z["hg"], z["ca"]
+    with np.load(explore / f"{tag}_dist_0.001.npz", allow_pickle=False) as z:  # in all features: the unsure cells
+        te_full, hg_full = z["te"], z["hg"]
     c, gh, gw = fte.shape[1:]
     index = {f: i for i, f in enumerate(good_files)}
     _bank, holdout = split_holdout(good_files, 0.2, settings.seed)
@@ -173,17 +191,31 @@ def main() -> int:
         held = np.isin(views, order[k::5])
         scored |= held
         train_idx = np.flatnonzero(~held & labels)
+        if args.labels != "all":  # the same draw as supervised_cv's learning curve
+            train_idx = np.random.default_rng(k).choice(train_idx, min(int(args.labels), len(train_idx)), False)
         neg_idx = np.flatnonzero(~held & ~labels)
-        # The head as supervised_cv learns it (all labels with masks), the starting point.
+        # The head as supervised_cv learns it (masks, or image labels), the starting point.
         x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
         x_dist = np.concatenate([te_dist[train_idx], te_dist[neg_idx], hg_dist])
         positive = np.zeros(x_dist.shape, bool)
         positive[: len(train_idx)] = pit_cells[train_idx]
         defective = np.r_[np.ones(len(train_idx), bool), np.zeros(len(neg_idx) + len(hg_cells), bool)]
-        head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), k + 100 * args.seed)
+        unsure = np.zeros(x_dist.shape, bool)
+        if args.image_labels:
+            # fit's rule for image labels (supervised_cv's N:image); stage 3 then learns from the cells the
+            # finished head scores highest among each frame's unsure ones, and not from the unsure cells.
+            x_unsure = np.concatenate([te_full[train_idx], te_full[neg_idx], hg_full])
+            head = train_head(x_cells, x_dist, None, defective, hs, (gh, gw), k + 100 * args.seed, unsure_dist=x_unsure)
+            n_def = len(train_idx)
+            unsure[:n_def], _first = image_level_cells(x_unsure[:n_def], hs)
+            inputs = cell_inputs(x_cells[:n_def], x_dist[:n_def], hs.use_distance)
+            chosen = head.cell_scores(torch.from_numpy(inputs)).reshape(n_def, -1).numpy()
+            positive[:n_def] = top_cells(chosen, unsure[:n_def], hs.unmasked_top)
+        else:
+            head = train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), k + 100 * args.seed)
         arrays = {key: v.numpy() for key, v in head.t.items()}
         x_s2 = torch.cat([s2_te[train_idx], s2_te[neg_idx], s2_hg])
-        negative = ~_ring(positive, (gh, gw), hs.ring)
+        negative = ~_ring(positive, (gh, gw), hs.ring) & ~unsure
         pos_flat = np.flatnonzero(positive.ravel())
         pos_weight = torch.from_numpy(defect_cell_weights(positive, hs.balance)[pos_flat])
         neg_flat = np.flatnonzero(negative.ravel())
