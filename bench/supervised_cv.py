@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "explore"))
 from bsd_scores import cached_features  # the cache the explorations share
-from oracle import escape_at_fr  # the operating point the explorations report
+from oracle import escape_at_fr, threshold_at_fr  # the operating points the explorations report
 
 from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
@@ -310,7 +310,7 @@ def main() -> int:
         ng = scores >= 1.0
         unscaled = scores * fold_threshold  # back in units of the highest held-back good part
         small_maps = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0].numpy()
-        cut = np.sort(scores[~labels])[int(np.ceil(0.98 * (~labels).sum())) - 1] + 1e-9
+        cut = threshold_at_fr(scores[~labels])
         name = "good parts only" if point == "0" else f"{point} labelled defective images"
         name += " (image labels, no masks)" if image_level else ""
         results[name] = {

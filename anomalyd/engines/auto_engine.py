@@ -6,8 +6,8 @@ well, both are timed on this bundle's input size and OpenVINO is taken only if i
 least ``MARGIN`` faster (measured on this project's 2-core AMD VM: equal in FP32, so ONNX
 Runtime stays). The two are timed in turns, frame by frame, so that load from elsewhere during the
 measurement (another service starting, a test beside it) falls on both alike: timed one after the
-other, a second of load had once picked OpenVINO at 1.5× ONNX Runtime's real time, and the
-measurement is kept. The measurement is kept per network shape (backbone, taps, input size),
+other, a second of load had once picked OpenVINO at 1.5× ONNX Runtime's real time for good.
+The measurement is kept per network shape (backbone, taps, input size),
 CPU and runtime versions (``$ANOMALYD_CACHE_DIR``, else ``~/.cache/anomalyd``): a restart,
 or a reload of a bundle of the same shape (a promotion), does not time again; only a
 reload to a new shape times once (about 20 frames, in the reload's background thread).

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bsd_scores import cached_features  # bench/explore/bsd_scores.py (the script's folder is on sys.path)
-from oracle import escape_at_fr
+from oracle import escape_at_fr, threshold_at_fr
 from PIL import Image
 
 from anomalyd.evaluation.metrics import auroc
@@ -90,7 +90,7 @@ def main() -> int:
             print(f"  fold {k} {name}: {time.perf_counter() - started:.1f} s")
     results = {"good parts only (distance, max)": dist.max(1), **scores}
     for name, s in results.items():
-        threshold = np.sort(s[~labels])[int(np.ceil(0.98 * (~labels).sum())) - 1] + 1e-9
+        threshold = threshold_at_fr(s[~labels])
         print(
             f"{name:34s} AUROC {auroc(labels, s):.3f}  escapes@2%FR {escape_at_fr(labels, s):.1%}  "
             f"pits<300px escape {np.mean(s[small] < threshold):.0%}"

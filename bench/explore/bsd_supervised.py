@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bsd_scores import cached_features  # bench/explore/bsd_scores.py (the script's folder is on sys.path)
-from oracle import escape_at_fr
+from oracle import escape_at_fr, threshold_at_fr
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
@@ -80,7 +80,7 @@ def main() -> int:
         for i in np.flatnonzero(held):
             supervised[i] = clf.decision_function(scale.transform(x[i])).max()
     for name, s in (("good parts only (nearest distance, max)", dist.max(1)), ("with labelled pits", supervised)):
-        threshold = np.sort(s[~labels])[int(np.ceil(0.98 * (~labels).sum())) - 1] + 1e-9
+        threshold = threshold_at_fr(s[~labels])
         print(
             f"{name}: AUROC {auroc(labels, s):.3f}, escapes@2%FR {escape_at_fr(labels, s):.1%}, "
             f"pits < 300 px let through {np.mean(s[small] < threshold):.0%}"

@@ -16,7 +16,8 @@ enough from the crop's edge that its padding does not reach them): half of each 
 labelled pit cell (each pitted frame its share, as ``HeadSettings.balance`` 1), half on a random
 good cell. ``--stage3-lr 0`` trains the head alone the same way (the control: what the extra
 training does without a learned feature). Prints, per variant, the same figures as supervised_cv.
-Nothing here is used by the daemon.
+It reads the feature and distance caches that ``bench/supervised_cv.py --pca 16 --coreset 0.001`` leaves
+in var/explore (run that first). Nothing here is used by the daemon.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from oracle import escape_at_fr
+from bsd_scores import cached_features
+from oracle import escape_at_fr, threshold_at_fr
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
@@ -127,8 +129,8 @@ def main() -> int:
     settings = FitSettings(taps=("stage3", "stage5"), input_size=(h, w), coreset_ratio=0.001)
     tag = f"efficientnet_lite0_stage3+stage5_{h}x{w}"
     explore = Path("var/explore")
-    fte = torch.from_numpy(np.load(explore / f"{tag}_test.npy").astype(np.float32))
-    ftr = torch.from_numpy(np.load(explore / f"{tag}_train.npy").astype(np.float32))
+    fte = cached_features(settings, test, explore / f"{tag}_test.npy")  # supervised_cv's cache
+    ftr = cached_features(settings, good_files, explore / f"{tag}_train.npy")
     with np.load(explore / f"{tag}_dist_0.001_pca16.npz", allow_pickle=False) as z:
         te_dist, hg_dist, ca_dist = z["te"], z["hg"], z["ca"]
     with np.load(explore / f"{tag}_dist_0.001.npz", allow_pickle=False) as z:  # in all features: the unsure cells
@@ -236,7 +238,7 @@ def main() -> int:
     lab, sm = labels[scored], small[scored]
     for name, s in scores.items():
         s = s[scored]
-        cut = np.sort(s[~lab])[int(np.ceil(0.98 * (~lab).sum())) - 1] + 1e-9
+        cut = threshold_at_fr(s[~lab])
         results[name] = {
             "image_auroc": round(auroc(lab, s), 4),
             "escapes_at_threshold": round(float(np.mean(s[lab] < 1.0)), 4),
