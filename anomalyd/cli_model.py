@@ -63,6 +63,7 @@ def _engine_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _fit_settings(args: argparse.Namespace) -> Any:
     from anomalyd.training.fit import FitSettings
+    from anomalyd.training.learn_features import LearnSettings
 
     default_taps = FitSettings.taps if args.backbone.startswith("efficientnet_lite") else ("layer2", "layer3")
     return FitSettings(
@@ -82,6 +83,7 @@ def _fit_settings(args: argparse.Namespace) -> Any:
         roi=_roi(args.roi),
         seed=args.seed,
         search_dims=args.search_dims,
+        learn=LearnSettings(mode=args.learn_stage),
     )
 
 
@@ -349,6 +351,13 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
         default=32,
         metavar="N",
         help="with --defects: search the memory in the bank's first N principal components (0: all features)",
+    )
+    p.add_argument(
+        "--learn-stage",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --defects and --masks: fine-tune the network's first stage with the head (auto: with masks on "
+        "at least 50 defect images; docs/accuracy.md)",
     )
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the memory bank")
     p.add_argument(

@@ -22,7 +22,7 @@ from anomalyd.training.fit import FitSettings, fit
 
 ANOMALYD = [sys.executable, "-m", "anomalyd"]
 # Fixtures that fit or load a real bundle: a test using one is in the `model` layer.
-MODEL_FIXTURES = {"bundle_dir", "e2e_bundle", "bundle_b", "local_bundle", "head_bundle"}
+MODEL_FIXTURES = {"bundle_dir", "e2e_bundle", "bundle_b", "local_bundle", "head_bundle", "learned_bundle"}
 # Fixtures that start a process (the daemon, a broker, OPC UA stations): a test using one is `e2e`.
 E2E_FIXTURES = {"daemon_factory", "broker", "stations"}
 # What libraries run on their own to learn about the machine (joblib: lscpu, platform: uname, Harvesters: git):

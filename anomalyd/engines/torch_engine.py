@@ -32,7 +32,7 @@ def load_bundle_module(bundle: Bundle) -> PatchFeatures:
     from anomalyd.model.features import build_patch_features
 
     spec = bundle.spec
-    module = build_patch_features(spec.backbone, spec.taps, spec.proj_dim)
+    module = build_patch_features(spec.backbone, spec.taps, spec.proj_dim, learned=spec.learned is not None)
     try:
         module.load_state_dict(bundle.extractor_state(), strict=True)
     except RuntimeError as exc:

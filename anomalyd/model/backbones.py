@@ -137,6 +137,19 @@ class EfficientNetLite(nn.Module):
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
 
+    def stage_blocks(self, name: str) -> list[nn.Module]:
+        """The blocks of one stage (``stage3`` …), in order."""
+        k = int(name.removeprefix("stage")) - 1
+        first = self.stage_ends[k - 1] + 1 if k else 0
+        return list(self._blocks[first : self.stage_ends[k] + 1])
+
+    def output_of(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The output of one stage (``stage2`` …), running no block after it."""
+        x = torch.clamp(self._bn0(self._conv_stem(self._stem_pad(x))), 0.0, 6.0)
+        for block in self._blocks[: self.stage_ends[int(name.removeprefix("stage")) - 1] + 1]:
+            x = block(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = torch.clamp(self._bn0(self._conv_stem(self._stem_pad(x))), 0.0, 6.0)
         out: dict[str, torch.Tensor] = {}

@@ -36,7 +36,20 @@ FORMAT_VERSION = 2
 # 3: the memory is searched in a projection (search_projection.npz). Written only for such bundles, so a
 # reader of version 2 refuses them instead of searching the full features the head never learned from.
 PROJECTED_FORMAT_VERSION = 3
-READABLE_VERSIONS = (FORMAT_VERSION, PROJECTED_FORMAT_VERSION)
+# 4: the extractor has a stage learned from the line's defects (manifest ``learned``): its output is wider than
+# the memory. Written only for such bundles, so an older reader refuses them with "refit" rather than mistaking
+# the learned channels for features it searches.
+LEARNED_FORMAT_VERSION = 4
+READABLE_VERSIONS = (FORMAT_VERSION, PROJECTED_FORMAT_VERSION, LEARNED_FORMAT_VERSION)
+
+
+def format_version(manifest: dict[str, Any]) -> int:
+    """The format version a manifest with these entries is written as (and must be read as)."""
+    if manifest.get("learned"):
+        return LEARNED_FORMAT_VERSION
+    return PROJECTED_FORMAT_VERSION if manifest.get("search_projection") else FORMAT_VERSION
+
+
 MANIFEST = "manifest.json"
 EXTRACTOR_WEIGHTS = "extractor.pt"
 MEMORY_BANK = "memory_bank.npy"
@@ -143,10 +156,13 @@ class Bundle:
         from anomalyd.model.head import Head
 
         try:
-            head = Head.from_bytes(self.blob(HEAD), spec.use_distance, device, spec.context)
+            head = Head.from_bytes(self.blob(HEAD), spec.use_distance, device, spec.context, spec.first_channel)
         except (ValueError, KeyError, OSError) as exc:
             raise BundleError(f"{self.file(HEAD)}: not a plain array file of the head ({exc})") from None
-        want = self.spec.feature_dim * (2 if spec.context else 1) + (1 if spec.use_distance else 0)
+        read = self.spec.extractor_dim - spec.first_channel  # the extractor's channels the head reads
+        if read <= 0:
+            raise BundleError(f"{self.file(HEAD)}: first_channel {spec.first_channel} is past the extractor's output")
+        want = read * (2 if spec.context else 1) + (1 if spec.use_distance else 0)
         if head.input_dim != want:
             raise BundleError(f"{self.file(HEAD)}: takes {head.input_dim} inputs, the manifest says {want}")
         return head
@@ -192,8 +208,7 @@ def bundle_files(manifest: dict[str, Any]) -> tuple[str, ...]:
 def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add checksums of the bundle's files and a bundle id, then write manifest.json."""
     files = {name: sha256_file(path / name) for name in bundle_files(manifest)}
-    version = PROJECTED_FORMAT_VERSION if manifest.get("search_projection") else FORMAT_VERSION
-    manifest = {"format": FORMAT, "format_version": version, **manifest, "files": files}
+    manifest = {"format": FORMAT, "format_version": format_version(manifest), **manifest, "files": files}
     manifest.pop("bundle_id", None)
     manifest.pop(SIGNATURE, None)
     manifest["bundle_id"] = manifest_id(manifest)
@@ -259,12 +274,11 @@ def load_bundle(path: Path | str, verify: bool = True, trusted_keys: Sequence[Tr
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not an anomalyd bundle manifest")
     version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS or (version == PROJECTED_FORMAT_VERSION) != bool(
-        manifest.get("search_projection")
-    ):
+    if version not in READABLE_VERSIONS or version != format_version(manifest):
         raise BundleError(
             f"{manifest_path}: format version {version!r}, this anomalyd reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))} (3 with a search projection); refit the model with this version"
+            f"{', '.join(map(str, READABLE_VERSIONS))} (3 with a search projection, 4 with a learned stage); "
+            "refit the model with this version"
         )
     if manifest.get("bundle_id") != manifest_id(manifest):
         raise BundleError(

@@ -86,10 +86,16 @@ class Head:
     """Standardise, (Linear → ReLU →) Linear; the cell score is softplus(logit + 8) (positive, monotone)."""
 
     def __init__(
-        self, arrays: dict[str, np.ndarray], use_distance: bool, device: torch.device | str = "cpu", context: int = 0
+        self,
+        arrays: dict[str, np.ndarray],
+        use_distance: bool,
+        device: torch.device | str = "cpu",
+        context: int = 0,
+        first_channel: int = 0,
     ) -> None:
         self.use_distance = use_distance
         self.context = context
+        self.first_channel = first_channel  # the extractor's channels before it are not the head's (HeadSpec)
         self.device = torch.device(device)
         self.t = {
             k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(self.device) for k in ARRAYS
@@ -117,7 +123,7 @@ class Head:
     def score_cells(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` features and ``[B, h·w]`` distances → ``[B, h·w]`` cell scores."""
         b = features.shape[0]
-        features = features.to(self.device, torch.float32)
+        features = features[:, self.first_channel :].to(self.device, torch.float32)
         if self.context:
             features = torch.cat([features, neighbourhood(features, self.context)], dim=1)
         x = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -131,13 +137,20 @@ class Head:
         return out.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, use_distance: bool, device: torch.device | str = "cpu", context: int = 0) -> Head:
+    def from_bytes(
+        cls,
+        data: bytes,
+        use_distance: bool,
+        device: torch.device | str = "cpu",
+        context: int = 0,
+        first_channel: int = 0,
+    ) -> Head:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in ARRAYS}
-        return cls(arrays, use_distance, device, context)
+        return cls(arrays, use_distance, device, context, first_channel)
 
 
-def _ring(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
+def near_defect(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
     """Cells within ``width`` of a positive cell (2-D dilation of ``[N, h·w]`` masks)."""
     if width <= 0:
         return mask
@@ -228,7 +241,7 @@ def _train_on_cells(
     grid: tuple[int, int],
     seed: int,
 ) -> Head:
-    near = _ring(positive, grid, settings.ring)
+    near = near_defect(positive, grid, settings.ring)
     if not positive.any():
         raise ValueError("no defect cells to learn from (are the masks empty?)")
     negative = ~near & ~unsure

@@ -132,7 +132,7 @@ class Inspector:
             features = self.extractor.extract(batch)
         got = (int(features.shape[1]), int(features.shape[2]), int(features.shape[3]))
         spec = self.bundle.spec
-        want = (spec.feature_dim, *spec.feature_grid)
+        want = (spec.extractor_dim, *spec.feature_grid)
         if got != want:
             raise BundleError(
                 f"{self.bundle.path}: the extractor gives {got[0]} features on a {got[1]}x{got[2]} grid, "

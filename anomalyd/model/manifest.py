@@ -72,6 +72,19 @@ class HeadSpec(_Strict):
     balance: float | None = Field(None, ge=0, le=1)  # how defect cells were weighted (None: before it was recorded)
     defect_images: int = Field(ge=1)
     masked_images: int = Field(ge=0)
+    # The head reads the extractor's channels from here on: 0 (the frozen features), or past the frozen first
+    # tap when the bundle has a learned stage (then: the frozen deeper taps, then the learned stage).
+    first_channel: int = Field(0, ge=0, le=65536)
+
+
+class LearnedSpec(_Strict):
+    """A copy of the first tap's stage, fine-tuned with the head on the labelled defects (in ``extractor.pt``
+    and ``extractor.onnx``): its ``channels`` follow the frozen features in the extractor's output."""
+
+    stage: str
+    channels: int = Field(gt=0, le=65536)
+    steps: int = Field(ge=0)
+    masked_images: int = Field(ge=1)
 
 
 class ModelSpec(_Strict):
@@ -89,8 +102,14 @@ class ModelSpec(_Strict):
     map: MapSpec
     memory: MemorySpec = MemorySpec()
     head: HeadSpec | None = None  # None: good parts only
+    learned: LearnedSpec | None = None  # None: the pretrained network only
     # The memory is searched in the bank's first N principal components (search_projection.npz); None: all.
     search_projection: int | None = Field(default=None, gt=0, le=65536)
+
+    @property
+    def extractor_dim(self) -> int:
+        """Channels the extractor gives: the memory's ``feature_dim``, then the learned stage's."""
+        return self.feature_dim + (self.learned.channels if self.learned is not None else 0)
 
     @property
     def cells(self) -> int:

@@ -134,8 +134,10 @@ class Scorer:
 
     def search(self, features: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` patch features → ``[B, h·w]`` distances to the memory, on the engine's device."""
-        b, c = features.shape[:2]
-        queries = features.permute(0, 2, 3, 1).reshape(-1, c)
+        # The memory holds the frozen features; a learned stage's channels after them are the head's alone.
+        c = self.spec.feature_dim
+        b = features.shape[0]
+        queries = features[:, :c].permute(0, 2, 3, 1).reshape(-1, c)
         if self._projection is not None:
             mean, basis = self._projection
             queries = (queries.to(mean.dtype) - mean) @ basis

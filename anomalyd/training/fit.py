@@ -24,12 +24,20 @@ from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.calibrate import calibration, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset, greedy_coreset_torch, pca_projection
 from anomalyd.model.export import export_onnx
-from anomalyd.model.features import build_patch_features, feature_dim, feature_stride
-from anomalyd.model.head import Head, HeadSettings, train_head
+from anomalyd.model.features import (
+    PatchFeatures,
+    build_patch_features,
+    feature_dim,
+    feature_stride,
+    learnable_stage,
+    learned_channels,
+)
+from anomalyd.model.head import Head, HeadSettings, near_defect, train_head
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
 from anomalyd.model.nearest import nearest_distances
 from anomalyd.model.scoring import Preprocessor, Scorer
+from anomalyd.training.learn_features import LearnSettings, learn_stage, stage_inputs, wanted
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -67,6 +75,8 @@ class FitSettings:
     device: str = "auto"
     seed: int = 0
     head: HeadSettings = field(default_factory=HeadSettings)  # used only when fit is given labelled defects
+    # … and the stage learned with it (learn_features: with masks on enough defective images)
+    learn: LearnSettings = field(default_factory=LearnSettings)
     # With a head, the memory is searched in the bank's first N principal components (0: all features):
     # on BSData 32 (and 48) of 152 gave the same cross-validated AUROC and escapes at a fifth of the search cost
     # (docs/accuracy.md); 16 did too there, but on the tests' small line it rejected 3 of 8 good parts, so 16
@@ -311,8 +321,9 @@ def learn_head(
     settings: FitSettings,
     progress: ProgressFactory = _no_progress,
     full_bank: torch.Tensor | None = None,
-) -> tuple[Head, dict[str, object]]:
-    """The supervised head from labelled defects and good images held back from the memory.
+) -> tuple[Head, dict[str, object], PatchFeatures | None]:
+    """The supervised head from labelled defects and good images held back from the memory, and the
+    network with a learned stage where ``settings.learn`` says so (None: the frozen one stays).
 
     ``full_bank``: the memory in all features, where the search runs in a projection; an image-level
     label's unsure cells are then found by the distance in all features (BSData, 20 image labels, 16
@@ -345,6 +356,12 @@ def learn_head(
     head = train_head(
         cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, with_mask, unsure_dist
     )
+    learned = None
+    if wanted(settings.learn, masked) and _can_learn(settings):
+        unlabelled = defective & ~with_mask
+        learned, head = _learn_stage(
+            model, head, files, cells, dist, positive, unlabelled, spec.feature_grid, settings, progress
+        )
     entry = {
         "hidden": settings.head.hidden,
         "use_distance": settings.head.use_distance,
@@ -354,8 +371,58 @@ def learn_head(
         "masked_images": masked,
         "defect_types": sorted({d.defect_type for d in defects}),
         "good_negatives": len(good),
+        "first_channel": head.first_channel,
     }
-    return head, entry
+    return head, entry, learned
+
+
+def _can_learn(settings: FitSettings) -> bool:
+    """A stage is learnt with a head on each cell and its distance; ``learn: on`` says when it cannot be."""
+    reason = None
+    if learnable_stage(settings.backbone, settings.taps, settings.proj_dim) is None:
+        reason = f"{settings.backbone} with taps {','.join(settings.taps)} has no stage to learn"
+    elif settings.head.context or not settings.head.use_distance:
+        reason = "the head has a neighbourhood or no distance input"
+    if reason and settings.learn.mode == "on":
+        raise ValueError(f"learning a stage from the defects: {reason}")
+    return reason is None
+
+
+def _learn_stage(
+    frozen: nn.Module,
+    head: Head,
+    files: list[Path],
+    cells: np.ndarray,
+    dist: np.ndarray,
+    positive: np.ndarray,
+    unlabelled: np.ndarray,
+    grid: tuple[int, int],
+    settings: FitSettings,
+    progress: ProgressFactory,
+) -> tuple[PatchFeatures, Head]:
+    """The network with a copy of its first stage learnt from the masked defects (learn_features).
+
+    Negatives: the good images' cells and the masked images' cells away from the defect; the
+    image-labelled defective images (``unlabelled``) give neither (where their defect is, the
+    masks do not say).
+    """
+    model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights, learned=True)
+    # The frozen network's weights as they are; the learned stage starts from the same pretrained ones.
+    keys = model.load_state_dict(frozen.state_dict(), strict=False)
+    assert not keys.unexpected_keys and all(k.startswith("learned.") for k in keys.missing_keys), keys
+    negative = ~near_defect(positive, grid, settings.head.ring)
+    negative[unlabelled] = False
+    prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
+    tick = progress("learned stage input", len(files))
+    maps = []
+    for chunk in _batches(files, 4):
+        maps.append(stage_inputs(model, prepare.batch([read_rgb(p) for p in chunk])))
+        tick(len(chunk))
+    tuned = learn_stage(
+        settings.backbone, model, head, torch.cat(maps), cells, dist, positive, negative, grid, settings.learn,
+        settings.head.balance, settings.seed, progress("learned stage", settings.learn.steps),
+    )  # fmt: skip
+    return model.eval(), tuned
 
 
 def fit(
@@ -445,10 +512,26 @@ def fit(
     if defects:
         # The head learns from the distances the daemon will compute (in the projection, where there is one).
         full = bank if projection is not None else None
-        head, head_entry = learn_head(scorer, model, list(defects), head_good, settings, progress, full)
+        head, head_entry, learned = learn_head(scorer, model, list(defects), head_good, settings, progress, full)
+        lap("head")
+        if learned is not None:
+            # The bundle's network is now the one with the learned stage: exported again, and what calibrates.
+            model = learned
+            learned_entry = {
+                "stage": settings.taps[0],
+                "channels": learned_channels(settings.backbone, settings.taps),
+                "steps": settings.learn.steps,
+                "masked_images": head_entry["masked_images"],
+            }
+            spec = ModelSpec.model_validate({**spec.model_dump(), "learned": learned_entry})
+            with tempfile.TemporaryDirectory(prefix="anomalyd-fit-") as folder:
+                export_onnx(model, (h, w), Path(folder) / bundle_io.EXTRACTOR_ONNX)
+                onnx = (Path(folder) / bundle_io.EXTRACTOR_ONNX).read_bytes()
+            network.close()
+            network = OnnxFitExtractor(onnx)
+            lap("learned stage")
         spec = ModelSpec.model_validate({**spec.model_dump(), "head": head_entry})
         scorer = Scorer(spec, network, searcher, head=head, projection=projection)
-        lap("head")
     holdout_raw = score_files(scorer, holdout, settings.batch_size, progress("calibrate", len(holdout)))
     calib = calibration(holdout_raw, [str(f) for f in holdout])
     lap("calibrate")
@@ -472,8 +555,9 @@ def fit(
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "anomalyd_version": __version__,
-        **spec.model_dump(mode="json", exclude={"normalisation", "head", "search_projection"}),
+        **spec.model_dump(mode="json", exclude={"normalisation", "head", "search_projection", "learned"}),
         **({"head": head_entry} if head_entry is not None else {}),
+        **({"learned": spec.learned.model_dump(mode="json")} if spec.learned is not None else {}),
         **({"search_projection": spec.search_projection} if spec.search_projection else {}),
         "normalisation": {**normalisation, "input_range": "0..255 float, RGB"},
         "feature_stride": feature_stride(settings.backbone, settings.taps),
