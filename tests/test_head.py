@@ -50,6 +50,8 @@ def test_a_head_learned_from_labelled_defects_is_in_the_bundle(head_bundle: Path
     head = manifest["head"]
     assert head["defect_images"] == 3 * len(DEFECTS) and head["masked_images"] == 3 * len(DEFECTS)
     assert set(head["defect_types"]) == set(DEFECTS)
+    # 15 masked images, under learn_features' 50: the frozen network stays, the head reads its features
+    assert "learned" not in manifest and head["first_channel"] == 0
     assert bundle_io.HEAD in manifest["files"]
     loaded = load_bundle(head_bundle)
     assert isinstance(loaded.head(), Head)

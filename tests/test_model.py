@@ -77,6 +77,19 @@ def test_pruned_coreset_equals_plain_greedy() -> None:
     assert np.array_equal(fast, _plain_greedy(features, 120, 16, 1))
 
 
+def test_blocks_fitted_on_a_sample_of_the_patches_still_give_the_plain_greedy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BSData's 2.2 M patches fit the blocks on a sample; the pruning stays exact (here: 500 of 6000 rows)."""
+    from anomalyd.model import coreset
+
+    real = coreset._kmeans_blocks
+    monkeypatch.setattr(coreset, "_kmeans_blocks", lambda x, b, s: real(x, b, s, fit_rows=500))
+    rng = np.random.default_rng(8)
+    features = (rng.standard_normal((6000, 40)) * rng.uniform(0.2, 3.0, (6000, 1))).astype(np.float32)
+    assert np.array_equal(greedy_coreset(features, 150, projection_dim=16, seed=4), _plain_greedy(features, 150, 16, 4))
+
+
 def test_torch_coreset_equals_the_cpu_selection() -> None:
     """The loop fit runs on a GPU (``fit --device cuda``) picks what the CPU's pruned one picks; run here on the CPU."""
     from anomalyd.model.coreset import greedy_coreset_torch

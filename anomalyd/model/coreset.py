@@ -26,22 +26,36 @@ def project(features: np.ndarray, dim: int, seed: int) -> np.ndarray:
     return x @ matrix
 
 
-def _kmeans_blocks(x: np.ndarray, blocks: int, seed: int, iterations: int = 4) -> np.ndarray:
-    """Block label per row: a few Lloyd iterations from a random start (compactness, not accuracy)."""
+def _kmeans_blocks(x: np.ndarray, blocks: int, seed: int, iterations: int = 4, fit_rows: int = 131072) -> np.ndarray:
+    """Block label per row: a few Lloyd iterations on a random ``fit_rows`` of the rows, then one pass
+    that gives every row its nearest centre (compactness, not accuracy: the pruning is exact whatever
+    the blocks). On BSData's 2.2 M patches the iterations over all rows took 70 s of a 230 s fit."""
     rng = np.random.default_rng(seed)
-    centres = x[rng.choice(x.shape[0], blocks, replace=False)].copy()
-    sq = np.einsum("ij,ij->i", x, x)
-    labels = np.zeros(x.shape[0], dtype=np.int64)
+    sample = x if x.shape[0] <= fit_rows else x[np.sort(rng.choice(x.shape[0], fit_rows, replace=False))]
+    centres = sample[rng.choice(sample.shape[0], blocks, replace=False)].copy()
     for _ in range(iterations):
-        for start in range(0, x.shape[0], 65536):
-            chunk = x[start : start + 65536]
-            d = sq[start : start + 65536, None] - 2.0 * chunk @ centres.T + np.einsum("ij,ij->i", centres, centres)
-            labels[start : start + 65536] = d.argmin(1)
+        labels = _nearest_centre(sample, centres)
         counts = np.bincount(labels, minlength=blocks)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, x)
+        # Per-column weighted bincounts: np.add.at is unbuffered and many times slower.
+        sums = np.stack([np.bincount(labels, weights=sample[:, j], minlength=blocks) for j in range(x.shape[1])], 1)
         filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]
+        centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return _nearest_centre(x, centres)
+
+
+def _nearest_centre(x: np.ndarray, centres: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Each row's nearest centre: argmin of |c|² - 2·x·c (|x|² is the same for every centre of a row),
+    in chunks whose distance block stays small (the full [N, blocks] temporaries cost more than the product)."""
+    weights = np.ascontiguousarray(-2.0 * centres.T, dtype=np.float32)
+    c_sq = np.einsum("ij,ij->i", centres, centres).astype(np.float32)
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    buffer = np.empty((min(chunk, x.shape[0]), centres.shape[0]), dtype=np.float32)
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start : start + chunk]
+        out = buffer[: len(rows)]
+        np.matmul(rows, weights, out=out)
+        out += c_sq
+        labels[start : start + chunk] = out.argmin(1)
     return labels
 
 

@@ -321,6 +321,7 @@ def learn_head(
     settings: FitSettings,
     progress: ProgressFactory = _no_progress,
     full_bank: torch.Tensor | None = None,
+    lap: Callable[[str], None] = lambda _stage: None,
 ) -> tuple[Head, dict[str, object], PatchFeatures | None]:
     """The supervised head from labelled defects and good images held back from the memory, and the
     network with a learned stage where ``settings.learn`` says so (None: the frozen one stays).
@@ -357,6 +358,7 @@ def learn_head(
         cells, dist, positive, defective, settings.head, spec.feature_grid, settings.seed, with_mask, unsure_dist
     )
     learned = None
+    lap("head")
     if wanted(settings.learn, masked) and _can_learn(settings):
         unlabelled = defective & ~with_mask
         learned, head = _learn_stage(
@@ -512,9 +514,9 @@ def fit(
     if defects:
         # The head learns from the distances the daemon will compute (in the projection, where there is one).
         full = bank if projection is not None else None
-        head, head_entry, learned = learn_head(scorer, model, list(defects), head_good, settings, progress, full)
-        lap("head")
+        head, head_entry, learned = learn_head(scorer, model, list(defects), head_good, settings, progress, full, lap)
         if learned is not None:
+            lap("learned stage")
             # The bundle's network is now the one with the learned stage: exported again, and what calibrates.
             model = learned
             learned_entry = {
