@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--head-lr", type=float, default=learn.head_lr)
     p.add_argument("--steps", type=int, default=learn.steps)
     p.add_argument("--batch", type=int, default=learn.batch, help="crops per step (half on pits)")
+    p.add_argument("--window", type=int, default=learn.window, help="cells scored per crop side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--labels", default="all", help="labelled defective images per fold (N or all), as --curve N")
@@ -191,7 +192,9 @@ def main() -> int:
             if lr is not None:
                 tuned_started = time.perf_counter()
                 model = build_patch_features("efficientnet_lite0", ("stage3", "stage5"), learned=True)
-                chosen_settings = replace(learn, steps=args.steps, batch=args.batch, lr=lr, head_lr=args.head_lr)
+                chosen_settings = replace(
+                    learn, steps=args.steps, batch=args.batch, lr=lr, head_lr=args.head_lr, window=args.window
+                )
                 tuned = learn_stage("efficientnet_lite0", model, head, x_s2, x_cells, x_dist, positive, negative,
                                     (gh, gw), chosen_settings, hs.balance, k + 100 * args.seed)  # fmt: skip
                 print(f"  fold {k} {name}: trained in {time.perf_counter() - tuned_started:.0f} s", file=sys.stderr)

@@ -22,7 +22,7 @@ from anomalyd.model.head import Head
 from anomalyd.model.images import read_rgb
 from anomalyd.sample import write_sample
 from anomalyd.training.fit import FitSettings, fit
-from anomalyd.training.learn_features import CENTRE, LearnSettings, crop_windows, learn_stage, stage_inputs, wanted
+from anomalyd.training.learn_features import LearnSettings, crop_windows, learn_stage, stage_inputs, wanted
 
 FROZEN = 152  # Lite0 stage 3 (40) + stage 5 (112)
 
@@ -32,7 +32,8 @@ def _pooled(stage: torch.nn.Module):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.model
-def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it() -> None:
+@pytest.mark.parametrize("window", [4, 8])
+def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it(window: int) -> None:
     """Training sees crops; the line sees whole frames. At the frame's corners, edges and inside, the same."""
     model = build_patch_features("efficientnet_lite0", ("stage3", "stage5"), learned=True)
     assert model.learned is not None
@@ -45,11 +46,11 @@ def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it() -> None:
         whole = stage(maps).permute(0, 2, 3, 1).reshape(2, gh * gw, -1)
         corners = [0, gw - 1, (gh - 1) * gw, gh * gw - 1]
         chosen = torch.tensor([*corners, 5 * gw + 1, 14 * gw + 22, gh * gw + 27 * gw + 30, gh * gw + 13 * gw])
-        frames, cells, features = crop_windows(stage, maps, chosen, (gh, gw), factor=2, crop=32)
-    assert features.shape == (len(chosen) * CENTRE * CENTRE, 40)
+        frames, cells, features = crop_windows(stage, maps, chosen, (gh, gw), factor=2, crop=32, window=window)
+    assert features.shape == (len(chosen) * window * window, 40)
     for k, c in enumerate(chosen.tolist()):  # each window holds its chosen cell
-        window = slice(k * CENTRE * CENTRE, (k + 1) * CENTRE * CENTRE)
-        assert int(frames[window][0]) == c // (gh * gw) and (c % (gh * gw)) in cells[window].tolist()
+        mine = slice(k * window * window, (k + 1) * window * window)
+        assert int(frames[mine][0]) == c // (gh * gw) and (c % (gh * gw)) in cells[mine].tolist()
     torch.testing.assert_close(features, whole[frames, cells], atol=1e-4, rtol=1e-4)
 
 

@@ -32,8 +32,6 @@ from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.features import PatchFeatures
 from anomalyd.model.head import Head, defect_cell_weights
 
-CENTRE = 4  # feature cells scored at the centre of each crop (CENTRE x CENTRE)
-
 
 @dataclass(frozen=True)
 class LearnSettings:
@@ -45,6 +43,9 @@ class LearnSettings:
     steps: int = 500
     batch: int = 64  # crops per step, half on defects
     crop: int = 32  # pixels of the stage's input map per crop side (16 cells of Lite0's stage 3)
+    # Cells scored at the centre of each crop (window x window). Lite0's stage 3 and the 3x3 mean reach 4 cells
+    # out, so a 16-cell crop gives exact features to a window of up to 8.
+    window: int = 4
     lr: float = 1e-3  # the stage's (1e-4 learnt less: docs/accuracy.md)
     head_lr: float = 3e-4
 
@@ -94,35 +95,36 @@ def crop_windows(
     grid: tuple[int, int],
     factor: int,
     crop: int,
+    window: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The learned stage on a crop around each chosen cell: (frame, cell, features) of CENTRE² cells each.
+    """The learned stage on a crop around each chosen cell: (frame, cell, features) of window² cells each.
 
     ``chosen [B]`` are flat indices ``frame·h·w + cell`` into ``maps [N, c_in, factor·h, factor·w]``.
     Each crop lies inside its frame (clamped at the edges) and starts on a multiple of ``factor``,
     and its scored cells hold the chosen one, at the crop's centre where the frame allows: so a
     cell's features are what the whole frame gives it (the frame's edge is the crop's edge, and an
     edge inside the frame is far enough away), exactly, as the test checks.
-    Returns ``[B·CENTRE²]`` frame indices, cell indices, and ``[B·CENTRE², c]`` features.
+    Returns ``[B·window²]`` frame indices, cell indices, and ``[B·window², c]`` features.
     """
     gh, gw = grid
     span_h, span_w = min(crop // factor, gh), min(crop // factor, gw)  # cells a crop covers
     frame, cell = chosen // (gh * gw), chosen % (gh * gw)
-    ci = (cell // gw - CENTRE // 2).clamp(0, gh - CENTRE)  # the scored window's first cell, in the frame
-    cj = (cell % gw - CENTRE // 2).clamp(0, gw - CENTRE)
-    top = (ci - (span_h - CENTRE) // 2).clamp(0, gh - span_h)  # the crop's first cell
-    left = (cj - (span_w - CENTRE) // 2).clamp(0, gw - span_w)
+    ci = (cell // gw - window // 2).clamp(0, gh - window)  # the scored window's first cell, in the frame
+    cj = (cell % gw - window // 2).clamp(0, gw - window)
+    top = (ci - (span_h - window) // 2).clamp(0, gh - span_h)  # the crop's first cell
+    left = (cj - (span_w - window) // 2).clamp(0, gw - span_w)
     crops = torch.stack([
         maps[f, :, factor * t : factor * (t + span_h), factor * u : factor * (u + span_w)]
         for f, t, u in zip(frame.tolist(), top.tolist(), left.tolist(), strict=True)
     ])  # fmt: skip
     out = stage(crops)  # [B, c, span_h, span_w]
-    offsets = torch.arange(CENTRE)
-    rows = (ci - top)[:, None, None] + offsets[None, :, None]  # [B, CENTRE, 1] within the crop
-    cols = (cj - left)[:, None, None] + offsets[None, None, :]  # [B, 1, CENTRE]
+    offsets = torch.arange(window)
+    rows = (ci - top)[:, None, None] + offsets[None, :, None]  # [B, window, 1] within the crop
+    cols = (cj - left)[:, None, None] + offsets[None, None, :]  # [B, 1, window]
     b = torch.arange(len(chosen))[:, None, None]
     features = out.permute(0, 2, 3, 1)[b, rows, cols].reshape(-1, out.shape[1])
     flat_cells = (ci[:, None, None] + offsets[None, :, None]) * gw + cj[:, None, None] + offsets[None, None, :]
-    frames = frame[:, None].expand(-1, CENTRE * CENTRE).reshape(-1)
+    frames = frame[:, None].expand(-1, window * window).reshape(-1)
     return frames, flat_cells.reshape(-1), features
 
 
@@ -179,7 +181,9 @@ def learn_stage(
                 pos_flat[torch.multinomial(pos_weight, half, replacement=True, generator=g)],
                 neg_flat[torch.randint(len(neg_flat), (half,), generator=g)],
             ])  # fmt: skip
-            frames, flat_cells, learned = crop_windows(trainable.learned, maps, chosen, grid, factor, settings.crop)
+            frames, flat_cells, learned = crop_windows(
+                trainable.learned, maps, chosen, grid, factor, settings.crop, settings.window
+            )
             lg = trainable.logits(learned, rest_t[frames, flat_cells], dist_t[frames, flat_cells])
             is_pos, is_neg = pos_t[frames, flat_cells].float(), neg_t[frames, flat_cells].float()
             loss_pos = F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg), reduction="none")
