@@ -94,6 +94,15 @@ def main() -> int:
         action="store_true",
         help="also report the threshold set between held-back labelled defects and good parts (inner split)",
     )
+    p.add_argument(
+        "--good-outliers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="image labels (exploration): rank a pitted frame's cells by the lesser of their distance to the memory "
+        "and to the K most unusual cells of each training good frame (droplets, soiling), so that what good parts "
+        "also show is not taken for the defect (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the heads' training seeds are fold + 100 × this")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -226,6 +235,18 @@ def main() -> int:
         lr_decay=args.lr_decay,
     )
 
+    def good_outlier_ranking(cells: np.ndarray, dist: np.ndarray, defective: np.ndarray) -> np.ndarray:
+        """``dist`` with each defective frame's cells at the lesser of it and their distance to the good frames'
+        ``--good-outliers`` farthest cells (a bank of what good parts show unusually: droplets, soiling)."""
+        good = np.flatnonzero(~defective)
+        top = np.argpartition(-dist[good], args.good_outliers, axis=1)[:, : args.good_outliers]
+        outliers = torch.from_numpy(np.ascontiguousarray(cells[good[:, None], top].reshape(-1, cells.shape[2])))
+        ranked = dist.copy()
+        for i in np.flatnonzero(defective).tolist():
+            to_outliers = nearest_distances(torch.from_numpy(cells[i]), outliers).numpy()
+            ranked[i] = np.minimum(dist[i], to_outliers)
+        return ranked
+
     def learn(train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int) -> Head:
         """A head from these test frames' labelled defects (masks, or image labels) and good frames."""
         x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
@@ -238,6 +259,8 @@ def main() -> int:
         x_unsure = None
         if full_dist is not None:
             x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
+        if image_level and args.good_outliers:
+            x_unsure = good_outlier_ranking(x_cells, x_dist if x_unsure is None else x_unsure, defective)
         return train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed, unsure_dist=x_unsure)
 
     for spec in curve:
