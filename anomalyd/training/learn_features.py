@@ -8,13 +8,16 @@ pretrained weights and from ``train_head``'s head. The frozen network stays as i
 searches its features, the deeper taps and the distance go into the head unchanged, and the
 copy's channels follow the frozen ones in the extractor's output (``PatchFeatures``).
 
-Training runs on crops of the stage's input map, half centred on defect cells (each defective
-image its share, as ``HeadSettings.balance``), half on good cells; the loss is the head's on the
-crop's centre cells. The copy's batch norms keep ImageNet's statistics: crops of one line are no
-batch to learn them from. Measured on BSData (docs/accuracy.md): with every labelled pit, escapes
-at 2 % false rejects fell in each of three seeds (12/10/12 % against 13/16/13 %); with 20 labels
-it gave nothing, and with image labels only (no masks) it learnt the head's mistakes and was
-worse. Hence the rule: learn the stage with masks on at least ``min_masked`` defective images.
+Training runs on crops of the stage's input map, half around defect cells (each defective image
+its share, as ``HeadSettings.balance``), half around good cells; the loss is the head's on the
+crop's centre cells. Crops lie inside their frame, so a crop gives its scored cells exactly what
+the whole frame gives them (:func:`crop_windows`). The copy's batch norms keep ImageNet's
+statistics: crops of one line are no batch to learn them from. Measured on BSData, cross-validated
+by camera view (docs/accuracy.md, ``bench/learned_stage_cv.py``): with every labelled pit, 11 of 94
+pits escape at 2 % false rejects in each of three seeds, against 14, 15 and 12 with the head alone;
+with 20 labels it gave nothing in the exploration, and with image labels only (no masks) it learnt
+the head's mistakes and was worse. Hence the rule: learn the stage with masks on at least
+``min_masked`` defective images.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class LearnSettings:
     batch: int = 64  # crops per step, half on defects
     crop: int = 32  # pixels of the stage's input map per crop side (16 cells of Lite0's stage 3)
     # Cells scored at the centre of each crop (window x window). Lite0's stage 3 and the 3x3 mean reach 4 cells
-    # out, so a 16-cell crop gives exact features to a window of up to 8.
+    # out, so a 16-cell crop gives exact features to a window of up to 8; 8 was worse on BSData (docs/accuracy.md).
     window: int = 4
     lr: float = 1e-3  # the stage's (1e-4 learnt less: docs/accuracy.md)
     head_lr: float = 3e-4
