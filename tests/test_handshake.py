@@ -221,6 +221,24 @@ def test_records_failing_after_the_judge_looked_still_fails_the_part() -> None:
     assert_answer_of(hs.finish(ticket, 0.12, 0.5, 1.1, True, 0, 18.0).status, 6, True, ErrorCode.OK)
 
 
+def test_records_failing_after_a_pass_was_shown_withdraws_the_pass() -> None:
+    """records.required: a pass is written to its record after it is shown; when the records then fail, the
+    block must not go on showing that pass beside records_failing (an unrecorded result is a fail)."""
+    hs = ready_handshake(records_required=True)
+    ticket = trigger(hs, 45, 0.0)
+    assert isinstance(ticket, Ticket)
+    hs.arm(ticket, 0.001)
+    shown = hs.finish(ticket, 0.02, 0.5, 1.1, True, 0, 18.0).status
+    assert_answer_of(shown, 45, True, ErrorCode.OK)
+    hs.set_records_failing(True)  # its record (or the one before) cannot be written
+    now = hs.status
+    assert now.records_failing and not now.passed and now.fail
+    assert now.part_id == 45 and now.inspection_id == shown.inspection_id  # the same part, now NG
+    assert now.error_code == ErrorCode.RECORDS_UNAVAILABLE
+    hs.set_records_failing(False)  # recovered: the withdrawn pass stays withdrawn
+    assert not hs.status.passed and not hs.status.records_failing
+
+
 def test_finish_after_the_deadline_fails_even_before_the_worker_noticed() -> None:
     hs = ready_handshake()
     t = trigger(hs, 3, 0.0)

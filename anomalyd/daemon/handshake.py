@@ -416,7 +416,19 @@ class Handshake:
 
     def set_records_failing(self, failing: bool) -> None:
         with self._lock:
-            self._set(records_failing=failing)
+            if failing and self.records_required and self._status.passed:
+                # The pass on show was decided before the records failed, but its own record is written after
+                # it and may be the one failing: an unrecorded result is a fail, so the block withdraws the
+                # pass (same part, same inspection id). Seen in CI: part 45 shown passed beside records_failing.
+                self._set(
+                    records_failing=True,
+                    passed=False,
+                    fail=True,
+                    error=True,
+                    error_code=int(ErrorCode.RECORDS_UNAVAILABLE),
+                )
+            else:
+                self._set(records_failing=failing)
 
     def stopping(self) -> None:
         """The final block: ready = 0, no valid result, the last answer's error and error_code kept."""
