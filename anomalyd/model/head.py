@@ -56,6 +56,22 @@ class HeadSettings:
     lr_decay: bool = False
 
 
+def mlp_logits(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    """The head's network on ``[M, D]`` inputs (in ``ARRAYS`` order): standardise, (Linear → ReLU →) Linear."""
+    z = (x - mean) / std
+    if w1.numel():
+        z = torch.relu(z @ w1 + b1)
+    return z @ w2 + b2
+
+
 def neighbourhood(features: torch.Tensor, context: int) -> torch.Tensor:
     """``[B, C, h, w]`` → the mean over each cell's (2·context+1)² neighbours (fewer at the border)."""
     size = 2 * context + 1
@@ -110,11 +126,7 @@ class Head:
             return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.t
-        z = (x.to(self.device, torch.float32) - t["mean"]) / t["std"]
-        if t["w1"].numel():
-            z = torch.relu(z @ t["w1"] + t["b1"])
-        return z @ t["w2"] + t["b2"]
+        return mlp_logits(x.to(self.device, torch.float32), *(self.t[k] for k in ARRAYS))
 
     def cell_scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

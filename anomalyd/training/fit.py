@@ -362,7 +362,7 @@ def learn_head(
     if wanted(settings.learn, masked) and _can_learn(settings):
         unlabelled = defective & ~with_mask
         learned, head = _learn_stage(
-            model, head, files, cells, dist, positive, unlabelled, spec.feature_grid, settings, progress
+            head, files, cells, dist, positive, unlabelled, spec.feature_grid, settings, progress
         )
     entry = {
         "hidden": settings.head.hidden,
@@ -390,8 +390,14 @@ def _can_learn(settings: FitSettings) -> bool:
     return reason is None
 
 
+def _onnx_bytes(model: nn.Module, size: tuple[int, int]) -> bytes:
+    """The module exported (and checked) as the bundle's ``extractor.onnx``."""
+    with tempfile.TemporaryDirectory(prefix="anomalyd-fit-") as folder:
+        export_onnx(model, size, Path(folder) / bundle_io.EXTRACTOR_ONNX)
+        return (Path(folder) / bundle_io.EXTRACTOR_ONNX).read_bytes()
+
+
 def _learn_stage(
-    frozen: nn.Module,
     head: Head,
     files: list[Path],
     cells: np.ndarray,
@@ -408,10 +414,8 @@ def _learn_stage(
     image-labelled defective images (``unlabelled``) give neither (where their defect is, the
     masks do not say).
     """
+    # Built as the frozen network was (the same weights), with the learned copy starting from them.
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights, learned=True)
-    # The frozen network's weights as they are; the learned stage starts from the same pretrained ones.
-    keys = model.load_state_dict(frozen.state_dict(), strict=False)
-    assert not keys.unexpected_keys and all(k.startswith("learned.") for k in keys.missing_keys), keys
     negative = ~near_defect(positive, grid, settings.head.ring)
     negative[unlabelled] = False
     prepare = Preprocessor(_input_size(files, settings), settings.roi, torch.device("cpu"))
@@ -471,9 +475,7 @@ def fit(
     settings = replace(settings, input_size=(h, w))
     model = build_patch_features(settings.backbone, settings.taps, settings.proj_dim, settings.weights)
     # The ONNX export first: the bundle's file, and what fit's CPU work runs on (OnnxFitExtractor).
-    with tempfile.TemporaryDirectory(prefix="anomalyd-fit-") as folder:
-        export_onnx(model, (h, w), Path(folder) / bundle_io.EXTRACTOR_ONNX)
-        onnx = (Path(folder) / bundle_io.EXTRACTOR_ONNX).read_bytes()
+    onnx = _onnx_bytes(model, (h, w))
     network = OnnxFitExtractor(onnx)
     lap("prepare")
     on_cpu = network if resolve_device(settings.device).type == "cpu" else None
@@ -526,9 +528,7 @@ def fit(
                 "masked_images": head_entry["masked_images"],
             }
             spec = ModelSpec.model_validate({**spec.model_dump(), "learned": learned_entry})
-            with tempfile.TemporaryDirectory(prefix="anomalyd-fit-") as folder:
-                export_onnx(model, (h, w), Path(folder) / bundle_io.EXTRACTOR_ONNX)
-                onnx = (Path(folder) / bundle_io.EXTRACTOR_ONNX).read_bytes()
+            onnx = _onnx_bytes(model, (h, w))
             network.close()
             network = OnnxFitExtractor(onnx)
             lap("learned stage")

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalyd.model.backbones import BACKBONES
-from anomalyd.model.features import PatchFeatures
-from anomalyd.model.head import Head, defect_cell_weights
+from anomalyd.model.features import PatchFeatures, learned_channels
+from anomalyd.model.head import Head, defect_cell_weights, mlp_logits
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,9 @@ class _Trainable(nn.Module):
 
     def logits(self, learned: torch.Tensor, rest: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         """``[M, c]`` learned, ``[M, C - c]`` frozen deeper taps, ``[M]`` distances → ``[M]``."""
-        x = (torch.cat([learned, rest, dist[:, None]], 1) - self.get_buffer("mean")) / self.get_buffer("std")
-        z = torch.relu(x @ self.w1 + self.b1) if self.w1.numel() else x
-        return z @ self.w2 + self.b2
+        x = torch.cat([learned, rest, dist[:, None]], 1)
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return mlp_logits(x, mean, std, self.w1, self.b1, self.w2, self.b2)
 
 
 def crop_windows(
@@ -158,10 +158,9 @@ def learn_stage(
         raise ValueError("the patch-feature module has no learned stage")
     if head.use_distance is False or head.context:
         raise ValueError("a learned stage needs a head on the cell and its distance (no neighbourhood)")
-    first = model.taps[0]
-    spec = BACKBONES[backbone]
-    c_first = spec.channels[first]
-    factor = spec.strides[first] // spec.strides[model.learned_input]
+    c_first = learned_channels(backbone, model.taps)
+    strides = BACKBONES[backbone].strides
+    factor = strides[model.taps[0]] // strides[model.learned_input]
     trainable = _Trainable(model.learned, head)
     g = torch.Generator().manual_seed(seed)
     head_params = [trainable.w1, trainable.b1, trainable.w2, trainable.b2]
