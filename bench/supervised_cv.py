@@ -77,6 +77,10 @@ def main() -> int:
     )
     p.add_argument("--unmasked-top", type=int, default=HeadSettings().unmasked_top, help="image labels")
     p.add_argument("--unmasked-rounds", type=int, default=HeadSettings().unmasked_rounds, help="image labels")
+    p.add_argument("--bags", action=argparse.BooleanOptionalAction, default=HeadSettings().bags, help="image labels")
+    p.add_argument("--bag-images", type=int, default=HeadSettings().bag_images, help="image labels as bags")
+    p.add_argument("--bag-weight", type=float, default=HeadSettings().bag_weight, help="image labels as bags")
+    p.add_argument("--ensemble", type=int, default=HeadSettings().ensemble, help="heads from as many seeds, merged")
     p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=HeadSettings().lr_decay)
     p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
     p.add_argument("--sigma", type=float, help="the map's blur (default: fit's)")
@@ -233,6 +237,10 @@ def main() -> int:
         unmasked_top=args.unmasked_top,
         unmasked_rounds=args.unmasked_rounds,
         lr_decay=args.lr_decay,
+        bags=args.bags,
+        bag_images=args.bag_images,
+        bag_weight=args.bag_weight,
+        ensemble=args.ensemble,
     )
 
     def good_outlier_ranking(cells: np.ndarray, dist: np.ndarray, defective: np.ndarray) -> np.ndarray:

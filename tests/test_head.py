@@ -295,3 +295,66 @@ def test_with_a_head_the_memory_is_searched_in_the_banks_principal_components(he
 def test_a_good_parts_only_bundle_searches_all_features(bundle_dir: Path) -> None:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert "search_projection" not in manifest and load_bundle(bundle_dir).search_projection() is None
+
+
+def test_image_labels_as_bags_learn_the_defect_not_what_good_parts_also_show() -> None:
+    """Soiling on every part is farther from the memory than the defect: chosen cells learn the soiling.
+
+    As bags alone (multiple-instance learning) a defective image needs one defect-like cell
+    and a good image none, so the soiling, which good parts show too, is pushed down
+    and the defect is what makes the difference; the unseen defects then score above
+    every cell of the unseen good parts. The chosen cells (the farthest, then the
+    head's own choice) start from the soiling and keep it.
+    """
+    import torch
+
+    rng = np.random.default_rng(0)
+    n, hw, c = 40, 64, 8
+
+    def parts(count: int, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cells = (0.5 * rng.normal(size=(count, hw, c))).astype(np.float32)
+        dist = np.abs(rng.normal(size=(count, hw))).astype(np.float32)
+        cells[:, 20:24, 1] += 3.0  # soiling on every part, the farthest cells
+        dist[:, 20:24] += 6.0
+        cells[defective, 5, 0] += 3.0  # the defect: nearer to the memory than the soiling
+        dist[defective, 5] += 3.0
+        return cells, dist
+
+    defective = np.arange(n) < 20
+    cells, dist = parts(n, defective)
+    unseen_defective = np.arange(20) < 10
+    unseen, unseen_dist = parts(20, unseen_defective)
+
+    def caught(bags: bool) -> int:
+        # As bags alone (no chosen cells, ``unmasked_top=0``), or by the chosen cells alone.
+        chosen = 0 if bags else 2
+        settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=chosen, bags=bags, bag_images=8)
+        head = train_head(cells, dist, None, defective, settings, (8, 8))
+        f = torch.from_numpy(unseen).reshape(20, 8, 8, c).permute(0, 3, 1, 2)
+        s = head.score_cells(f, torch.from_numpy(unseen_dist)).numpy()
+        return int((s[unseen_defective, 5] > s[~unseen_defective].max()).sum())
+
+    assert caught(bags=True) >= 9
+    assert caught(bags=False) <= 2
+
+
+@pytest.mark.parametrize("hidden", [8, 0])
+def test_merged_heads_score_as_the_mean_of_their_logits(hidden: int) -> None:
+    """An ensemble is stored as one head: its logit is the mean of its members' on any input."""
+    import torch
+
+    from anomalyd.model.head import merge_heads
+
+    rng = np.random.default_rng(1)
+    cells = rng.normal(size=(12, 16, 5)).astype(np.float32)
+    dist = np.abs(rng.normal(size=(12, 16))).astype(np.float32)
+    positive = np.zeros((12, 16), bool)
+    positive[:6, 3] = True
+    cells[:6, 3, 0] += 2.0
+    settings = HeadSettings(hidden=hidden, steps=50)
+    members = [train_head(cells, dist, positive, positive.any(1), settings, (4, 4), seed) for seed in (0, 1, 2)]
+    x = torch.from_numpy((3 * rng.normal(size=(64, 6))).astype(np.float32))
+    mean_logit = torch.stack([m.logits(x) for m in members]).mean(0)
+    merged = merge_heads(members)
+    assert torch.allclose(merged.logits(x), mean_logit, atol=1e-4)
+    assert not torch.allclose(members[0].logits(x), mean_logit, atol=1e-2)  # the members do differ

@@ -13,7 +13,8 @@ scoring path. Weights are plain float32 arrays (``head.npz``, no pickle).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +43,17 @@ class HeadSettings:
     unsure_cells: int = 1024
     unmasked_top: int = 4  # the chosen: first the unsure cells least like the good parts …
     unmasked_rounds: int = 2  # … then this many rounds of re-choosing them by the head's own score
+    # Image labels also learnt as bags (multiple-instance learning), beside the chosen cells (bags alone with
+    # ``unmasked_top = 0``): the highest logit among a defective image's unsure cells is trained towards a
+    # defect, the highest among a good image's most unusual cells (ranked as the unsure ones) towards good,
+    # so each good image's most defect-like spot (a droplet, soiling) is a negative however rare it is among
+    # the cells drawn at random; ``bag_images`` of each per step, the loss ``bag_weight`` times.
+    bags: bool = False
+    bag_images: int = 16
+    bag_weight: float = 1.0
+    # Heads trained from as many seeds, their logits averaged (merge_heads: one wider head, the same format).
+    # What an image-label head learns depends on its seed (which cells it ends up choosing), a mean less so.
+    ensemble: int = 1
     hard_rounds: int = 0  # rounds of retraining with the good cells the head scored highest (hard negatives)
     hard_share: float = 0.02  # … the top 2 % of the good cells
     # The mean features of the (2·context+1)² cells around each cell are an input beside its own: a pit is a
@@ -162,6 +174,41 @@ class Head:
         return cls(arrays, use_distance, device, context, first_channel)
 
 
+def merge_heads(heads: list[Head]) -> Head:
+    """Heads on the same inputs → one head whose logit is the mean of theirs (exactly, up to rounding).
+
+    Each head's standardisation is folded into its first layer in terms of the first head's (the
+    heads learnt from the same cells, so the ratios are near 1), their hidden units side by side and
+    the output weights divided by their number: an ensemble in ``head.npz``'s format.
+    """
+    first = heads[0]
+    m0, s0 = first.t["mean"], first.t["std"]
+    w1s, b1s, w2s, b2s = [], [], [], []
+    for h in heads:
+        m, s, w1, b1, w2, b2 = (h.t[k] for k in ARRAYS)
+        scale, shift = s0 / s, (m0 - m) / s  # (x - m) / s = (x - m0) / s0 · scale + shift
+        if w1.numel():
+            w1s.append(scale[:, None] * w1)
+            b1s.append(b1 + shift @ w1)
+            w2s.append(w2 / len(heads))
+            b2s.append(b2)
+        else:  # linear heads: the mean of their folded weights
+            w1s.append(w1)
+            b1s.append(b1)
+            w2s.append(scale * w2 / len(heads))
+            b2s.append(b2 + shift @ w2)
+    linear = not first.t["w1"].numel()
+    arrays = {
+        "mean": m0.cpu().numpy(),
+        "std": s0.cpu().numpy(),
+        "w1": torch.cat(w1s, 1).cpu().numpy() if not linear else first.t["w1"].cpu().numpy(),
+        "b1": torch.cat(b1s).cpu().numpy() if not linear else first.t["b1"].cpu().numpy(),
+        "w2": (torch.cat(w2s) if not linear else torch.stack(w2s).sum(0)).cpu().numpy(),
+        "b2": torch.stack(b2s).mean(0).reshape(1).cpu().numpy(),
+    }
+    return Head(arrays, first.use_distance, context=first.context, first_channel=first.first_channel)
+
+
 def near_defect(mask: np.ndarray, grid: tuple[int, int], width: int) -> np.ndarray:
     """Cells within ``width`` of a positive cell (2-D dilation of ``[N, h·w]`` masks)."""
     if width <= 0:
@@ -198,6 +245,9 @@ def image_level_cells(dist: np.ndarray, settings: HeadSettings) -> tuple[np.ndar
     return unsure, top_cells(dist, unsure, settings.unmasked_top)
 
 
+Bags = tuple[np.ndarray, np.ndarray]  # ([B, K] cell indices, [B] labels: 1 a defective image, 0 a good one)
+
+
 def train_head(
     cells: np.ndarray,
     dist: np.ndarray,
@@ -216,13 +266,20 @@ def train_head(
     is given, none when it is None). A defective image without a mask is an
     image-level label: its cells farthest from the memory are unsure (the defect is
     among them), a few of them stand for the defect, chosen first by distance and
-    then by the head itself. Negatives are every cell of the good images and the
+    then by the head itself; with ``settings.bags`` also as bags (see HeadSettings).
+    Negatives are every cell of the good images and the
     cells of defective images away from the defect (or from the unsure cells).
     ``unsure_dist [N, h·w]`` (default ``dist``) are the distances that find the
     unsure cells: fit gives those in all features where the search runs in a few
     principal components, which rank a faint defect's cells lower.
     """
     n, hw, _c = cells.shape
+    if settings.ensemble > 1:
+        one = replace(settings, ensemble=1)
+        return merge_heads([
+            train_head(cells, dist, positive, defective, one, grid, seed + 1000 * k, masked, unsure_dist)
+            for k in range(settings.ensemble)
+        ])  # fmt: skip
     if grid is None:
         grid = (1, hw)
     if masked is None:
@@ -231,17 +288,35 @@ def train_head(
     positive = np.zeros((n, hw), bool) if positive is None else positive & masked[:, None]
     unmasked = np.flatnonzero(defective & ~masked)
     unsure = np.zeros((n, hw), bool)
+    ranked = dist if unsure_dist is None else unsure_dist
+    bags: Bags | None = None
+    if len(unmasked) and settings.bags:
+        good = np.flatnonzero(~defective)
+        bags = (
+            np.concatenate([_bag_cells(ranked, unmasked, settings.unsure_cells),
+                            _bag_cells(ranked, good, settings.unsure_cells)]),
+            np.r_[np.ones(len(unmasked)), np.zeros(len(good))].astype(np.float32),
+        )  # fmt: skip
     if len(unmasked):
-        ranked = dist if unsure_dist is None else unsure_dist
-        unsure[unmasked], positive[unmasked] = image_level_cells(ranked[unmasked], settings)
-        for _round in range(settings.unmasked_rounds):
-            head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed)
-            x = torch.from_numpy(
-                cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
-            )
-            scores = head.cell_scores(x).reshape(len(unmasked), hw).numpy()
-            positive[unmasked] = top_cells(scores, unsure[unmasked], settings.unmasked_top)
-    return _train_on_cells(cells, dist, positive, unsure, settings, grid, seed)
+        unsure[unmasked], chosen = image_level_cells(ranked[unmasked], settings)
+        if settings.unmasked_top:  # bags alone when no cells are chosen
+            positive[unmasked] = chosen
+            for _round in range(settings.unmasked_rounds):
+                head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
+                x = torch.from_numpy(
+                    cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
+                )
+                scores = head.cell_scores(x).reshape(len(unmasked), hw).numpy()
+                positive[unmasked] = top_cells(scores, unsure[unmasked], settings.unmasked_top)
+    return _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
+
+
+def _bag_cells(ranked: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """Each row's ``size`` highest-ranked cells, as indices into the flattened ``[N·h·w]`` cells."""
+    hw = ranked.shape[1]
+    size = min(size, hw)
+    top = np.argpartition(-ranked[rows], size - 1, axis=1)[:, :size]
+    return (rows[:, None] * hw + top).astype(np.int64)
 
 
 def _train_on_cells(
@@ -252,9 +327,10 @@ def _train_on_cells(
     settings: HeadSettings,
     grid: tuple[int, int],
     seed: int,
+    bags: Bags | None = None,
 ) -> Head:
     near = near_defect(positive, grid, settings.ring)
-    if not positive.any():
+    if not positive.any() and bags is None:
         raise ValueError("no defect cells to learn from (are the masks empty?)")
     negative = ~near & ~unsure
     rng = np.random.default_rng(seed)
@@ -267,7 +343,10 @@ def _train_on_cells(
     x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid)
     x_pos = torch.from_numpy(x_all[pos_idx])
     x_neg = torch.from_numpy(x_all[neg_idx])
-    head = _fit_mlp(x_pos, pos_weight, x_neg, None, settings, seed)
+    x_bags = None
+    if bags is not None:
+        x_bags = (torch.from_numpy(x_all), torch.from_numpy(bags[0]), torch.from_numpy(bags[1]))
+    head = _fit_mlp(x_pos, pos_weight, x_neg, None, settings, seed, x_bags)
     for _round in range(settings.hard_rounds):
         # Hard negatives: the good cells the head likes most (droplets, soiling, scratches of the
         # groove) are rare among random negatives; half of each batch now comes from them.
@@ -287,8 +366,12 @@ def _fit_mlp(
     x_hard: torch.Tensor | None,
     settings: HeadSettings,
     seed: int,
+    x_bags: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Head:
+    """``x_bags``: every cell's inputs, ``[B, K]`` bags of cell indices and their ``[B]`` image labels."""
     both = torch.cat([x_pos, x_neg])
+    if x_bags is not None:
+        both = torch.cat([both, x_bags[0][x_bags[1][x_bags[2] > 0].ravel()]])
     mean = both.mean(0)
     std = both.std(0).clamp_min(1e-6)
     d = both.shape[1]
@@ -310,11 +393,18 @@ def _fit_mlp(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps) if settings.lr_decay else None
     half = settings.batch // 2
     quarter = half // 2
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        z = (x - mean) / std
+        return (torch.relu(z @ w1 + b1) if hidden else z) @ w2 + b2
+
     with torch.enable_grad():
         for _step in range(settings.steps):
             # Balanced batches: as many defect cells as good ones, whatever their numbers; the defect
             # cells drawn by their weights (each defective image its share, see HeadSettings.balance).
-            pi = torch.multinomial(pos_weight, half, replacement=True, generator=g)
+            # With image labels as bags and no masks there are no defect cells: the good ones alone.
+            n_pos = half if len(x_pos) else 0
+            pi = torch.multinomial(pos_weight, n_pos, replacement=True, generator=g) if n_pos else None
             if x_hard is None:
                 neg = x_neg[torch.randint(len(x_neg), (half,), generator=g)]
             else:
@@ -324,10 +414,11 @@ def _fit_mlp(
                         x_hard[torch.randint(len(x_hard), (quarter,), generator=g)],
                     ]
                 )
-            x = (torch.cat([x_pos[pi], neg]) - mean) / std
-            y = torch.cat([torch.ones(half), torch.zeros(half)])
-            z = torch.relu(x @ w1 + b1) if hidden else x
-            loss = F.binary_cross_entropy_with_logits(z @ w2 + b2, y)
+            x = neg if pi is None else torch.cat([x_pos[pi], neg])
+            y = torch.cat([torch.ones(n_pos), torch.zeros(half)])
+            loss = F.binary_cross_entropy_with_logits(net(x), y)
+            if x_bags is not None:
+                loss = loss + settings.bag_weight * _bag_loss(net, x_bags, settings.bag_images, g)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -342,3 +433,20 @@ def _fit_mlp(
         "b2": b2.detach().numpy().reshape(1),
     }
     return Head(arrays, settings.use_distance, context=settings.context)
+
+
+def _bag_loss(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x_bags: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    per_label: int,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """Multiple-instance loss on ``per_label`` defective and as many good bags: a bag's logit is its highest
+    cell's. One defect cell makes an image defective; a good image must have none, so its most defect-like
+    cell is pushed down (hard negatives, found per image)."""
+    inputs, bags, labels = x_bags
+    picked = torch.cat([
+        (rows := torch.nonzero(labels == y).ravel())[torch.randint(len(rows), (per_label,), generator=g)]
+        for y in (1, 0)
+    ])  # fmt: skip
+    return F.binary_cross_entropy_with_logits(net(inputs[bags[picked]]).amax(1), labels[picked])

@@ -348,7 +348,9 @@ def learn_head(
             positive[i], with_mask[i] = m, True
     masked = int(with_mask.sum())
     unsure_dist = None
-    image_level = np.flatnonzero(defective & ~with_mask)  # only these images need their cells ranked
+    image_level = np.flatnonzero(defective & ~with_mask)  # only these images need their cells ranked …
+    if settings.head.bags and len(image_level):
+        image_level = np.r_[image_level, np.flatnonzero(~defective)]  # … and, as bags, the good ones too
     if full_bank is not None and len(image_level):
         unsure_dist = dist.copy()
         with torch.inference_mode():
