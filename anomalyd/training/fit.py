@@ -371,6 +371,8 @@ def learn_head(
         "use_distance": settings.head.use_distance,
         "context": settings.head.context,
         "balance": settings.head.balance,
+        "bags": settings.head.bags,
+        "ensemble": settings.head.ensemble,
         "defect_images": len(defects),
         "masked_images": masked,
         "defect_types": sorted({d.defect_type for d in defects}),
