@@ -64,7 +64,7 @@ def test_a_stage_that_learnt_nothing_scores_exactly_as_the_frozen_head() -> None
               "w1": rng.normal(size=(d, 16)).astype(np.float32) / 4, "b1": rng.normal(size=16).astype(np.float32),
               "w2": rng.normal(size=16).astype(np.float32), "b2": np.zeros(1, np.float32)}  # fmt: skip
     frozen_head = Head(arrays, use_distance=True)
-    images = torch.rand(1, 3, 224, 352) * 255
+    images = torch.rand(1, 3, 224, 352, generator=torch.Generator().manual_seed(1)) * 255
     with torch.inference_mode():
         feats = model(images)
     assert feats.shape[1] == FROZEN + 40
@@ -79,7 +79,9 @@ def test_a_stage_that_learnt_nothing_scores_exactly_as_the_frozen_head() -> None
     )  # fmt: skip
     assert head.first_channel == 40
     want = frozen_head.score_cells(feats[:, :FROZEN], torch.from_numpy(dist))
-    torch.testing.assert_close(head.score_cells(feats, torch.from_numpy(dist)), want, atol=1e-5, rtol=1e-5)
+    # The same sums in another channel order round differently (seen: 3e-5 on a score of 2); wrong wiring
+    # changes every score by far more.
+    torch.testing.assert_close(head.score_cells(feats, torch.from_numpy(dist)), want, atol=1e-4, rtol=1e-4)
 
 
 def test_the_stage_is_learnt_only_from_enough_masked_defects() -> None:
