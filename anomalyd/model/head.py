@@ -395,8 +395,7 @@ def _fit_mlp(
     quarter = half // 2
 
     def net(x: torch.Tensor) -> torch.Tensor:
-        z = (x - mean) / std
-        return (torch.relu(z @ w1 + b1) if hidden else z) @ w2 + b2
+        return mlp_logits(x, mean, std, w1, b1, w2, b2)  # the network the stored head runs
 
     with torch.enable_grad():
         for _step in range(settings.steps):
