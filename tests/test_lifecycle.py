@@ -14,11 +14,12 @@ import cv2
 import pytest
 
 from anomalyd.drivers.plc.layout import Status
+from anomalyd.drivers.plc.sim import SimulatedPlc
 from anomalyd.model.images import read_rgb
 from anomalyd.overlay import write_rgb
 from anomalyd.sample import SURFACE_DEFECTS, write_sample
 from tests.conftest import ANOMALYD
-from tests.harness import Running, stop
+from tests.harness import Running, free_port, launch, station_config, stop, wait_until
 
 
 def cli(*args: str) -> str:
@@ -170,3 +171,33 @@ def test_reload_signal_reaches_the_daemon(daemon_factory, e2e_bundle: Path, samp
     r.process.send_signal(signal.SIGHUP)
     assert r.plc.inspect_once(10.0) is not None
     assert stop(r) == 0
+
+
+@pytest.mark.e2e
+def test_a_reload_signal_while_the_daemon_starts_does_not_end_it(
+    tmp_path: Path, e2e_bundle: Path, sample_dir: Path
+) -> None:
+    """`anomalyd promote` finds the daemon by its pid file and may signal it at once: SIGHUP's
+    default action would end the process (a restart loop under systemd, the line without answers)."""
+    port = free_port()
+    plc = SimulatedPlc("s7", port=port)
+    plc.start()
+    link = {"type": "s7", "port": port, "timeout_s": 0.5, "reconnect_max_s": 0.5}
+    config, _ = station_config(tmp_path, e2e_bundle, sample_dir, link)
+    process = launch(config, tmp_path / "daemon.log")
+    try:
+        pid_file = tmp_path / "data" / "anomalyd.pid"
+        wait_until(lambda: pid_file.is_file() and pid_file.read_text().strip(), 60.0, "the pid file")
+        assert int(pid_file.read_text()) == process.pid
+        process.send_signal(signal.SIGHUP)  # before the bundle is loaded and READY is written
+        assert plc.wait_for(lambda s: s.ready, 90.0) is not None, (tmp_path / "daemon.log").read_text()[-3000:]
+        result = plc.inspect_once(10.0)
+        assert result is not None and result.attributed
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "reload.applied" in (tmp_path / "daemon.log").read_text()  # the signal was taken as a reload
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        plc.stop()

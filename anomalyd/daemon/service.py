@@ -62,6 +62,9 @@ class Daemon:
         self.config_sections = frozenset(config_sections(config_path))
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
+        # Before the pid file names this process: `anomalyd promote` may send SIGHUP at once,
+        # and SIGHUP's default action ends the process (a restart loop under systemd).
+        self._install_signals()
         self.notifier = Notifier()
         self.line = line_name(cfg.daemon.line)  # metrics, MQTT and the page name the station alike
         self.metrics = Metrics(self.line)
@@ -318,7 +321,6 @@ class Daemon:
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
         """The loop; whatever ends it (a stop, a limit, a fault nobody foresaw), shutdown runs."""
-        self._install_signals()
         try:
             self._loop()
         except Exception:
