@@ -78,6 +78,12 @@ def main() -> int:
     p.add_argument("--unmasked-top", type=int, default=HeadSettings().unmasked_top, help="image labels")
     p.add_argument("--unmasked-rounds", type=int, default=HeadSettings().unmasked_rounds, help="image labels")
     p.add_argument("--bags", action=argparse.BooleanOptionalAction, default=HeadSettings().bags, help="image labels")
+    p.add_argument(
+        "--bags-min-images",
+        type=int,
+        default=HeadSettings().bags_min_images,
+        help="image labels: bags only with at least this many defective images without a mask",
+    )
     p.add_argument("--bag-images", type=int, default=HeadSettings().bag_images, help="image labels as bags")
     p.add_argument("--bag-weight", type=float, default=HeadSettings().bag_weight, help="image labels as bags")
     p.add_argument("--ensemble", type=int, default=HeadSettings().ensemble, help="heads from as many seeds, merged")
@@ -238,6 +244,7 @@ def main() -> int:
         unmasked_rounds=args.unmasked_rounds,
         lr_decay=args.lr_decay,
         bags=args.bags,
+        bags_min_images=args.bags_min_images,
         bag_images=args.bag_images,
         bag_weight=args.bag_weight,
         ensemble=args.ensemble,

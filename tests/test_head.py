@@ -76,16 +76,18 @@ def test_the_head_judges_parts_it_never_saw(head_bundle: Path, line: Path) -> No
 
 @pytest.mark.e2e
 def test_a_head_from_image_labels_only_judges_parts_it_never_saw(line: Path, labelled: Path, tmp_path: Path) -> None:
-    """fit --defects without --masks (what a technician's labels give): searched in components, ranked in all."""
+    """fit --defects without --masks (what a technician's labels give): searched in components, ranked in all,
+    and learnt as bags too."""
     out = tmp_path / "bundle"
     run = subprocess.run(
         [*ANOMALYD, "fit", "--good", str(line / "train" / "good"), "--out", str(out),
-         "--defects", str(labelled / "test"), "--coreset-ratio", "0.02"],
+         "--defects", str(labelled / "test"), "--coreset-ratio", "0.02", "--bags", "on"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["head"]["masked_images"] == 0 and manifest["head"]["balance"] == 1.0
+    assert manifest["head"]["bags"] is True  # forced: fewer images than bags_min_images
     assert manifest["search_projection"] == 32
     bundle = load_bundle(out)
     inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
@@ -325,17 +327,30 @@ def test_image_labels_as_bags_learn_the_defect_not_what_good_parts_also_show() -
     unseen_defective = np.arange(20) < 10
     unseen, unseen_dist = parts(20, unseen_defective)
 
-    def caught(bags: bool) -> int:
-        # As bags alone (no chosen cells, ``unmasked_top=0``), or by the chosen cells alone.
-        chosen = 0 if bags else 2
-        settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=chosen, bags=bags, bag_images=8)
+    def scores(bags: bool, chosen: int, min_images: int = 20) -> np.ndarray:
+        settings = HeadSettings(
+            hidden=16,
+            steps=300,
+            unsure_cells=8,
+            unmasked_top=chosen,
+            bags=bags,
+            bags_min_images=min_images,
+            bag_images=8,
+        )
         head = train_head(cells, dist, None, defective, settings, (8, 8))
         f = torch.from_numpy(unseen).reshape(20, 8, 8, c).permute(0, 3, 1, 2)
-        s = head.score_cells(f, torch.from_numpy(unseen_dist)).numpy()
+        return head.score_cells(f, torch.from_numpy(unseen_dist)).numpy()
+
+    def caught(s: np.ndarray) -> int:
         return int((s[unseen_defective, 5] > s[~unseen_defective].max()).sum())
 
-    assert caught(bags=True) >= 9
-    assert caught(bags=False) <= 2
+    # As bags alone (no chosen cells, ``unmasked_top=0``; 20 images without a mask, as many as
+    # ``bags_min_images`` asks), or by the chosen cells alone.
+    assert caught(scores(bags=True, chosen=0)) >= 9
+    chosen_alone = scores(bags=False, chosen=2)
+    assert caught(chosen_alone) <= 2
+    # Fewer images without a mask than bags_min_images: no bags, the chosen cells' head exactly.
+    np.testing.assert_array_equal(scores(bags=True, chosen=2, min_images=21), chosen_alone)
 
 
 @pytest.mark.parametrize("hidden", [8, 0])

@@ -32,7 +32,7 @@ from anomalyd.model.features import (
     learnable_stage,
     learned_channels,
 )
-from anomalyd.model.head import Head, HeadSettings, near_defect, train_head
+from anomalyd.model.head import Head, HeadSettings, near_defect, train_head, uses_bags
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
 from anomalyd.model.nearest import nearest_distances
@@ -349,7 +349,8 @@ def learn_head(
     masked = int(with_mask.sum())
     unsure_dist = None
     image_level = np.flatnonzero(defective & ~with_mask)  # only these images need their cells ranked …
-    if settings.head.bags and len(image_level):
+    bags = uses_bags(settings.head, len(image_level))
+    if bags:
         image_level = np.r_[image_level, np.flatnonzero(~defective)]  # … and, as bags, the good ones too
     if full_bank is not None and len(image_level):
         unsure_dist = dist.copy()
@@ -371,7 +372,7 @@ def learn_head(
         "use_distance": settings.head.use_distance,
         "context": settings.head.context,
         "balance": settings.head.balance,
-        "bags": settings.head.bags,
+        "bags": bags,  # as used: see HeadSettings.bags_min_images
         "ensemble": settings.head.ensemble,
         "defect_images": len(defects),
         "masked_images": masked,
