@@ -45,5 +45,8 @@ def test_gpu_accept_runs_each_path_apart_and_an_abort_is_one_failed_line(
 
     clean = _accept(e2e_bundle, sample_dir / "test", tmp_path / "b")
     assert clean.returncode == 0 and "ACCEPTED" in clean.stdout, clean.stdout + clean.stderr
+    auto = {r["name"]: r for r in map(json.loads, (tmp_path / "b" / "results.jsonl").read_text().splitlines())}["auto"]
+    # auto was timed in turns beside the fastest CPU path that passed, in its own process.
+    assert auto["against"] in ("onnxruntime+torch", "onnxruntime+faiss") and auto["against_p50_ms"] > 0
     table = (tmp_path / "b" / "table.md").read_text()
     assert "| onnxruntime+torch | pass |" in table and "| torch-fp16-graph+torch | missing |" in table
