@@ -77,6 +77,7 @@ def main() -> int:
     )
     p.add_argument("--unmasked-top", type=int, default=HeadSettings().unmasked_top, help="image labels")
     p.add_argument("--unmasked-rounds", type=int, default=HeadSettings().unmasked_rounds, help="image labels")
+    p.add_argument("--cross-fit", type=int, default=HeadSettings().cross_fit, help="image labels: see HeadSettings")
     p.add_argument("--bags", action=argparse.BooleanOptionalAction, default=HeadSettings().bags, help="image labels")
     p.add_argument(
         "--bags-min-images",
@@ -242,6 +243,7 @@ def main() -> int:
         max_negatives=args.max_negatives,
         unmasked_top=args.unmasked_top,
         unmasked_rounds=args.unmasked_rounds,
+        cross_fit=args.cross_fit,
         lr_decay=args.lr_decay,
         bags=args.bags,
         bags_min_images=args.bags_min_images,

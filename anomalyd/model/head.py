@@ -43,6 +43,10 @@ class HeadSettings:
     unsure_cells: int = 1024
     unmasked_top: int = 4  # the chosen: first the unsure cells least like the good parts …
     unmasked_rounds: int = 2  # … then this many rounds of re-choosing them by the head's own score
+    # Re-chosen by heads that did not learn the image's own chosen cells: the defective images without a mask
+    # in this many parts, each part's cells chosen by a head learnt from the others' (0 or 1: one head learns
+    # all and re-chooses in the images it learnt, which mostly confirms its first choice).
+    cross_fit: int = 0
     # Image labels also learnt as bags (multiple-instance learning), beside the chosen cells (bags alone with
     # ``unmasked_top = 0``): the highest logit among a defective image's unsure cells is trained towards a
     # defect, the highest among a good image's most unusual cells (ranked as the unsure ones) towards good,
@@ -311,14 +315,49 @@ def train_head(
         unsure[unmasked], chosen = image_level_cells(ranked[unmasked], settings)
         if settings.unmasked_top:  # bags alone when no cells are chosen
             positive[unmasked] = chosen
+            x = torch.from_numpy(
+                cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
+            )
             for _round in range(settings.unmasked_rounds):
-                head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
-                x = torch.from_numpy(
-                    cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
-                )
-                scores = head.cell_scores(x).reshape(len(unmasked), hw).numpy()
+                scores = _rechoice_scores(cells, dist, positive, unsure, settings, grid, seed, bags, unmasked, x)
                 positive[unmasked] = top_cells(scores, unsure[unmasked], settings.unmasked_top)
     return _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
+
+
+def _rechoice_scores(
+    cells: np.ndarray,
+    dist: np.ndarray,
+    positive: np.ndarray,
+    unsure: np.ndarray,
+    settings: HeadSettings,
+    grid: tuple[int, int],
+    seed: int,
+    bags: Bags | None,
+    unmasked: np.ndarray,
+    x: torch.Tensor,
+) -> np.ndarray:
+    """The cell scores ``[len(unmasked), h·w]`` that re-choose the defect cells of the images without a mask."""
+    hw = cells.shape[1]
+    parts = settings.cross_fit if settings.cross_fit > 1 and len(unmasked) >= settings.cross_fit else 1
+    if parts == 1:
+        head = _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
+        return head.cell_scores(x).reshape(len(unmasked), hw).numpy()
+    scores = np.empty((len(unmasked), hw), np.float32)
+    per_image = x.reshape(len(unmasked), hw, -1)
+    order = np.random.default_rng(seed).permutation(len(unmasked))
+    for part in np.array_split(order, parts):
+        held = np.zeros(len(unmasked), bool)
+        held[part] = True
+        learnt = positive.copy()
+        learnt[unmasked[held]] = False  # its unsure cells stay out of the negatives: it is not taught either way
+        kept = bags
+        if bags is not None:  # the defective images' bags come first, in the order of ``unmasked``
+            keep = np.r_[~held, np.ones(len(bags[1]) - len(unmasked), bool)]
+            kept = (bags[0][keep], bags[1][keep])
+        head = _train_on_cells(cells, dist, learnt, unsure, settings, grid, seed, kept)
+        mine = per_image[torch.from_numpy(part.astype(np.int64))].reshape(-1, x.shape[-1])
+        scores[part] = head.cell_scores(mine).reshape(len(part), hw).numpy()
+    return scores
 
 
 def _bag_cells(ranked: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
