@@ -88,6 +88,7 @@ def test_a_head_from_image_labels_only_judges_parts_it_never_saw(line: Path, lab
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["head"]["masked_images"] == 0 and manifest["head"]["balance"] == 1.0
     assert manifest["head"]["bags"] is True  # forced: fewer images than bags_min_images
+    assert manifest["head"]["cross_fit"] == 2  # the cells re-chosen by heads that did not learn the image
     assert manifest["search_projection"] == 32
     bundle = load_bundle(out)
     inspector = open_inspector(bundle, OnnxRuntimeEngineConfig(threads=2), SearchConfig())
@@ -176,7 +177,9 @@ def test_image_level_labels_find_their_unsure_cells_by_the_distance_given() -> N
     unseen_dist = np.abs(rng.normal(size=(10, hw))).astype(np.float32)
     unseen_dist[:, 20:24] += 6.0
     unseen[:5, 5, 0] += 6.0  # five new defective parts, five good ones
-    settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=2)
+    # The ranking alone: re-chosen by one head (cross-fitted, each re-choosing head learns from 5 of these 10
+    # images; its own test is below).
+    settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=2, cross_fit=0)
 
     def scores(unsure_dist: np.ndarray | None) -> np.ndarray:
         head = train_head(cells, dist, None, defective, settings, (8, 8), unsure_dist=unsure_dist)

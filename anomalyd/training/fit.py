@@ -32,7 +32,7 @@ from anomalyd.model.features import (
     learnable_stage,
     learned_channels,
 )
-from anomalyd.model.head import Head, HeadSettings, near_defect, train_head, uses_bags
+from anomalyd.model.head import Head, HeadSettings, cross_fit_parts, near_defect, train_head, uses_bags
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
 from anomalyd.model.nearest import nearest_distances
@@ -374,6 +374,7 @@ def learn_head(
         "balance": settings.head.balance,
         "bags": bags,  # as used: see HeadSettings.bags_min_images
         "ensemble": settings.head.ensemble,
+        "cross_fit": cross_fit_parts(settings.head, int((defective & ~with_mask).sum())),  # as used
         "defect_images": len(defects),
         "masked_images": masked,
         "defect_types": sorted({d.defect_type for d in defects}),
