@@ -47,7 +47,7 @@ class HeadSettings:
     # in this many parts, each part's cells chosen by a head learnt from the others' (0 or 1: one head learns
     # all and re-chooses in the images it learnt, which mostly confirms its first choice). BSData, 20 image
     # labels, three seeds: escapes at 2 % false rejects 24-33 % against 37-39 %, AUPRO 0.91 against 0.84;
-    # with 75 (and bags) the same escapes within 1-3 frames, AUPRO 0.95 against 0.86-0.91 (docs/accuracy.md).
+    # with 75 (and bags) the same escapes (means 33 % both), AUPRO 0.95-0.97 against 0.86-0.92 (docs/accuracy.md).
     cross_fit: int = 2
     # Image labels also learnt as bags (multiple-instance learning), beside the chosen cells (bags alone with
     # ``unmasked_top = 0``): the highest logit among a defective image's unsure cells is trained towards a
