@@ -555,9 +555,10 @@ def main() -> int:
     for name in plan:
         # What the parent can tell without touching a GPU is said without a child (a CPU-only dry run is quick).
         reason = _plainly_missing(name, cuda)
-        # auto is timed beside the fastest path that passed (all run before it).
-        timed = [r for r in results if r["status"] == "pass" and "+" in r["name"] and "p50_ms" in r]
-        against = min(timed, key=lambda r: r["p50_ms"])["name"] if name == "auto" and timed else ""
+        against = ""
+        if name == "auto":  # timed beside the fastest path that passed (all run before it)
+            timed = [r for r in results if r["status"] == "pass" and "+" in r["name"] and "p50_ms" in r]
+            against = min(timed, key=lambda r: r["p50_ms"])["name"] if timed else ""
         result: dict[str, Any] = (
             {"name": name, "status": "missing", "failures": [], "reason": reason}
             if reason

@@ -358,13 +358,12 @@ def _rechoice_scores(
     per_image = x.reshape(len(unmasked), hw, -1)
     order = np.random.default_rng(seed).permutation(len(unmasked))
     for part in np.array_split(order, parts):
-        held = np.zeros(len(unmasked), bool)
-        held[part] = True
         learnt = positive.copy()
-        learnt[unmasked[held]] = False  # its unsure cells stay out of the negatives: it is not taught either way
+        learnt[unmasked[part]] = False  # its unsure cells stay out of the negatives: it is not taught either way
         kept = bags
         if bags is not None:  # the defective images' bags come first, in the order of ``unmasked``
-            keep = np.r_[~held, np.ones(len(bags[1]) - len(unmasked), bool)]
+            keep = np.ones(len(bags[1]), bool)
+            keep[part] = False
             kept = (bags[0][keep], bags[1][keep])
         head = learn(learnt, kept)
         mine = per_image[torch.from_numpy(part.astype(np.int64))].reshape(-1, x.shape[-1])
