@@ -90,7 +90,7 @@ def _fit_settings(args: argparse.Namespace) -> Any:
 
 def _head_settings(bags: str) -> Any:
     """``--bags``: auto leaves HeadSettings' rule (enough images without a mask), on and off force it."""
-    from anomalyd.model.head import HeadSettings
+    from anomalyd.training.head_training import HeadSettings
 
     if bags == "off":
         return HeadSettings(bags=False)

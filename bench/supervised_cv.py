@@ -42,9 +42,10 @@ from anomalyd.evaluation.metrics import aupro, auroc
 from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.calibrate import calibration, f1_optimal_threshold, suggest_thresholds
 from anomalyd.model.coreset import greedy_coreset
-from anomalyd.model.head import Head, HeadSettings, train_head
+from anomalyd.model.head import Head
 from anomalyd.model.nearest import nearest_distances
 from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
+from anomalyd.training.head_training import HeadSettings, train_head
 
 
 def pixel_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

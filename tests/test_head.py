@@ -14,9 +14,10 @@ from anomalyd.engines.onnxruntime_engine import OnnxRuntimeEngineConfig
 from anomalyd.engines.select import open_inspector
 from anomalyd.model import bundle as bundle_io
 from anomalyd.model.bundle import BundleError, load_bundle
-from anomalyd.model.head import Head, HeadSettings, train_head
+from anomalyd.model.head import Head
 from anomalyd.model.images import read_rgb
 from anomalyd.sample import DEFECTS, write_sample
+from anomalyd.training.head_training import HeadSettings, train_head
 from tests.conftest import ANOMALYD
 
 
@@ -142,7 +143,7 @@ def test_without_a_mask_a_faint_defect_is_unsure_never_good_surface() -> None:
     frame's top 4 in 3 frames of 10); learnt as good surface it would teach the head
     that pits are good, which is what image-level labels used to do.
     """
-    from anomalyd.model.head import image_level_cells
+    from anomalyd.training.head_training import image_level_cells
 
     rng = np.random.default_rng(3)
     dist = np.abs(rng.normal(size=(6, 64))).astype(np.float32)
@@ -200,7 +201,7 @@ def test_a_small_defect_weighs_as_much_as_a_large_one() -> None:
     """
     import torch
 
-    from anomalyd.model.head import defect_cell_weights
+    from anomalyd.training.head_training import defect_cell_weights
 
     rng = np.random.default_rng(0)
     n, grid, c = 40, (8, 8), 6

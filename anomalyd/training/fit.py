@@ -32,11 +32,12 @@ from anomalyd.model.features import (
     learnable_stage,
     learned_channels,
 )
-from anomalyd.model.head import Head, HeadSettings, cross_fit_parts, near_defect, train_head, uses_bags
+from anomalyd.model.head import Head
 from anomalyd.model.images import list_images, read_rgb
 from anomalyd.model.manifest import ModelSpec
 from anomalyd.model.nearest import nearest_distances
 from anomalyd.model.scoring import Preprocessor, Scorer
+from anomalyd.training.head_training import HeadSettings, cross_fit_parts, near_defect, train_head, uses_bags
 from anomalyd.training.learn_features import LearnSettings, learn_stage, stage_inputs, wanted
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]

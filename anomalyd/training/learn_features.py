@@ -33,7 +33,8 @@ from torch import nn
 
 from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.features import PatchFeatures, learned_channels
-from anomalyd.model.head import Head, defect_cell_weights, mlp_logits
+from anomalyd.model.head import Head, mlp_logits
+from anomalyd.training.head_training import defect_cell_weights
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from PIL import Image
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.coreset import greedy_coreset
-from anomalyd.model.head import HeadSettings, cell_inputs, train_head
+from anomalyd.model.head import cell_inputs
 from anomalyd.model.nearest import nearest_distances
 from anomalyd.training.fit import FitSettings
+from anomalyd.training.head_training import HeadSettings, train_head
 
 
 def main() -> int:
