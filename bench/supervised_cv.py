@@ -88,6 +88,15 @@ def main() -> int:
     )
     p.add_argument("--bag-images", type=int, default=HeadSettings().bag_images, help="image labels as bags")
     p.add_argument("--bag-weight", type=float, default=HeadSettings().bag_weight, help="image labels as bags")
+    p.add_argument(
+        "--drop-doubtful",
+        action=argparse.BooleanOptionalAction,
+        default=HeadSettings().drop_doubtful,
+        help="image labels: see HeadSettings",
+    )
+    p.add_argument(
+        "--defect-bags", action=argparse.BooleanOptionalAction, default=HeadSettings().defect_bags, help="image labels"
+    )
     p.add_argument("--ensemble", type=int, default=HeadSettings().ensemble, help="heads from as many seeds, merged")
     p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=HeadSettings().lr_decay)
     p.add_argument("--balance", type=float, default=HeadSettings().balance, help="defect-cell weighting (HeadSettings)")
@@ -250,6 +259,8 @@ def main() -> int:
         bags_min_images=args.bags_min_images,
         bag_images=args.bag_images,
         bag_weight=args.bag_weight,
+        defect_bags=args.defect_bags,
+        drop_doubtful=args.drop_doubtful,
         ensemble=args.ensemble,
     )
 

@@ -17,7 +17,7 @@ from anomalyd.model.bundle import BundleError, load_bundle
 from anomalyd.model.head import Head
 from anomalyd.model.images import read_rgb
 from anomalyd.sample import DEFECTS, write_sample
-from anomalyd.training.head_training import HeadSettings, train_head
+from anomalyd.training.head_training import HeadSettings, learning_cells, train_head
 from tests.conftest import ANOMALYD
 
 
@@ -393,31 +393,40 @@ def test_image_labels_rechosen_by_heads_that_did_not_learn_the_image_find_the_de
 
     hw, c = 64, 8
 
-    def parts(rng: np.random.Generator, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def parts(rng: np.random.Generator, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cells = (0.5 * rng.normal(size=(len(defective), hw, c))).astype(np.float32)
         dist = np.abs(rng.normal(size=(len(defective), hw))).astype(np.float32)
+        where = np.zeros((len(defective), hw), bool)  # each defective part's defect cell
         for i in range(len(defective)):
             mark, defect = rng.choice(hw, 2, replace=False)
+            where[i, defect] = defective[i]
             direction = rng.normal(size=c)
             cells[i, mark] += 3.0 * direction / np.linalg.norm(direction)
             dist[i, mark] += 4.0
             if defective[i]:
                 cells[i, defect, 0] += 3.0
                 dist[i, defect] += 5.5 if rng.random() < 0.4 else 2.5  # the farthest in two images of five
-        return cells, dist
+        return cells, dist, where
 
-    def unseen_auroc(seed: int, cross_fit: int) -> float:
+    def unseen_auroc(seed: int, cross_fit: int) -> tuple[float, float]:
+        """The unseen parts' AUROC, and the share of labelled images whose chosen cell is their defect."""
         rng = np.random.default_rng(seed)
         defective = np.arange(60) < 30
-        cells, dist = parts(rng, defective)
+        cells, dist, where = parts(rng, defective)
         unseen_defective = np.arange(40) < 20
-        unseen, unseen_dist = parts(rng, unseen_defective)
+        unseen, unseen_dist, _ = parts(rng, unseen_defective)
         settings = HeadSettings(hidden=16, steps=300, unsure_cells=8, unmasked_top=1, bags=False, cross_fit=cross_fit)
+        chosen = learning_cells(cells, dist, None, defective, settings, (8, 8), seed=seed)
+        on_defect = float((chosen.positive & where).any(axis=1)[defective].mean())
         head = train_head(cells, dist, None, defective, settings, (8, 8), seed=seed)
         f = torch.from_numpy(unseen).reshape(40, 8, 8, c).permute(0, 3, 1, 2)
         image_scores = head.score_cells(f, torch.from_numpy(unseen_dist)).numpy().reshape(40, -1).max(axis=1)
-        return auroc(unseen_defective, image_scores)
+        return auroc(unseen_defective, image_scores), on_defect
 
     alone = [unseen_auroc(seed, 0) for seed in (0, 1)]
     crossed = [unseen_auroc(seed, 2) for seed in (0, 1)]
-    assert max(alone) < 0.8 and min(crossed) > 0.85  # measured: 0.68 and 0.68 against 0.94 and 0.92
+    assert max(a for a, _ in alone) < 0.8 and min(a for a, _ in crossed) > 0.85  # 0.68, 0.68 against 0.94, 0.92
+    # What made the difference, cell by cell: the defect chosen in more labelled images than the marks are
+    # (measured: in 57 % and 30 % of them alone, 90 % and 73 % cross-fitted)
+    assert max(s for _, s in alone) < min(s for _, s in crossed), (alone, crossed)
+    assert np.mean([s for _, s in crossed]) > np.mean([s for _, s in alone]) + 0.2, (alone, crossed)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalyd.model.head import Head, cell_inputs, merge_heads, mlp_logits
+from anomalyd.model.head import LOGIT_SHIFT, Head, cell_inputs, merge_heads, mlp_logits
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class HeadSettings:
     bags_min_images: int = 50
     bag_images: int = 4
     bag_weight: float = 1.0
+    # A defective image without a mask whose every unsure cell the last re-choosing head (cross-fitted: one
+    # that did not learn it) scores below even odds gives no positives: its chosen cells are a guess.
+    drop_doubtful: bool = False
+    defect_bags: bool = True  # False: the good images' bags alone (each good image's most defect-like spot)
     # Heads trained from as many seeds, their logits averaged (merge_heads: one wider head, the same format).
     # What an image-label head learns depends on its seed (which cells it ends up choosing), a mean less so.
     ensemble: int = 1
@@ -122,6 +126,19 @@ def image_level_cells(dist: np.ndarray, settings: HeadSettings) -> tuple[np.ndar
 Bags = tuple[np.ndarray, np.ndarray]  # ([B, K] cell indices, [B] labels: 1 a defective image, 0 a good one)
 
 
+@dataclass
+class LearningCells:
+    """What a head learns from, per cell ``[N, h·w]``: the defect cells (from masks, or chosen for image
+    labels), the unsure cells (neither positive nor negative), and image labels' bags; ``rechoice_scores``
+    ``[unmasked images, h·w]``: the last re-choosing heads' scores (None where nothing was re-chosen)."""
+
+    positive: np.ndarray
+    unsure: np.ndarray
+    bags: Bags | None
+    unmasked: np.ndarray
+    rechoice_scores: np.ndarray | None = None
+
+
 def train_head(
     cells: np.ndarray,
     dist: np.ndarray,
@@ -147,15 +164,30 @@ def train_head(
     unsure cells: fit gives those in all features where the search runs in a few
     principal components, which rank a faint defect's cells lower.
     """
-    n, hw, _c = cells.shape
     if settings.ensemble > 1:
         one = replace(settings, ensemble=1)
         return merge_heads([
             train_head(cells, dist, positive, defective, one, grid, seed + 1000 * k, masked, unsure_dist)
             for k in range(settings.ensemble)
         ])  # fmt: skip
-    if grid is None:
-        grid = (1, hw)
+    grid = (1, cells.shape[1]) if grid is None else grid
+    chosen = learning_cells(cells, dist, positive, defective, settings, grid, seed, masked, unsure_dist)
+    return _train_on_cells(cells, dist, chosen.positive, chosen.unsure, settings, grid, seed, chosen.bags)
+
+
+def learning_cells(
+    cells: np.ndarray,
+    dist: np.ndarray,
+    positive: np.ndarray | None,
+    defective: np.ndarray,
+    settings: HeadSettings,
+    grid: tuple[int, int],
+    seed: int = 0,
+    masked: np.ndarray | None = None,
+    unsure_dist: np.ndarray | None = None,
+) -> LearningCells:
+    """The cells ``train_head`` learns from (its arguments); image labels' cells chosen and re-chosen here."""
+    n, hw, _c = cells.shape
     if masked is None:
         masked = defective.copy() if positive is not None else np.zeros(n, bool)
     masked = masked & defective
@@ -166,27 +198,34 @@ def train_head(
     bags: Bags | None = None
     if uses_bags(settings, len(unmasked)):
         good = np.flatnonzero(~defective)
+        with_defects = unmasked if settings.defect_bags else unmasked[:0]
         bags = (
-            np.concatenate([_bag_cells(ranked, unmasked, settings.unsure_cells),
+            np.concatenate([_bag_cells(ranked, with_defects, settings.unsure_cells),
                             _bag_cells(ranked, good, settings.unsure_cells)]),
-            np.r_[np.ones(len(unmasked)), np.zeros(len(good))].astype(np.float32),
+            np.r_[np.ones(len(with_defects)), np.zeros(len(good))].astype(np.float32),
         )  # fmt: skip
-    if len(unmasked):
-        unsure[unmasked], chosen = image_level_cells(ranked[unmasked], settings)
-        if settings.unmasked_top:  # bags alone when no cells are chosen
-            positive[unmasked] = chosen
-            x = torch.from_numpy(
-                cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid)
-            )
+    out = LearningCells(positive, unsure, bags, unmasked)
+    if not len(unmasked):
+        return out
+    unsure[unmasked], first = image_level_cells(ranked[unmasked], settings)
+    if not settings.unmasked_top:  # bags alone when no cells are chosen
+        return out
+    positive[unmasked] = first
+    x = torch.from_numpy(cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid))
 
-            def learn(chosen: np.ndarray, some_bags: Bags | None) -> Head:
-                return _train_on_cells(cells, dist, chosen, unsure, settings, grid, seed, some_bags)
+    def learn(chosen: np.ndarray, some_bags: Bags | None) -> Head:
+        return _train_on_cells(cells, dist, chosen, unsure, settings, grid, seed, some_bags)
 
-            parts = cross_fit_parts(settings, len(unmasked))
-            for _round in range(settings.unmasked_rounds):
-                scores = _rechoice_scores(learn, positive, bags, unmasked, x, parts, seed)
-                positive[unmasked] = top_cells(scores, unsure[unmasked], settings.unmasked_top)
-    return _train_on_cells(cells, dist, positive, unsure, settings, grid, seed, bags)
+    parts = cross_fit_parts(settings, len(unmasked))
+    for _round in range(settings.unmasked_rounds):
+        out.rechoice_scores = _rechoice_scores(learn, positive, bags, unmasked, x, parts, seed)
+        positive[unmasked] = top_cells(out.rechoice_scores, unsure[unmasked], settings.unmasked_top)
+    if settings.drop_doubtful and out.rechoice_scores is not None:
+        best = np.where(unsure[unmasked], out.rechoice_scores, -np.inf).max(axis=1)
+        doubtful = best < float(F.softplus(torch.tensor(LOGIT_SHIFT)))  # logit < 0 everywhere
+        if not doubtful.all():
+            positive[unmasked[doubtful]] = False
+    return out
 
 
 def _rechoice_scores(
@@ -212,7 +251,7 @@ def _rechoice_scores(
         learnt = positive.copy()
         learnt[unmasked[part]] = False  # its unsure cells stay out of the negatives: it is not taught either way
         kept = bags
-        if bags is not None:  # the defective images' bags come first, in the order of ``unmasked``
+        if bags is not None and bags[1].any():  # the defective images' bags come first, as ``unmasked``
             keep = np.ones(len(bags[1]), bool)
             keep[part] = False
             kept = (bags[0][keep], bags[1][keep])
@@ -358,5 +397,6 @@ def _bag_loss(
     picked = torch.cat([
         (rows := torch.nonzero(labels == y).ravel())[torch.randint(len(rows), (per_label,), generator=g)]
         for y in (1, 0)
+        if (labels == y).any()
     ])  # fmt: skip
     return F.binary_cross_entropy_with_logits(net(inputs[bags[picked]]).amax(1), labels[picked])
