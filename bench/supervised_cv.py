@@ -66,7 +66,8 @@ def main() -> int:
     p.add_argument(
         "--curve",
         default="0,5,10,20,50,all,20:image,all:image",
-        help="labelled defective images per fold: N or all; N:image = image-level labels only (no masks)",
+        help="labelled defective images per fold: N or all; N:image = image-level labels only (no masks); "
+        "N:small-masks = masks on the pits under 300 px only, image labels for the rest",
     )
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--steps", type=int, default=HeadSettings().steps)
@@ -209,7 +210,7 @@ def main() -> int:
     te_dist, hg_dist, ca_dist = cached_distances(projected=True)
     curve = [v for v in args.curve.split(",")]
     full_dist: np.ndarray | None = None  # image labels' unsure cells are ranked in all features, as fit does
-    if args.pca and not args.unsure_projected and any(v.endswith(":image") for v in curve):
+    if args.pca and not args.unsure_projected and any(v.endswith((":image", ":small-masks")) for v in curve):
         te_full, hg_full, _ca = cached_distances(projected=False)
         full_dist = np.concatenate([te_full, hg_full])
     print(f"bank {len(bank)}, distances {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -277,24 +278,28 @@ def main() -> int:
         return ranked
 
     def learn(train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int) -> Head:
-        """A head from these test frames' labelled defects (masks, or image labels) and good frames."""
+        """A head from these test frames' labelled defects (masks, or image labels) and good frames;
+        ``masks_on`` (the test frames given with a mask) where some frames have masks and the others not."""
         x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
         x_dist = np.concatenate([te_dist[train_idx], te_dist[neg_idx], hg_dist])
         defective = np.r_[np.ones(len(train_idx), bool), np.zeros(len(neg_idx) + len(hg_cells), bool)]
-        positive = None
-        if not image_level:
+        positive, masked = None, None
+        if not image_level or masks_on is not None:
             positive = np.zeros(x_dist.shape, bool)
             positive[: len(train_idx)] = pit_cells[train_idx]
+        if image_level and masks_on is not None:
+            masked = np.r_[masks_on[train_idx], np.zeros(len(neg_idx) + len(hg_cells), bool)]
         x_unsure = None
         if full_dist is not None:
             x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
         if image_level and args.good_outliers:
             x_unsure = good_outlier_ranking(x_cells, x_dist if x_unsure is None else x_unsure, defective)
-        return train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed, unsure_dist=x_unsure)
+        return train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed, masked, x_unsure)
 
     for spec in curve:
         point, _, kind = spec.partition(":")
-        image_level = kind == "image"
+        image_level = kind in ("image", "small-masks")
+        masks_on = small if kind == "small-masks" else None
         scores = np.zeros(len(test))
         maps = torch.zeros(len(test), h, w)
         # Each frame's fold threshold, and the good-parts-only rule's, in units of the highest held-back good part.
@@ -364,7 +369,7 @@ def main() -> int:
         small_maps = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0].numpy()
         cut = threshold_at_fr(scores[~labels])
         name = "good parts only" if point == "0" else f"{point} labelled defective images"
-        name += " (image labels, no masks)" if image_level else ""
+        name += {"image": " (image labels, no masks)", "small-masks": " (masks on pits < 300 px only)"}.get(kind, "")
         results[name] = {
             "labelled_per_fold": float(np.mean(per_fold_defects)) if per_fold_defects else 0.0,
             "image_auroc": round(auroc(labels, scores), 4),
