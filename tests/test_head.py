@@ -136,6 +136,36 @@ def test_image_level_labels_learn_from_the_cells_least_like_good_parts() -> None
     assert (s[defective, 5] > np.percentile(s[~defective], 99)).all()
 
 
+def test_masks_for_some_images_and_image_labels_for_the_rest(tmp_path: Path) -> None:
+    """``--masks`` may hold masks for some of the defect images: those learn from their mask alone,
+    the others as image labels (unsure cells, a few chosen), so a technician can mask the small ones."""
+    from anomalyd.cli_model import defect_images
+
+    for name in ("a", "b", "c"):
+        (tmp_path / "defects" / "pit").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "defects" / "pit" / f"{name}.png").write_bytes(b"")
+    (tmp_path / "masks" / "pit").mkdir(parents=True)
+    (tmp_path / "masks" / "pit" / "b_mask.png").write_bytes(b"")
+    listed = defect_images(tmp_path / "defects", tmp_path / "masks")
+    assert [(d.image.name, d.mask is not None) for d in listed] == [("a.png", False), ("b.png", True), ("c.png", False)]
+
+    rng = np.random.default_rng(4)
+    n, hw, c = 12, 64, 8
+    cells = rng.normal(size=(n, hw, c)).astype(np.float32)
+    dist = np.abs(rng.normal(size=(n, hw))).astype(np.float32)
+    defective = np.arange(n) < 6
+    masked = np.arange(n) < 3  # the first three defective images have a mask
+    positive = np.zeros((n, hw), bool)
+    positive[:3, 40:42] = True  # their defect, near the memory: only the mask can say where it is
+    dist[3:6, 7] += 5.0  # the others' defect, far from the memory
+    settings = HeadSettings(hidden=8, steps=50, unsure_cells=10, unmasked_top=2, unmasked_rounds=1)
+    got = learning_cells(cells, dist, positive, defective, settings, (8, 8), masked=masked)
+    assert (got.positive[:3] == positive[:3]).all() and not got.unsure[:3].any()
+    assert list(got.unmasked) == [3, 4, 5] and (got.unsure[3:6].sum(axis=1) == 10).all()
+    assert (got.positive[3:6].sum(axis=1) == 2).all() and not (got.positive[3:6] & ~got.unsure[3:6]).any()
+    assert not got.positive[6:].any() and not got.unsure[6:].any()
+
+
 def test_without_a_mask_a_faint_defect_is_unsure_never_good_surface() -> None:
     """Image-level labels: the cells near the memory are negatives, the farther ones are not.
 
