@@ -127,7 +127,8 @@ def cmd_fit(args: argparse.Namespace, progress: Progress) -> int:
         print(
             "fit: image-level labels only (no --masks): on BSData (cross-validated, three seeds) they lift the "
             "image AUROC from 0.90 to 0.94-0.95 with 75 labelled frames a fold, 0.91-0.93 with 20, and a quarter "
-            "to a third of the pits still pass; masks halve the escapes again (docs/accuracy.md); compare the "
+            "to a third of the pits still pass; masks halve the escapes again, and masks on the smallest "
+            "defects alone (--masks may hold some) give most of that (docs/accuracy.md); compare the "
             "bundle with the one in use before promoting",
             file=sys.stderr,
         )
