@@ -277,7 +277,9 @@ def main() -> int:
             ranked[i] = np.minimum(dist[i], to_outliers)
         return ranked
 
-    def learn(train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int) -> Head:
+    def learn(
+        train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int, masks_on: np.ndarray | None
+    ) -> Head:
         """A head from these test frames' labelled defects (masks, or image labels) and good frames;
         ``masks_on`` (the test frames given with a mask) where some frames have masks and the others not."""
         x_cells = np.concatenate([te_cells[train_idx], te_cells[neg_idx], hg_cells])
@@ -318,7 +320,7 @@ def main() -> int:
                     train_idx = np.random.default_rng(k).choice(train_idx, min(int(point), len(train_idx)), False)
                 per_fold_defects.append(len(train_idx))
                 neg_idx = np.flatnonzero(~held & ~labels)  # the training views' good frames (given with --good)
-                head = learn(train_idx, neg_idx, image_level, k + 100 * args.seed)
+                head = learn(train_idx, neg_idx, image_level, k + 100 * args.seed, masks_on)
 
                 def apply(cells: np.ndarray, dist: np.ndarray, head: Head = head) -> np.ndarray:
                     f = torch.from_numpy(cells).reshape(len(cells), gh, gw, head_c).permute(0, 3, 1, 2)
@@ -332,7 +334,9 @@ def main() -> int:
                     inner_views = sorted(set(views[train_idx]))[k % 3 :: 4]
                     inner = np.isin(views, inner_views)
                     inner_seed = k + 50 + 100 * args.seed
-                    inner_head = learn(train_idx[~inner[train_idx]], neg_idx[~inner[neg_idx]], image_level, inner_seed)
+                    inner_head = learn(
+                        train_idx[~inner[train_idx]], neg_idx[~inner[neg_idx]], image_level, inner_seed, masks_on
+                    )
                     scored = np.r_[train_idx[inner[train_idx]], neg_idx[inner[neg_idx]]]
                     inner_ca, _ = image_scores(apply(ca_cells, ca_dist, inner_head))
                     inner_raw, _ = image_scores(apply(te_cells[scored], te_dist[scored], inner_head))

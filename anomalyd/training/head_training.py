@@ -174,8 +174,9 @@ def train_head(
             for k in range(settings.ensemble)
         ])  # fmt: skip
     grid = (1, cells.shape[1]) if grid is None else grid
-    chosen = learning_cells(cells, dist, positive, defective, settings, grid, seed, masked, unsure_dist)
-    return _train_on_cells(cells, dist, chosen.positive, chosen.unsure, settings, grid, seed, chosen.bags)
+    x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid)  # once for every head trained
+    chosen = learning_cells(cells, dist, positive, defective, settings, grid, seed, masked, unsure_dist, x_all)
+    return _train_on_cells(x_all, chosen.positive, chosen.unsure, settings, grid, seed, chosen.bags)
 
 
 def learning_cells(
@@ -188,8 +189,12 @@ def learning_cells(
     seed: int = 0,
     masked: np.ndarray | None = None,
     unsure_dist: np.ndarray | None = None,
+    inputs: np.ndarray | None = None,
 ) -> LearningCells:
-    """The cells ``train_head`` learns from (its arguments); image labels' cells chosen and re-chosen here."""
+    """The cells ``train_head`` learns from (its arguments); image labels' cells chosen and re-chosen here.
+
+    ``inputs``: the cells' head inputs (``cell_inputs`` of ``cells`` and ``dist``), made here if not given.
+    """
     n, hw, _c = cells.shape
     if masked is None:
         masked = defective.copy() if positive is not None else np.zeros(n, bool)
@@ -214,10 +219,11 @@ def learning_cells(
     if not settings.unmasked_top:  # bags alone when no cells are chosen
         return out
     positive[unmasked] = first
-    x = torch.from_numpy(cell_inputs(cells[unmasked], dist[unmasked], settings.use_distance, settings.context, grid))
+    x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid) if inputs is None else inputs
+    x = torch.from_numpy(np.ascontiguousarray(x_all.reshape(n, hw, -1)[unmasked].reshape(len(unmasked) * hw, -1)))
 
     def learn(chosen: np.ndarray, some_bags: Bags | None) -> Head:
-        return _train_on_cells(cells, dist, chosen, unsure, settings, grid, seed, some_bags)
+        return _train_on_cells(x_all, chosen, unsure, settings, grid, seed, some_bags)
 
     parts = cross_fit_parts(settings, len(unmasked))
     for _round in range(settings.unmasked_rounds):
@@ -273,8 +279,7 @@ def _bag_cells(ranked: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
 
 
 def _train_on_cells(
-    cells: np.ndarray,
-    dist: np.ndarray,
+    x_all: np.ndarray,
     positive: np.ndarray,
     unsure: np.ndarray,
     settings: HeadSettings,
@@ -282,6 +287,7 @@ def _train_on_cells(
     seed: int,
     bags: Bags | None = None,
 ) -> Head:
+    """One head from every cell's inputs ``x_all [N·h·w, D]`` (``cell_inputs``), its defect cells and unsure ones."""
     near = near_defect(positive, grid, settings.ring)
     if not positive.any() and bags is None:
         raise ValueError("no defect cells to learn from (are the masks empty?)")
@@ -293,7 +299,6 @@ def _train_on_cells(
         neg_idx = rng.choice(neg_idx, settings.max_negatives, replace=False)
     pos_idx = np.flatnonzero(positive.ravel())
     pos_weight = torch.from_numpy(defect_cell_weights(positive, settings.balance)[pos_idx])
-    x_all = cell_inputs(cells, dist, settings.use_distance, settings.context, grid)
     x_pos = torch.from_numpy(x_all[pos_idx])
     x_neg = torch.from_numpy(x_all[neg_idx])
     x_bags = None
