@@ -45,7 +45,8 @@ from anomalyd.model.features import PatchFeatures, build_patch_features
 from anomalyd.model.head import Head, cell_inputs
 from anomalyd.model.images import read_rgb
 from anomalyd.model.scoring import Preprocessor
-from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
+from anomalyd.training.defects import Defect, defect_cells
+from anomalyd.training.fit import FitSettings, split_holdout
 from anomalyd.training.head_training import HeadSettings, image_level_cells, near_defect, top_cells, train_head
 from anomalyd.training.learn_features import LearnSettings, learn_stage, stage_inputs
 

@@ -44,7 +44,8 @@ from anomalyd.model.calibrate import calibration, f1_optimal_threshold, suggest_
 from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.head import Head
 from anomalyd.model.nearest import nearest_distances
-from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
+from anomalyd.training.defects import Defect, defect_cells
+from anomalyd.training.fit import FitSettings, split_holdout
 from anomalyd.training.head_training import HeadSettings, train_head
 
 

@@ -17,7 +17,9 @@ from anomalyd.model.calibrate import calibration, reference_of, suggest_threshol
 from anomalyd.model.images import read_rgb
 from anomalyd.model.nearest import local_nearest_distances
 from anomalyd.sample import MARK_AT, PLACEMENT_DEFECTS
-from anomalyd.training.fit import FitSettings, _greedy_per_cell, aspect_input_size, fit, local_bank
+from anomalyd.training.extraction import aspect_input_size
+from anomalyd.training.fit import FitSettings, fit
+from anomalyd.training.memory import _greedy_per_cell, local_bank
 
 
 @pytest.fixture(scope="module")

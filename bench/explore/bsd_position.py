@@ -24,7 +24,8 @@ from oracle import escape_at_fr  # bench/explore/oracle.py (the script's folder 
 
 from anomalyd.evaluation.metrics import auroc
 from anomalyd.model.features import build_patch_features
-from anomalyd.training.fit import FitSettings, extract_features
+from anomalyd.training.extraction import extract_features
+from anomalyd.training.fit import FitSettings
 
 
 def main() -> int:

@@ -29,7 +29,8 @@ from anomalyd.model.anomaly_map import AnomalyMapper
 from anomalyd.model.coreset import greedy_coreset
 from anomalyd.model.features import build_patch_features
 from anomalyd.model.nearest import nearest_distances
-from anomalyd.training.fit import FitSettings, extract_features
+from anomalyd.training.extraction import extract_features
+from anomalyd.training.fit import FitSettings
 
 
 def cached_features(settings: FitSettings, files: list[Path], cache: Path) -> torch.Tensor:
@@ -38,7 +39,7 @@ def cached_features(settings: FitSettings, files: list[Path], cache: Path) -> to
     import tempfile
 
     from anomalyd.model.export import export_onnx
-    from anomalyd.training.fit import OnnxFitExtractor
+    from anomalyd.training.extraction import OnnxFitExtractor
 
     model = build_patch_features(settings.backbone, settings.taps)
     started = time.perf_counter()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomalyd.training.fit import Defect, FitSettings, defect_cells, split_holdout
+from anomalyd.training.defects import Defect, defect_cells
+from anomalyd.training.fit import FitSettings, split_holdout
 from anomalyd.training.head_training import HeadSettings, learning_cells, near_defect
 
 
