@@ -186,9 +186,11 @@ def main() -> int:
             if lr is not None:
                 tuned_started = time.perf_counter()
                 model = build_patch_features("efficientnet_lite0", ("stage3", "stage5"), learned=True)
+                crop = max(learn.crop, 2 * (args.window + 8))  # the window and the 4 cells each side it reads
                 chosen_settings = replace(
-                    learn, steps=args.steps, batch=args.batch, lr=lr, head_lr=args.head_lr, window=args.window
-                )
+                    learn, steps=args.steps, batch=args.batch, lr=lr, head_lr=args.head_lr, window=args.window,
+                    crop=crop,
+                )  # fmt: skip
                 tuned = learn_stage("efficientnet_lite0", model, head, x_s2, x_cells, x_dist, positive, negative,
                                     (gh, gw), chosen_settings, hs.balance, k + 100 * args.seed)  # fmt: skip
                 print(f"  fold {k} {name}: trained in {time.perf_counter() - tuned_started:.0f} s", file=sys.stderr)

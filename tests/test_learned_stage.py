@@ -32,9 +32,10 @@ def _pooled(stage: torch.nn.Module):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("window", [4, 8])
-def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it(window: int) -> None:
-    """Training sees crops; the line sees whole frames. At the frame's corners, edges and inside, the same."""
+@pytest.mark.parametrize(("window", "crop"), [(4, LearnSettings().crop), (8, 32)])
+def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it(window: int, crop: int) -> None:
+    """Training sees crops; the line sees whole frames. At the frame's corners, edges and inside, the same;
+    a crop one cell smaller on each side (the stage reaching 3 cells out, not 4) is not."""
     model = build_patch_features("efficientnet_lite0", ("stage3", "stage5"), learned=True)
     assert model.learned is not None
     torch.manual_seed(0)
@@ -46,8 +47,10 @@ def test_a_crop_gives_each_scored_cell_what_the_whole_frame_gives_it(window: int
         whole = stage(maps).permute(0, 2, 3, 1).reshape(2, gh * gw, -1)
         corners = [0, gw - 1, (gh - 1) * gw, gh * gw - 1]
         chosen = torch.tensor([*corners, 5 * gw + 1, 14 * gw + 22, gh * gw + 27 * gw + 30, gh * gw + 13 * gw])
-        frames, cells, features = crop_windows(stage, maps, chosen, (gh, gw), factor=2, crop=32, window=window)
+        frames, cells, features = crop_windows(stage, maps, chosen, (gh, gw), factor=2, crop=crop, window=window)
+        short = crop_windows(stage, maps, chosen, (gh, gw), factor=2, crop=crop - 4, window=window)[2]
     assert features.shape == (len(chosen) * window * window, 40)
+    assert not torch.allclose(short, whole[frames, cells], atol=1e-2, rtol=1e-2)  # the reach is 4 cells, not 3
     for k, c in enumerate(chosen.tolist()):  # each window holds its chosen cell
         mine = slice(k * window * window, (k + 1) * window * window)
         assert int(frames[mine][0]) == c // (gh * gw) and (c % (gh * gw)) in cells[mine].tolist()
