@@ -127,6 +127,11 @@ def main() -> int:
         "also show is not taken for the defect (0: off)",
     )
     p.add_argument("--seed", type=int, default=0, help="the heads' training seeds are fold + 100 × this")
+    p.add_argument(
+        "--shrunk",
+        type=Path,
+        help="with image labels, also learn the shrunk copies of sure defects (bench/explore/shrunk_pits.py)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -278,6 +283,8 @@ def main() -> int:
             ranked[i] = np.minimum(dist[i], to_outliers)
         return ranked
 
+    shrunk = dict(np.load(args.shrunk, allow_pickle=False)) if args.shrunk else None
+
     def learn(
         train_idx: np.ndarray, neg_idx: np.ndarray, image_level: bool, seed: int, masks_on: np.ndarray | None
     ) -> Head:
@@ -297,6 +304,16 @@ def main() -> int:
             x_unsure = np.concatenate([full_dist[train_idx], full_dist[neg_idx], full_dist[len(test) :]])
         if image_level and args.good_outliers:
             x_unsure = good_outlier_ranking(x_cells, x_dist if x_unsure is None else x_unsure, defective)
+        if image_level and shrunk is not None:  # shrunk copies of this fold's own sure defects, with their cells
+            take = np.flatnonzero(np.isin(shrunk["source"], train_idx))
+            x_cells = np.concatenate([x_cells, shrunk["cells"][take].astype(np.float32)])
+            x_dist = np.concatenate([x_dist, shrunk["dist"][take]])
+            if x_unsure is not None:
+                x_unsure = np.concatenate([x_unsure, shrunk["full"][take]])
+            defective = np.r_[defective, np.ones(len(take), bool)]
+            base = np.zeros((len(defective) - len(take), gh * gw), bool) if positive is None else positive
+            positive = np.concatenate([base, shrunk["positive"][take]])
+            masked = np.r_[np.zeros(len(base), bool) if masked is None else masked, np.ones(len(take), bool)]
         return train_head(x_cells, x_dist, positive, defective, hs, (gh, gw), seed, masked, x_unsure)
 
     for spec in curve:
