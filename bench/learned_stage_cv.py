@@ -73,7 +73,6 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=learn.batch, help="crops per step (half on pits)")
     p.add_argument("--window", type=int, default=learn.window, help="cells scored per crop side")
     p.add_argument("--crop", type=int, default=learn.crop, help="stage-2 pixels a crop side (at least the window's)")
-    p.add_argument("--hard-share", type=float, default=learn.hard_share, help="good crops on the highest good cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--labels", default="all", help="labelled defective images per fold (N or all), as --curve N")
@@ -191,7 +190,7 @@ def main() -> int:
                 crop = max(args.crop, 2 * (args.window + 8))  # the window and the 4 cells each side it reads
                 chosen_settings = replace(
                     learn, steps=args.steps, batch=args.batch, lr=lr, head_lr=args.head_lr, window=args.window,
-                    crop=crop, hard_share=args.hard_share,
+                    crop=crop,
                 )  # fmt: skip
                 tuned = learn_stage("efficientnet_lite0", model, head, x_s2, x_cells, x_dist, positive, negative,
                                     (gh, gw), chosen_settings, hs.balance, k + 100 * args.seed)  # fmt: skip

@@ -33,7 +33,7 @@ from torch import nn
 
 from anomalyd.model.backbones import BACKBONES
 from anomalyd.model.features import PatchFeatures, learned_channels
-from anomalyd.model.head import Head, cell_inputs, mlp_logits
+from anomalyd.model.head import Head, mlp_logits
 from anomalyd.training.head_training import defect_cell_weights
 
 
@@ -56,10 +56,6 @@ class LearnSettings:
     window: int = 4
     lr: float = 1e-3  # the stage's (1e-4 learnt less: docs/accuracy.md)
     head_lr: float = 3e-4
-    # This share of the good crops centred on the good images' cells the starting head scores highest (their
-    # top ``hard_top``: specks and droplets, what sets the cut at 2 % false rejects), the rest drawn at random.
-    hard_share: float = 0.0
-    hard_top: float = 0.01
 
 
 def wanted(settings: LearnSettings, masked_images: int) -> bool:
@@ -186,14 +182,11 @@ def learn_stage(
         raise ValueError("learning a stage needs defect cells and good cells")
     pos_weight = torch.from_numpy(defect_cell_weights(positive, balance)[pos_flat.numpy()])
     half = settings.batch // 2
-    hard = _hard_negatives(head, cells, dist, positive, negative, settings.hard_top) if settings.hard_share else None
-    n_hard = round(half * settings.hard_share) if hard is not None and len(hard) else 0
     with torch.enable_grad():
         for _step in range(settings.steps):
             chosen = torch.cat([
                 pos_flat[torch.multinomial(pos_weight, half, replacement=True, generator=g)],
-                neg_flat[torch.randint(len(neg_flat), (half - n_hard,), generator=g)],
-                *([hard[torch.randint(len(hard), (n_hard,), generator=g)]] if hard is not None and n_hard else []),
+                neg_flat[torch.randint(len(neg_flat), (half,), generator=g)],
             ])  # fmt: skip
             frames, flat_cells, learned = crop_windows(
                 trainable.learned, maps, chosen, grid, factor, settings.crop, settings.window
@@ -210,20 +203,6 @@ def learn_stage(
             progress(1)
     model.learned.requires_grad_(False)
     return _as_read(trainable, cells.shape[-1], c_first, head)
-
-
-def _hard_negatives(
-    head: Head, cells: np.ndarray, dist: np.ndarray, positive: np.ndarray, negative: np.ndarray, top: float
-) -> torch.Tensor:
-    """Flat indices of the good images' (no defect cell) negative cells the head scores highest, their ``top`` share."""
-    good = np.flatnonzero(~positive.any(1))
-    x = torch.from_numpy(cell_inputs(cells[good], dist[good], head.use_distance))
-    scores = head.cell_scores(x).numpy().reshape(len(good), -1)
-    scores = np.where(negative[good], scores, -np.inf)
-    count = max(1, int(np.isfinite(scores).sum() * top))
-    flat = np.argpartition(-scores.ravel(), count - 1)[:count]
-    frame, cell = np.divmod(flat, scores.shape[1])
-    return torch.from_numpy(good[frame] * scores.shape[1] + cell)
 
 
 def _as_read(trainable: _Trainable, c: int, c_first: int, head: Head) -> Head:
