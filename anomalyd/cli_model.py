@@ -34,7 +34,7 @@ def defect_images(folder: Path, masks: Path | None) -> list[Any]:
     """``--defects D [--masks M]``: every image under D (recursively); its type is its folder's name,
     its mask ``M/<type>/<stem>_mask.png`` when that exists (MVTec's ground_truth layout)."""
     from anomalyd.model.images import IMAGE_SUFFIXES
-    from anomalyd.training.fit import Defect
+    from anomalyd.training.defects import Defect
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")

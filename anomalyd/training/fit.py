@@ -28,8 +28,6 @@ from anomalyd.training.extraction import OnnxFitExtractor, extract_features, mod
 from anomalyd.training.memory import build_memory
 from anomalyd.training.settings import FitSettings, ProgressFactory, no_progress
 
-__all__ = ["Defect", "FitSettings", "fit", "split_holdout"]  # what the CLI, tests and benches take from here
-
 
 def split_holdout(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
     """(train, holdout): a seeded random share held back for calibration (at least 1)."""

@@ -14,14 +14,13 @@ of at least and under 300 px. Nothing here is used by the daemon.
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from bsd_frames import test_frames  # bench/explore (the script's folder is on sys.path)
 
-from anomalyd.training.defects import Defect, defect_cells
 from anomalyd.training.fit import FitSettings, split_holdout
 from anomalyd.training.head_training import HeadSettings, learning_cells, near_defect
 
@@ -67,9 +66,9 @@ def main() -> int:
     tag = f"efficientnet_lite0_{'+'.join(settings.taps)}_{h}x{w}"
     cache = Path("var/explore")
     data = args.data
-    rows = {r["path"]: r for r in csv.DictReader((data / "split.csv").open())}
     good_files = sorted((data / "train" / "good").glob("*.jpg"))
-    test = sorted((data / "test").rglob("*.jpg"))
+    bsd = test_frames(data)
+    labels, views, area = bsd.labels, bsd.views, bsd.area
     fte, ftr = np.load(cache / f"{tag}_test.npy"), np.load(cache / f"{tag}_train.npy")
     n, c, gh, gw = fte.shape
     te_cells = fte.transpose(0, 2, 3, 1).reshape(n, gh * gw, c).astype(np.float32)
@@ -81,16 +80,7 @@ def main() -> int:
         te_dist, hg_dist = z["te"], z["hg"]
     with np.load(cache / f"{tag}_dist_{args.coreset:g}.npz", allow_pickle=False) as z:
         te_full, hg_full = z["te"], z["hg"]  # image labels' unsure cells are ranked in all features, as fit does
-    rel = [str(t.relative_to(data)) for t in test]
-    labels = np.array([t.parent.name != "good" for t in test])
-    views = np.array([rows[r]["position_angle"] for r in rel])
-    area = np.array([float(rows[r]["mask_pixels"] or 0) for r in rel])
-    pits = np.zeros((n, gh * gw), bool)
-    for i in np.flatnonzero(labels):
-        mask = data / "ground_truth" / "pitting" / f"{test[i].stem}_mask.png"
-        found = defect_cells(Defect(test[i], "pitting", mask), (gh, gw), None)
-        assert found is not None
-        pits[i] = found
+    pits = bsd.pit_cells((gh, gw))
     order = sorted(set(views))
     np.random.default_rng(0).shuffle(order)  # the folds of bench/supervised_cv.py
     every: dict[str, list[np.ndarray]] = {}

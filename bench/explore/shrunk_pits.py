@@ -18,13 +18,13 @@ here is used by the daemon.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from bsd_frames import test_frames  # bench/explore (the script's folder is on sys.path)
 
 from anomalyd.model.coreset import pca_projection
 from anomalyd.model.export import export_onnx
@@ -70,16 +70,13 @@ def main() -> int:
     tag = f"efficientnet_lite0_{'+'.join(settings.taps)}_{h}x{w}"
     cache = Path("var/explore")
     data = args.data
-    rows = {r["path"]: r for r in csv.DictReader((data / "split.csv").open())}
-    test = sorted((data / "test").rglob("*.jpg"))
-    rel = [str(t.relative_to(data)) for t in test]
-    views = np.array([rows[r]["position_angle"] for r in rel])
-    labels = np.array([t.parent.name != "good" for t in test])
+    bsd = test_frames(data)
+    test, views, labels = bsd.files, bsd.views, bsd.labels
     with np.load(cache / f"{tag}_dist_{args.coreset:g}.npz", allow_pickle=False) as z:
         te_full, hg_full = z["te"], z["hg"]  # distances in all features, as image labels are ranked
     bank = np.load(cache / f"{tag}_bank_{args.coreset:g}.npy", allow_pickle=False)
     mean, basis = pca_projection(bank, args.pca)
-    gh, gw = 56, 136
+    gh, gw = h // 8, w // 8  # Lite0 stage 3 + 5: stride 8
     assert te_full.shape[1] == gh * gw
     sure = hg_full.max()  # no held-back good frame has a cell this far from the memory
     rng = np.random.default_rng(0)

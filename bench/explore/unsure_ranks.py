@@ -14,7 +14,6 @@ the daemon.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -22,11 +21,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsd_frames import test_frames
 from pixel_cues import CUES, pixel_cues
 
 from anomalyd.model.images import read_rgb
 from anomalyd.model.scoring import Preprocessor
-from anomalyd.training.defects import Defect, defect_cells
 from anomalyd.training.head_training import near_defect, top_cells
 
 
@@ -47,10 +46,8 @@ def main() -> int:
     h, w = (int(v) for v in args.input_size.split("x"))
     tag = f"efficientnet_lite0_stage3+stage5_{h}x{w}"
     data = args.data
-    test = sorted((data / "test").rglob("*.jpg"))
-    rows = {r["path"]: r for r in csv.DictReader((data / "split.csv").open())}
-    labels = np.array([t.parent.name != "good" for t in test])
-    area = np.array([float(rows[str(t.relative_to(data))]["mask_pixels"] or 0) for t in test])
+    bsd = test_frames(data)
+    test, labels, area = bsd.files, bsd.labels, bsd.area
     with np.load(Path("var/explore") / f"{tag}_dist_{args.coreset:g}.npz", allow_pickle=False) as z:
         full = z["te"]
     gh, gw = h // 8, w // 8
@@ -58,13 +55,7 @@ def main() -> int:
     with torch.inference_mode():
         cues = torch.cat([pixel_cues(prepare.batch([read_rgb(f) for f in test[i : i + 8]]), 8)
                           for i in range(0, len(test), 8)]).reshape(len(test), len(CUES), -1).numpy()  # fmt: skip
-    pits = np.zeros((len(test), gh * gw), bool)
-    for i in np.flatnonzero(labels):
-        found = defect_cells(Defect(test[i], "pitting", data / "ground_truth" / "pitting" / f"{test[i].stem}_mask.png"),
-                             (gh, gw), None)  # fmt: skip
-        assert found is not None
-        pits[i] = found
-    on_pit = near_defect(pits, (gh, gw), 1)
+    on_pit = near_defect(bsd.pit_cells((gh, gw)), (gh, gw), 1)
     unsure = top_cells(full, np.ones(full.shape, bool), args.unsure_cells)
     scores = {"distance": full}
     for j, name in enumerate(CUES):
